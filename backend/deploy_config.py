@@ -1,0 +1,243 @@
+"""Deployment settings for the model repository, kept in ONE place.
+
+Why: instance counts, device kind, torch threads and engine parameters must
+agree across every ``config.pbtxt``; editing them by hand in seven files drifts.
+``backend.serve`` renders ``model_repository/`` into a run directory from a
+:class:`DeployConfig` (defaults here, then a TOML/JSON file, then CLI flags).
+
+Inside ``model.py`` read them back with :func:`model_parameters`::
+
+    params = model_parameters(json.loads(args["model_config"]))
+    threads = int(params.get("threads", "1")); model_dir = params["model_dir"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Models that run the torch engine: they get the cores and, with a GPU, KIND_GPU.
+HEAVY_MODELS = ("prefill", "decode", "reasoning")
+
+
+def cpu_count() -> int:
+    """Cores this process may use (affinity-aware; containers often restrict it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class DeployConfig:
+    """Everything ``serve`` needs to render the repository and start tritonserver."""
+
+    model_dir: str = "default"  # "default" -> backend.model_store.ensure_default_model(); "none" -> skip
+    dtype: str = "auto"  # "auto" = bfloat16 on GPU, float32 on CPU (decided by the engine)
+    kind: str = "auto"  # "auto" | "KIND_CPU" | "KIND_GPU" for HEAVY_MODELS; light models stay on CPU
+    max_sessions: int = 32
+    max_context: int = 2048
+    cores: int = 0  # 0 = all cores of this machine, divided among the heavy instances
+    instances: dict[str, int] = field(
+        default_factory=lambda: {
+            "preprocessing": 1,
+            "prefill": 1,
+            "decode": 1,
+            "reasoning": 1,
+            "postprocessing": 1,
+            "session_control": 1,
+        }
+    )
+    threads: dict[str, int] = field(default_factory=dict)  # explicit per-model override of the division
+    parameters: dict[str, dict[str, str]] = field(
+        default_factory=dict
+    )  # extra per-model parameters; "*" = all
+    log_level: str = "warning"  # error | warning | info | verbose
+    backend_config: list[str] = field(default_factory=list)  # e.g. "python,shm-default-byte-size=16777216"
+
+    # -- loading -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path) -> DeployConfig:
+        """Read a TOML (``.toml``) or JSON file; unknown keys are an error, not silently ignored."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+        return cls().merged(data, source=str(path))
+
+    def merged(self, data: dict[str, Any], source: str = "overrides") -> DeployConfig:
+        """A copy with ``data`` applied; dict fields merge key by key, None values are ignored."""
+        known = {f.name for f in fields(self)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{source}: unknown deploy setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        out = DeployConfig(**{f.name: _copy(getattr(self, f.name)) for f in fields(self)})
+        for key, value in data.items():
+            if value is None:
+                continue
+            current = getattr(out, key)
+            if isinstance(current, dict):
+                current.update({k: v for k, v in value.items() if v is not None})
+            else:
+                setattr(out, key, value)
+        return out
+
+    # -- derived values ----------------------------------------------------------------------------------
+    def resolved_kind(self) -> str:
+        """KIND_GPU when asked for or (auto) when torch sees a GPU, else KIND_CPU."""
+        if self.kind != "auto":
+            if self.kind not in ("KIND_CPU", "KIND_GPU"):
+                raise ValueError(f"kind must be auto, KIND_CPU or KIND_GPU, not {self.kind!r}")
+            return self.kind
+        try:
+            import torch
+
+            return "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU"
+        except ImportError:
+            return "KIND_CPU"
+
+    def threads_for(self, model: str) -> int:
+        """Torch threads per instance: the cores divided among all heavy-model instances.
+
+        On CPU the instances are separate processes; without a division they all
+        spin ``cores`` threads each and fight over the same cores.
+        """
+        if model in self.threads:
+            return max(1, int(self.threads[model]))
+        if model not in HEAVY_MODELS:
+            return 1
+        total = sum(self.instances.get(m, 1) for m in HEAVY_MODELS)
+        return max(1, (self.cores or cpu_count()) // max(1, total))
+
+    def model_params(self, model: str) -> dict[str, str]:
+        """The ``parameters`` written into ``model``'s config.pbtxt (all strings, as Triton wants)."""
+        params = {
+            "model_dir": self.model_dir,
+            "dtype": self.dtype,
+            "threads": str(self.threads_for(model)),
+            "max_sessions": str(self.max_sessions),
+            "max_context": str(self.max_context),
+        }
+        params.update({k: str(v) for k, v in self.parameters.get("*", {}).items()})
+        params.update({k: str(v) for k, v in self.parameters.get(model, {}).items()})
+        return params
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return list(value)
+    return value
+
+
+def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    """``{key: string_value}`` from a parsed Triton model config (``json.loads(args["model_config"])``)."""
+    return {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
+
+
+# -- config.pbtxt rendering --------------------------------------------------------------------------------
+
+_PARAM_RE = re.compile(r'key\s*:\s*"([^"]*)"\s*value\s*:?\s*\{\s*string_value\s*:\s*"((?:[^"\\]|\\.)*)"\s*\}')
+
+
+def _top_level_blocks(text: str, name: str) -> list[tuple[int, int]]:
+    """Spans of top-level ``name [: ] {..}`` / ``name [: ] [..]`` entries (depth 0, outside strings/comments)."""
+    spans: list[tuple[int, int]] = []
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "#":
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+            continue
+        if ch == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+            continue
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif (
+            depth == 0
+            and text.startswith(name, i)
+            and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_"))
+        ):
+            j = i + len(name)
+            while j < n and text[j] in " \t\r\n:":
+                j += 1
+            if (
+                j < n
+                and text[j] in "{["
+                and not (text[i + len(name)].isalnum() or text[i + len(name)] == "_")
+            ):
+                end = _match(text, j)
+                spans.append((i, end))
+                i = end
+                continue
+        i += 1
+    return spans
+
+
+def _match(text: str, start: int) -> int:
+    """Index just past the bracket matching ``text[start]``."""
+    depth, i = 0, start
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            i += 1
+            while i < len(text) and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    raise ValueError("unbalanced brackets in config.pbtxt")
+
+
+def _cut(text: str, spans: list[tuple[int, int]]) -> str:
+    for start, end in reversed(spans):
+        text = text[:start] + text[end:]
+    return text
+
+
+def is_ensemble(pbtxt: str) -> bool:
+    """Ensembles take no instance_group and run no python code."""
+    return re.search(r'^\s*platform\s*:\s*"ensemble"', pbtxt, re.M) is not None
+
+
+def render_pbtxt(pbtxt: str, count: int, kind: str, params: dict[str, str]) -> str:
+    """Return ``pbtxt`` with its instance_group replaced and ``params`` merged into its parameters.
+
+    Existing parameters that ``params`` does not name are kept, so a model can
+    ship its own constants in config.pbtxt.
+    """
+    if is_ensemble(pbtxt):
+        return pbtxt
+    text = _cut(pbtxt, _top_level_blocks(pbtxt, "instance_group"))
+    spans = _top_level_blocks(text, "parameters")
+    merged: dict[str, str] = {}
+    for start, end in spans:
+        for key, value in _PARAM_RE.findall(text[start:end]):
+            merged[key] = value.replace('\\"', '"').replace("\\\\", "\\")
+    merged.update(params)
+    text = _cut(text, spans).rstrip() + "\n"
+    text += f"\ninstance_group [ {{ count: {int(count)} kind: {kind} }} ]\n"
+    for key, value in merged.items():
+        value = str(value).replace("\\", "\\\\").replace('"', '\\"')
+        text += f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+    return text

@@ -1,0 +1,420 @@
+"""Start tritonserver on a rendered copy of ``model_repository/`` (``python -m backend.serve``).
+
+Why a launcher and not a bare ``tritonserver`` command: without the Triton
+container the server comes from the nvidia-pytriton wheel and needs a backend
+directory and LD_LIBRARY_PATH built for this interpreter (``backend.triton_env``),
+and instance counts / threads / engine parameters must be written into every
+config.pbtxt from one place (``backend.deploy_config``).
+
+Importable API (tests, benchmarks, load runner)::
+
+    with start_server(decode_instances=2, threads={"decode": 1}) as srv:
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend.deploy_config import HEAVY_MODELS, DeployConfig, is_ensemble, render_pbtxt
+from backend.triton_env import build_backend_dir, check_numpy, find_triton, server_env
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+
+_LOG_FLAGS = {
+    "error": ["--log-info", "false", "--log-warning", "false", "--log-error", "true"],
+    "warning": ["--log-info", "false", "--log-warning", "true", "--log-error", "true"],
+    "info": ["--log-info", "true", "--log-warning", "true", "--log-error", "true"],
+    "verbose": ["--log-info", "true", "--log-warning", "true", "--log-error", "true", "--log-verbose", "1"],
+}
+
+
+class ServerError(RuntimeError):
+    """tritonserver failed to start or to load a model; the message carries the log tail."""
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (bind to 0 and release; fine for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def list_models(repository: Path) -> list[str]:
+    """Model names in a repository: sub-directories holding a config.pbtxt."""
+    return sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
+
+
+def resolve_model_dir(spec: str) -> str:
+    """'default' converts/caches the default model once; 'none' skips model files (smoke repos)."""
+    if spec in ("", "none"):
+        return ""
+    if spec == "default":
+        from backend.model_store import ensure_default_model
+
+        return str(ensure_default_model())
+    path = Path(spec).expanduser().resolve()
+    if not path.is_dir():
+        raise ServerError(f"--model-dir {spec}: not a directory")
+    return str(path)
+
+
+def render_repository(src: Path, dest: Path, cfg: DeployConfig, kind: str) -> list[str]:
+    """Copy ``src`` to ``dest`` and rewrite each config.pbtxt from ``cfg``; return the model names."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    models = list_models(dest)
+    if not models:
+        raise ServerError(f"no models (no */config.pbtxt) in {src}")
+    for name in models:
+        path = dest / name / "config.pbtxt"
+        text = path.read_text(encoding="utf-8")
+        if is_ensemble(text):
+            continue
+        model_kind = kind if name in HEAVY_MODELS else "KIND_CPU"
+        path.write_text(
+            render_pbtxt(text, cfg.instances.get(name, 1), model_kind, cfg.model_params(name)),
+            encoding="utf-8",
+        )
+    return models
+
+
+@dataclass
+class ServerHandle:
+    """A running tritonserver; stop() (or leaving the ``with`` block) shuts it down cleanly."""
+
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    run_dir: Path
+    log_path: Path
+    models: list[str]
+    config: DeployConfig
+    keep_run_dir: bool = False
+    startup_s: float = 0.0
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def grpc_url(self) -> str:
+        """host:port for tritonclient.grpc (no scheme, as tritonclient wants)."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """host:port for tritonclient.http (no scheme)."""
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Full URL of the Prometheus metrics endpoint."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(
+                self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+            )
+        except OSError:
+            return "(no server log)"
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGINT (Triton unloads models and waits for in-flight requests), then SIGKILL the group."""
+        if self._stopped:
+            return self.process.returncode
+        self._stopped = True
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        # Stubs are in the server's process group; reap any straggler of THIS server only.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        if not self.keep_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return self.process.returncode
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def _wait_ready(handle: ServerHandle, timeout: float) -> None:
+    base = f"http://{handle.http_url}"
+    deadline = time.monotonic() + timeout
+    pending = list(handle.models)
+    while time.monotonic() < deadline:
+        if not handle.alive():
+            raise ServerError(
+                f"tritonserver exited with code {handle.process.returncode} during start-up; "
+                f"log {handle.log_path}:\n{handle.log_tail()}"
+            )
+        if _get(f"{base}/v2/health/live") == 200:
+            pending = [m for m in pending if _get(f"{base}/v2/models/{m}/ready") != 200]
+            if not pending and _get(f"{base}/v2/health/ready") == 200:
+                return
+        time.sleep(0.25)
+    raise ServerError(
+        f"tritonserver not ready after {timeout:.0f}s (models not ready: {pending}); "
+        f"log {handle.log_path}:\n{handle.log_tail()}"
+    )
+
+
+_RUNNING: list[ServerHandle] = []
+
+
+@atexit.register
+def _stop_all() -> None:
+    for handle in list(_RUNNING):
+        handle.stop(timeout=10)
+
+
+def start_server(
+    repository: str | Path = DEFAULT_REPOSITORY,
+    *,
+    config: DeployConfig | None = None,
+    config_file: str | Path | None = None,
+    grpc_port: int = 0,
+    http_port: int = 0,
+    metrics_port: int = 0,
+    address: str = "127.0.0.1",
+    model_dir: str | None = None,
+    dtype: str | None = None,
+    kind: str | None = None,
+    decode_instances: int | None = None,
+    reasoning_instances: int | None = None,
+    prefill_instances: int | None = None,
+    preprocessing_instances: int | None = None,
+    instances: dict[str, int] | None = None,
+    threads: dict[str, int] | None = None,
+    parameters: dict[str, dict[str, str]] | None = None,
+    max_sessions: int | None = None,
+    max_context: int | None = None,
+    log_level: str | None = None,
+    run_dir: str | Path | None = None,
+    keep_run_dir: bool = False,
+    ready_timeout: float = 300.0,
+    extra_args: list[str] | None = None,
+) -> ServerHandle:
+    """Render ``repository``, start tritonserver, wait until it and every model are ready.
+
+    Port 0 means "pick a free port"; ``address`` is where all three endpoints listen. Settings: DeployConfig defaults, then
+    ``config``/``config_file``, then the keyword arguments (None = leave as is).
+    Raises ServerError (with the log tail) if the server dies or is not ready in time.
+    """
+    t0 = time.monotonic()
+    install = find_triton()
+    check_numpy()
+    cfg = DeployConfig.from_file(config_file) if config_file else (config or DeployConfig())
+    inst = dict(instances or {})
+    for name, value in (
+        ("decode", decode_instances),
+        ("reasoning", reasoning_instances),
+        ("prefill", prefill_instances),
+        ("preprocessing", preprocessing_instances),
+    ):
+        if value is not None:
+            inst[name] = value
+    cfg = cfg.merged(
+        {
+            "model_dir": model_dir,
+            "dtype": dtype,
+            "kind": kind,
+            "max_sessions": max_sessions,
+            "max_context": max_context,
+            "log_level": log_level,
+            "instances": inst,
+            "threads": threads or {},
+            "parameters": parameters or {},
+        }
+    )
+    if cfg.log_level not in _LOG_FLAGS:
+        raise ValueError(f"log_level must be one of {sorted(_LOG_FLAGS)}, not {cfg.log_level!r}")
+    repository = Path(repository)
+    if not list_models(repository):
+        raise ServerError(f"no models (no */config.pbtxt) in {repository}")
+    cfg.model_dir = resolve_model_dir(cfg.model_dir)
+
+    base = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="multistream-run-"))
+    base.mkdir(parents=True, exist_ok=True)
+    backend_dir = build_backend_dir(base / "backends", install)
+    kind_resolved = cfg.resolved_kind()
+    models = render_repository(repository, base / "model_repository", cfg, kind_resolved)
+    grpc_port, http_port, metrics_port = (p or free_port() for p in (grpc_port, http_port, metrics_port))
+    cmd = [
+        str(install.tritonserver),
+        "--model-repository", str(base / "model_repository"),
+        "--backend-directory", str(backend_dir),
+        "--grpc-port", str(grpc_port),
+        "--http-port", str(http_port),
+        "--metrics-port", str(metrics_port),
+        "--http-address", address,
+        "--grpc-address", address,
+        "--metrics-address", address,
+        "--allow-metrics", "true",
+        "--allow-gpu-metrics", "false",
+        "--exit-on-error", "true",
+        *_LOG_FLAGS[cfg.log_level],
+    ]  # fmt: skip
+    if kind_resolved == "KIND_CPU":
+        # No GPU: skip the pinned pool, whose CUDA allocation fails noisily at start-up.
+        cmd += ["--pinned-memory-pool-byte-size", "0"]
+    for bc in cfg.backend_config:
+        cmd += ["--backend-config", bc]
+    cmd += extra_args or []
+    log_path = base / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=server_env(install),
+            cwd=str(base),
+            start_new_session=True,  # own process group: Ctrl-C goes to us, we stop it in order
+        )
+    handle = ServerHandle(
+        process, grpc_port, http_port, metrics_port, base, log_path, models, cfg, keep_run_dir
+    )
+    _RUNNING.append(handle)
+    try:
+        _wait_ready(handle, ready_timeout)
+    except BaseException:
+        handle.keep_run_dir = True  # keep the log for the post-mortem
+        handle.stop(timeout=10)
+        _RUNNING.remove(handle)
+        raise
+    handle.startup_s = time.monotonic() - t0
+    return handle
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m backend.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--address", default="0.0.0.0", help="interface to listen on (tests use 127.0.0.1)")
+    p.add_argument("--model-repository", default=str(DEFAULT_REPOSITORY))
+    p.add_argument(
+        "--model-dir", default=None, help="'default' (SmolLM2-135M, converted once), a HF folder, or 'none'"
+    )
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--kind", default=None, help="auto | KIND_CPU | KIND_GPU for prefill/decode/reasoning")
+    p.add_argument("--log-level", default=None, choices=sorted(_LOG_FLAGS))
+    for name in ("decode", "reasoning", "prefill", "preprocessing"):
+        p.add_argument(f"--{name}-instances", type=int, default=None)
+    p.add_argument(
+        "--threads", action="append", default=[], metavar="MODEL=N", help="torch threads per instance"
+    )
+    p.add_argument("--max-sessions", type=int, default=None)
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--config", default=None, help="TOML or JSON file with DeployConfig fields")
+    p.add_argument("--run-dir", default=None, help="where to render the repository (default: a temp dir)")
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: start, print the endpoints, serve until Ctrl-C/SIGTERM, stop cleanly."""
+    args = _parse(argv)
+    threads = {}
+    for item in args.threads:
+        name, _, n = item.partition("=")
+        threads[name] = int(n)
+    stop = {"flag": False}
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop["flag"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        handle = start_server(
+            args.model_repository,
+            config_file=args.config,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+            address=args.address,
+            model_dir=args.model_dir,
+            dtype=args.dtype,
+            kind=args.kind,
+            decode_instances=args.decode_instances,
+            reasoning_instances=args.reasoning_instances,
+            prefill_instances=args.prefill_instances,
+            preprocessing_instances=args.preprocessing_instances,
+            threads=threads,
+            max_sessions=args.max_sessions,
+            max_context=args.max_context,
+            log_level=args.log_level,
+            run_dir=args.run_dir,
+            keep_run_dir=args.run_dir is not None,
+            ready_timeout=args.ready_timeout,
+        )
+    except KeyboardInterrupt:
+        print("interrupted during start-up", file=sys.stderr)
+        return 130
+    except (ServerError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"tritonserver ready in {handle.startup_s:.1f}s  models: {', '.join(handle.models)}")
+    print(f"  gRPC     {handle.grpc_url}")
+    print(f"  HTTP     http://{handle.http_url}")
+    print(f"  metrics  {handle.metrics_url}")
+    print(f"  log      {handle.log_path}")
+    print("Ctrl-C to stop", flush=True)
+    try:
+        while handle.alive():
+            time.sleep(0.5)
+        print(
+            f"tritonserver exited with code {handle.process.returncode}:\n{handle.log_tail()}",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("stopping tritonserver ...", file=sys.stderr)
+        code = handle.stop()
+        print(f"stopped (exit code {code})", file=sys.stderr)
+        return 0
+    finally:
+        handle.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
