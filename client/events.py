@@ -1,0 +1,171 @@
+"""Typed events yielded by ``generate`` and the bookkeeping that builds ``Done``.
+
+Both transports (gRPC stream, HTTP server-sent events) reduce each server
+response to a plain ``dict`` of fields first; :class:`StreamTracker` then turns
+those into :class:`StreamDelta` events and the final :class:`Done` summary, so
+timing and completeness rules are identical whatever the protocol.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from .errors import IncompleteStreamError, MultiStreamError
+
+StreamKind = Literal["output", "reasoning"]
+OUTPUT_STREAM = "output"
+
+
+def kind_of(stream: str) -> StreamKind:
+    """``"output"`` is the user-facing answer; every other stream is background reasoning."""
+    return "output" if stream == OUTPUT_STREAM else "reasoning"
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """One server response: a text/token delta of one stream.
+
+    ``timing_ms`` is the server's ``[ms since request arrival, ms since this
+    stream's previous delta]``; ``t_received`` is the client's
+    ``time.perf_counter()`` at arrival, so client-side TTFT and inter-token
+    gaps can be computed without trusting server clocks.
+    """
+
+    stream: str
+    kind: StreamKind
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    timing_ms: list[float]
+    t_received: float
+
+
+@dataclass(frozen=True)
+class Done:
+    """Summary emitted once, after the server's final response.
+
+    ``tokens_per_s`` is the decode rate of each stream after its first token
+    ((tokens - 1) / (last - first)); that is the number comparable across
+    streams, because TTFT (reported separately) is dominated by prefill.
+    """
+
+    session_id: str | None
+    output_text: str
+    reasoning_texts: dict[str, str]
+    ttft_s: dict[str, float]
+    tokens: dict[str, int]
+    tokens_per_s: dict[str, float]
+    total_s: float
+    finish_reasons: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (used by ``--json``)."""
+        return asdict(self)
+
+
+Event = StreamDelta | Done
+
+
+@dataclass
+class _StreamState:
+    parts: list[str] = field(default_factory=list)
+    tokens: int = 0
+    first_t: float | None = None
+    last_t: float | None = None
+    finish_reason: str | None = None
+
+
+class StreamTracker:
+    """Accumulates deltas of one request; builds ``Done`` and checks completeness."""
+
+    def __init__(self, t0: float | None = None, session_id: str | None = None) -> None:
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.session_id = session_id
+        self.streams: dict[str, _StreamState] = {}
+
+    def feed(self, fields: dict, t: float | None = None) -> StreamDelta | None:
+        """Turn one response's fields into a delta; ``None`` for an empty (flags-only) response."""
+        t = time.perf_counter() if t is None else t
+        if fields.get("session_id"):
+            self.session_id = fields["session_id"]
+        has_payload = any(
+            fields.get(k) not in (None, "", [])
+            for k in ("stream_name", "text_output", "reasoning_output", "output_ids", "finish_reason")
+        )
+        if not has_payload:
+            return None
+        stream = fields.get("stream_name") or OUTPUT_STREAM
+        kind = kind_of(stream)
+        if kind == "output":
+            text = fields.get("text_output") or ""
+        else:
+            text = fields.get("reasoning_output") or fields.get("text_output") or ""
+        ids = [int(i) for i in fields.get("output_ids") or []]
+        finish = fields.get("finish_reason") or None
+        st = self.streams.setdefault(stream, _StreamState())
+        if finish is None and st.finish_reason is not None:
+            raise MultiStreamError(f"server sent a delta for stream {stream!r} after it finished")
+        if text or ids:
+            if st.first_t is None:
+                st.first_t = t
+            st.last_t = t
+        st.parts.append(text)
+        st.tokens += len(ids) if ids else (1 if text else 0)
+        if finish is not None:
+            st.finish_reason = finish
+        return StreamDelta(
+            stream=stream,
+            kind=kind,
+            text=text,
+            token_ids=ids,
+            finish_reason=finish,
+            timing_ms=[float(x) for x in fields.get("timing_ms") or []],
+            t_received=t,
+        )
+
+    def check_complete(self) -> None:
+        """Raise unless every stream seen ended with a finish_reason (the contract's last delta).
+
+        A transport that closes cleanly but early (server crash, proxy timeout)
+        would otherwise look like a short answer.
+        """
+        if not self.streams:
+            raise IncompleteStreamError("server ended the request without any response")
+        open_streams = [s for s, st in self.streams.items() if st.finish_reason is None]
+        if open_streams:
+            raise IncompleteStreamError(
+                f"stream(s) {', '.join(open_streams)} ended without a finish_reason (final delta missing)"
+            )
+        errored = [s for s, st in self.streams.items() if st.finish_reason == "error"]
+        if errored:
+            raise MultiStreamError(f"server reported finish_reason 'error' on stream(s) {', '.join(errored)}")
+
+    def done(self, t_end: float | None = None) -> Done:
+        """Build the summary; call after the final response."""
+        t_end = time.perf_counter() if t_end is None else t_end
+        ttft: dict[str, float] = {}
+        rate: dict[str, float] = {}
+        for name, st in self.streams.items():
+            if st.first_t is None:
+                continue
+            ttft[name] = st.first_t - self.t0
+            span = (st.last_t or st.first_t) - st.first_t
+            if st.tokens > 1 and span > 0:
+                rate[name] = (st.tokens - 1) / span
+            else:
+                rate[name] = st.tokens / max((st.last_t or st.first_t) - self.t0, 1e-9)
+        out = self.streams.get(OUTPUT_STREAM)
+        return Done(
+            session_id=self.session_id,
+            output_text="".join(out.parts) if out else "",
+            reasoning_texts={
+                n: "".join(st.parts) for n, st in self.streams.items() if kind_of(n) == "reasoning"
+            },
+            ttft_s=ttft,
+            tokens={n: st.tokens for n, st in self.streams.items()},
+            tokens_per_s=rate,
+            total_s=t_end - self.t0,
+            finish_reasons={n: st.finish_reason or "" for n, st in self.streams.items()},
+        )
