@@ -153,4 +153,6 @@ def http_error_message(status: int, body: bytes) -> str:
             return _to_str(obj["error"])
     except json.JSONDecodeError:
         pass
+    if any(not ch.isprintable() and ch not in "\r\n\t" for ch in text):
+        return f"HTTP {status}: binary, non-HTTP/JSON answer (is this the server's HTTP port?)"
     return f"HTTP {status}: {text[:500]}" if text else f"HTTP {status}"

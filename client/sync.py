@@ -126,7 +126,14 @@ class Generation:
             except MultiStreamError:
                 raise
             except Exception as exc:
-                raise from_exception(exc, c.url) from exc
+                # If the stream died before the request was queued (server down), tritonclient
+                # raises a generic "stream is no longer in valid state"; the real cause is
+                # the error it delivered to our callback.
+                try:
+                    _, cb_error, _ = q.get(timeout=1.0)
+                except queue.Empty:
+                    cb_error = None
+                raise from_exception(cb_error or exc, c.url) from exc
             deadline = time.monotonic() + c.idle_timeout_s
             while True:
                 try:
@@ -189,6 +196,10 @@ class Generation:
                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
                 )
                 resp = conn.getresponse()
+            except http.client.BadStatusLine as exc:
+                raise MultiStreamError(
+                    f"{c.url} did not answer HTTP/1.1 (is it the gRPC port? use --protocol grpc)"
+                ) from exc
             except Exception as exc:
                 if self._cancelled.is_set():
                     raise MultiStreamCancelled("request cancelled by the client") from exc
