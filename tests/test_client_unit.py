@@ -1,0 +1,332 @@
+"""Client pieces that need no server: input building, response parsing, SSE, CLI, dead-server errors.
+
+Responses are real ``tritonclient.grpc.InferResult`` objects around real
+``ModelInferResponse`` protobufs (what the gRPC stream hands us), not mocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import socket
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import serialize_byte_tensor
+
+from client import (
+    AsyncMultiStreamClient,
+    GenerateRequest,
+    IncompleteStreamError,
+    MultiStreamClient,
+    MultiStreamConnectionError,
+    MultiStreamError,
+    StreamTracker,
+    cli,
+)
+from client.parse import (
+    SSEParser,
+    fields_from_json,
+    fields_from_result,
+    http_error_message,
+    is_final_grpc,
+    iter_sse_json,
+)
+from client.request import control_tensors, grpc_inputs
+from client.sync import normalize_url
+from load import runner
+
+
+def closed_port() -> int:
+    """A port nothing listens on (bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- inputs
+def test_only_set_inputs_are_sent_shaped_1x1():
+    t = GenerateRequest(prompt="hi", max_tokens=5).tensors()
+    assert set(t) == {"text_input", "max_tokens", "stream"}
+    for arr in t.values():
+        assert arr.shape == (1, 1)
+    assert t["text_input"][0, 0] == b"hi"
+    assert t["max_tokens"].dtype == np.int32 and t["stream"].dtype == np.bool_
+
+
+def test_all_optional_inputs_dtypes():
+    req = GenerateRequest(
+        prompt="héllo", max_tokens=7, stream=False, temperature=0.5, top_p=0.9, top_k=4, seed=2**63,
+        repetition_penalty=1.1, stop=["\n\n", "END"], reasoning_streams=2, reasoning_budget=16,
+        attention_mode="cross", session_id="s1",
+    )
+    t = req.tensors()
+    assert t["temperature"].dtype == np.float32 and t["top_p"].dtype == np.float32
+    assert t["top_k"].dtype == np.int32 and t["reasoning_streams"].dtype == np.int32
+    assert t["seed"].dtype == np.uint64 and int(t["seed"][0, 0]) == 2**63
+    assert t["stop_words"].shape == (1, 2)
+    assert t["attention_mode"][0, 0] == b"cross" and t["session_id"][0, 0] == b"s1"
+    assert t["text_input"][0, 0] == "héllo".encode()
+    assert t["stream"][0, 0] == np.False_
+
+
+@pytest.mark.parametrize("module", [grpcclient, httpclient])
+def test_infer_inputs_for_both_protocols(module):
+    inputs = grpc_inputs(GenerateRequest(prompt="hi", max_tokens=3, top_k=2, attention_mode="isolated").tensors(), module)
+    by_name = {i.name(): i for i in inputs}
+    assert by_name["text_input"].datatype() == "BYTES"
+    assert by_name["max_tokens"].datatype() == "INT32"
+    assert by_name["stream"].datatype() == "BOOL"
+    assert by_name["top_k"].datatype() == "INT32"
+    assert by_name["attention_mode"].datatype() == "BYTES"
+    assert all(i.shape() == [1, 1] for i in inputs)
+
+
+def test_json_body_uses_scalars():
+    body = GenerateRequest(prompt="hi", max_tokens=3, temperature=0.0, stop="x", session_id="abc").json_body()
+    assert body == {"text_input": "hi", "max_tokens": 3, "stream": True, "temperature": 0.0,
+                    "stop_words": "x", "session_id": "abc"}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(prompt="  "), dict(prompt="x", max_tokens=0), dict(prompt="x", attention_mode="both"),
+     dict(prompt="x", seed=-1)],
+)
+def test_invalid_requests_raise_value_error(kw):
+    with pytest.raises(ValueError):
+        GenerateRequest(**kw).tensors()
+
+
+def test_generate_validates_before_connecting():
+    with pytest.raises(ValueError):
+        MultiStreamClient("localhost:1").generate("x", attention_mode="sideways")
+
+
+def test_control_tensors():
+    t = control_tensors("sid", "input", "more", batched=True)
+    assert {k: v.shape for k, v in t.items()} == {"session_id": (1, 1), "action": (1, 1), "text_input": (1, 1)}
+    t = control_tensors("sid", "cancel", None, batched=False)
+    assert set(t) == {"session_id", "action"} and t["action"].shape == (1,)
+    with pytest.raises(ValueError):
+        control_tensors("", "cancel", None, batched=True)
+
+
+def test_normalize_url():
+    assert normalize_url(None, "grpc") == "localhost:8001"
+    assert normalize_url(None, "http") == "localhost:8000"
+    assert normalize_url("http://h:1/", "http") == "h:1"
+    assert normalize_url("grpc://h:2", "grpc") == "h:2"
+    with pytest.raises(ValueError):
+        normalize_url("h:1", "websocket")
+
+
+# ---------------------------------------------------------------- gRPC responses
+def make_result(final: bool = False, **outputs) -> grpcclient.InferResult:
+    """A real InferResult around a ModelInferResponse, as the gRPC stream delivers it."""
+    resp = service_pb2.ModelInferResponse(model_name="multistream", model_version="1")
+    for name, value in outputs.items():
+        if isinstance(value, str):
+            arr = np.array([[value.encode()]], dtype=np.object_)
+            raw, dtype = serialize_byte_tensor(arr).item(), "BYTES"
+        elif name == "output_ids":
+            arr = np.array([value], dtype=np.int32)
+            raw, dtype = arr.tobytes(), "INT32"
+        else:
+            arr = np.array([value], dtype=np.float32)
+            raw, dtype = arr.tobytes(), "FP32"
+        out = resp.outputs.add()
+        out.name, out.datatype = name, dtype
+        out.shape.extend(arr.shape)
+        resp.raw_output_contents.append(raw)
+    if final:
+        resp.parameters["triton_final_response"].bool_param = True
+    return grpcclient.InferResult(resp)
+
+
+def test_fields_from_grpc_result():
+    r = make_result(stream_name="reasoning/0", reasoning_output="think", output_ids=[5, 6],
+                    finish_reason="", session_id="s", timing_ms=[1.5, 0.5])
+    f = fields_from_result(r)
+    assert f == {"reasoning_output": "think", "stream_name": "reasoning/0", "finish_reason": "",
+                 "session_id": "s", "output_ids": [5, 6], "timing_ms": [1.5, 0.5]}
+    assert not is_final_grpc(r)
+    empty = make_result(final=True)
+    assert is_final_grpc(empty) and fields_from_result(empty) == {}
+
+
+def test_tracker_builds_done_from_grpc_results():
+    tr = StreamTracker(t0=0.0)
+    seq = [
+        (make_result(stream_name="output", text_output="Hel", output_ids=[1], session_id="s"), 0.10),
+        (make_result(stream_name="reasoning/0", reasoning_output="a", output_ids=[9]), 0.20),
+        (make_result(stream_name="output", text_output="lo", output_ids=[2]), 0.20),
+        (make_result(stream_name="output", text_output="!", output_ids=[3], finish_reason="stop"), 0.30),
+        (make_result(stream_name="reasoning/0", reasoning_output="b", output_ids=[8], finish_reason="length"), 0.40),
+        (make_result(final=True), 0.41),
+    ]
+    deltas = [tr.feed(fields_from_result(r), t) for r, t in seq]
+    assert deltas[-1] is None  # flags-only final response carries no delta
+    assert deltas[1].kind == "reasoning" and deltas[1].text == "a" and deltas[0].kind == "output"
+    tr.check_complete()
+    d = tr.done(t_end=0.5)
+    assert d.session_id == "s" and d.output_text == "Hello!" and d.reasoning_texts == {"reasoning/0": "ab"}
+    assert d.ttft_s == pytest.approx({"output": 0.1, "reasoning/0": 0.2})
+    assert d.tokens == {"output": 3, "reasoning/0": 2}
+    assert d.tokens_per_s["output"] == pytest.approx(2 / 0.2)
+    assert d.finish_reasons == {"output": "stop", "reasoning/0": "length"}
+    assert d.total_s == pytest.approx(0.5)
+
+
+def test_tracker_detects_missing_final_delta_and_errors():
+    tr = StreamTracker(t0=0.0)
+    tr.feed({"stream_name": "output", "text_output": "x", "output_ids": [1]}, 0.1)
+    with pytest.raises(IncompleteStreamError):
+        tr.check_complete()
+    with pytest.raises(IncompleteStreamError):
+        StreamTracker().check_complete()
+    tr.feed({"stream_name": "output", "finish_reason": "error"}, 0.2)
+    with pytest.raises(MultiStreamError, match="error"):
+        tr.check_complete()
+    with pytest.raises(MultiStreamError, match="after it finished"):
+        tr.feed({"stream_name": "output", "text_output": "late"}, 0.3)
+
+
+def test_plain_trtllm_style_response_defaults_to_output_stream():
+    tr = StreamTracker(t0=0.0)
+    d = tr.feed({"text_output": "hi"}, 0.1)
+    assert d.stream == "output" and d.kind == "output" and d.text == "hi"
+
+
+# ---------------------------------------------------------------- HTTP / SSE
+def test_sse_parser_rules():
+    p = SSEParser()
+    lines = [": comment\n", "event: message\n", "data: {\"a\":\n", "data: 1}\r\n", "\n", "\n", "data: x\n"]
+    got = [p.feed_line(line) for line in lines]
+    assert got == [None, None, None, None, '{"a":\n1}', None, None]
+    assert p.finish() == "x" and p.finish() is None
+
+
+def test_iter_sse_json_and_error_event():
+    raw = [b'data: {"text_output":"he","stream_name":"output","output_ids":[[1]]}\n', b"\n",
+           b'data: {"stream_name":"reasoning/0","reasoning_output":"r","timing_ms":[1.0,2.0]}\n', b"\n",
+           b'data: {"error":"max_tokens 99999 exceeds limit 512"}\n', b"\n"]
+    objs = list(iter_sse_json(raw))
+    assert fields_from_json(objs[0]) == {"text_output": "he", "stream_name": "output", "output_ids": [1]}
+    assert fields_from_json(objs[1])["timing_ms"] == [1.0, 2.0]
+    with pytest.raises(MultiStreamError, match="exceeds limit 512"):
+        fields_from_json(objs[2])
+    with pytest.raises(MultiStreamError, match="malformed"):
+        list(iter_sse_json([b"data: {nope\n", b"\n"]))
+
+
+def test_http_error_message():
+    assert http_error_message(400, b'data: {"error":"bad input"}\n\n') == "bad input"
+    assert http_error_message(400, b'{"error":"unknown model"}') == "unknown model"
+    assert http_error_message(502, b"") == "HTTP 502"
+    assert "binary" in http_error_message(400, b"\x00\x00\x04\x08")
+
+
+# ---------------------------------------------------------------- nothing listening
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_closed_port_raises_fast(protocol):
+    c = MultiStreamClient(f"127.0.0.1:{closed_port()}", protocol)
+    t = time.monotonic()
+    with pytest.raises(MultiStreamConnectionError, match="cannot reach server"):
+        list(c.generate("hello", max_tokens=4))
+    with pytest.raises(MultiStreamConnectionError):
+        c.push_input("sid", "more")
+    with pytest.raises(MultiStreamConnectionError):
+        c.cancel("sid")
+    assert time.monotonic() - t < 10
+    c.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_async_closed_port_raises_fast(protocol):
+    async def go() -> None:
+        async with AsyncMultiStreamClient(f"127.0.0.1:{closed_port()}", protocol) as c:
+            with pytest.raises(MultiStreamConnectionError):
+                async for _ in c.generate("hello", max_tokens=4):
+                    pass
+            with pytest.raises(MultiStreamConnectionError):
+                await c.cancel("sid")
+
+    t = time.monotonic()
+    asyncio.run(go())
+    assert time.monotonic() - t < 10
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_arguments_map_to_generate_kwargs():
+    args = cli.build_parser().parse_args(
+        ["hi", "--max-tokens", "9", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--seed", "1",
+         "--reasoning-streams", "2", "--reasoning-budget", "64", "--attention-mode", "cross",
+         "--stop", "a", "--stop", "b", "--protocol", "http", "--url", "h:1"]
+    )
+    kw = cli.generate_kwargs(args)
+    assert kw == {"max_tokens": 9, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 1, "stop": ["a", "b"],
+                  "reasoning_streams": 2, "reasoning_budget": 64, "attention_mode": "cross",
+                  "session_id": None, "stream": True}
+    assert args.protocol == "http" and args.url == "h:1"
+    defaults = cli.generate_kwargs(cli.build_parser().parse_args(["hi"]))
+    assert {k for k, v in defaults.items() if v is not None} == {"max_tokens", "stream"}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["hi", "--top-p", "0"], ["hi", "--max-tokens", "0"], ["hi", "--attention-mode", "x"],
+     ["hi", "--protocol", "ws"], ["hi", "--temperature", "-1"]],
+)
+def test_cli_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"], ["--protocol", "http"]])
+def test_cli_server_down_is_one_line_exit_1(extra, capsys):
+    t = time.monotonic()
+    rc = cli.main(["hello", "--url", f"127.0.0.1:{closed_port()}", *extra])
+    assert rc == 1 and time.monotonic() - t < 10
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: cannot reach server") and "\n" not in err
+    assert captured.out.strip() == ""
+
+
+def test_cli_interactive_needs_prompt_argument(capsys):
+    assert cli.main(["--interactive", "--url", "127.0.0.1:1"]) == 2
+
+
+# ---------------------------------------------------------------- load runner
+def test_load_locust_command_and_stats(tmp_path):
+    args = runner.build_parser().parse_args(["--users", "3", "--seconds", "7", "--out", str(tmp_path)])
+    cmd = runner.locust_command(args, "127.0.0.1:9")
+    joined = " ".join(cmd)
+    for part in ("--headless", "-u 3", "-r 3", "-t 7s", "--host 127.0.0.1:9", "--html", "--csv"):
+        assert part in joined
+    path = tmp_path / "locust_stats.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Type", "Name", "Request Count", "Failure Count", "Median Response Time", "95%"])
+        w.writerow(["grpc", "ttft_output", "4", "0", "12", "20"])
+        w.writerow(["", "Aggregated", "10", "1", "15", "30"])
+    stats = runner.read_stats(path)
+    assert stats["Aggregated"]["requests"] == 10 and stats["Aggregated"]["failures"] == 1
+    assert stats["ttft_output"]["p95_ms"] == 20
+
+
+def test_load_prompts_bundle():
+    import json
+    from pathlib import Path
+
+    prompts = json.loads((Path(runner.__file__).parent / "prompts.json").read_text())
+    assert 10 <= len(prompts) <= 16 and all(isinstance(p, str) and p.strip() for p in prompts)
+    words = sorted(len(p.split()) for p in prompts)
+    assert words[0] <= 3 and words[-1] >= 250  # short to ~400 tokens
