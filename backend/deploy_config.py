@@ -57,7 +57,14 @@ class DeployConfig:
         default_factory=dict
     )  # extra per-model parameters; "*" = all
     log_level: str = "warning"  # error | warning | info | verbose
-    backend_config: list[str] = field(default_factory=list)  # e.g. "python,shm-default-byte-size=16777216"
+    # Each stub talks to the server through its own /dev/shm region (1 MiB, +1 MiB steps by default);
+    # KV-cache hand-offs are tens of MiB, so start bigger and grow in big steps.
+    backend_config: list[str] = field(
+        default_factory=lambda: [
+            "python,shm-default-byte-size=16777216",
+            "python,shm-growth-byte-size=67108864",
+        ]
+    )
 
     # -- loading -----------------------------------------------------------------------------------------
     @classmethod

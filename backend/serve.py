@@ -64,14 +64,13 @@ def resolve_model_dir(spec: str) -> str:
     """'default' converts/caches the default model once; 'none' skips model files (smoke repos)."""
     if spec in ("", "none"):
         return ""
-    if spec == "default":
-        from backend.model_store import ensure_default_model
+    from backend.model_store import ModelFilesError
+    from backend.model_store import resolve_model_dir as _resolve
 
-        return str(ensure_default_model())
-    path = Path(spec).expanduser().resolve()
-    if not path.is_dir():
-        raise ServerError(f"--model-dir {spec}: not a directory")
-    return str(path)
+    try:
+        return str(_resolve(spec))  # "default" -> ensure_default_model()
+    except (ModelFilesError, OSError) as e:
+        raise ServerError(f"--model-dir {spec}: {e}") from e
 
 
 def render_repository(src: Path, dest: Path, cfg: DeployConfig, kind: str) -> list[str]:

@@ -135,3 +135,43 @@ def test_render_pbtxt_replaces_instance_group_and_merges_parameters() -> None:
     assert 'key: "keep" value: { string_value: "a\\"b" }' in out
     assert 'key: "threads" value: { string_value: "1" }' in out and '"9"' not in out
     assert 'input [ { name: "x"' in out
+
+
+def test_cli_serves_and_stops_on_sigterm() -> None:
+    """`python -m backend.serve` prints the endpoints, and SIGTERM stops tritonserver and its stubs."""
+    import signal
+    import subprocess
+    import sys
+
+    from backend.serve import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    cmd = [sys.executable, "-m", "backend.serve", "--model-repository", str(REPO), "--model-dir", "none"]
+    cmd += [
+        "--address",
+        "127.0.0.1",
+        "--grpc-port",
+        ports[0],
+        "--http-port",
+        ports[1],
+        "--metrics-port",
+        ports[2],
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        out = "".join(lines)
+        assert f"127.0.0.1:{ports[0]}" in out and "/metrics" in out, out
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/ready", timeout=5) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/live", timeout=2)

@@ -5,6 +5,17 @@ import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        # The stub ignores PYTHONPATH: this import only works if setup.sh installed the
+        # project (editable) into the interpreter the stub embeds, and numpy is < 2.
+        import json
+
+        from backend.deploy_config import model_parameters
+
+        assert np.__version__ < "2", np.__version__
+        self.params = model_parameters(json.loads(args["model_config"]))
+        assert self.params["threads"] == "1", self.params
+
     def execute(self, requests):
         out = []
         for req in requests:
