@@ -19,8 +19,9 @@ OUTPUT_STREAM = "output"
 
 
 def kind_of(stream: str) -> StreamKind:
-    """``"output"`` is the user-facing answer; every other stream is background reasoning."""
-    return "output" if stream == OUTPUT_STREAM else "reasoning"
+    """``reasoning/*`` streams are background thinking; anything else (``output``, a
+    ``revision`` of the answer) is user-facing text carried in ``text_output``."""
+    return "reasoning" if stream.startswith("reasoning") else "output"
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Done:
     tokens_per_s: dict[str, float]
     total_s: float
     finish_reasons: dict[str, str] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)  # every stream, e.g. a "revision" of the answer
 
     def to_dict(self) -> dict:
         """JSON-ready form (used by ``--json``)."""
@@ -99,7 +101,7 @@ class StreamTracker:
         stream = fields.get("stream_name") or OUTPUT_STREAM
         kind = kind_of(stream)
         if kind == "output":
-            text = fields.get("text_output") or ""
+            text = fields.get("text_output") or fields.get("reasoning_output") or ""
         else:
             text = fields.get("reasoning_output") or fields.get("text_output") or ""
         ids = [int(i) for i in fields.get("output_ids") or []]
@@ -168,4 +170,5 @@ class StreamTracker:
             tokens_per_s=rate,
             total_s=t_end - self.t0,
             finish_reasons={n: st.finish_reason or "" for n, st in self.streams.items()},
+            texts={n: "".join(st.parts) for n, st in self.streams.items()},
         )

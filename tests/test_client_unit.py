@@ -196,6 +196,13 @@ def test_tracker_detects_missing_final_delta_and_errors():
         tr.feed({"stream_name": "output", "text_output": "late"}, 0.3)
 
 
+def test_revision_stream_is_user_facing():
+    tr = StreamTracker(t0=0.0)
+    d = tr.feed({"stream_name": "revision", "text_output": "better", "finish_reason": "stop"}, 0.1)
+    assert d.kind == "output" and d.text == "better"
+    assert tr.done().texts == {"revision": "better"} and tr.done().reasoning_texts == {}
+
+
 def test_plain_trtllm_style_response_defaults_to_output_stream():
     tr = StreamTracker(t0=0.0)
     d = tr.feed({"text_output": "hi"}, 0.1)

@@ -1,0 +1,173 @@
+"""The client library and CLI against the real ``multistream`` server (``triton_server`` fixture).
+
+Only behaviour written in docs/CONTRACTS.md §3 is asserted, so these tests
+hold whatever engine runs behind the ensemble.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from client import (
+    AsyncMultiStreamClient,
+    Done,
+    MultiStreamCancelled,
+    MultiStreamClient,
+    MultiStreamError,
+    StreamDelta,
+)
+
+pytestmark = pytest.mark.server
+
+PROMPT = "What is the capital of France? Answer briefly."
+
+
+def _url(server, protocol: str) -> str:
+    return server.grpc_url if protocol == "grpc" else server.http_url
+
+
+def _check_events(events: list, reasoning_streams: int) -> Done:
+    assert isinstance(events[-1], Done) and all(isinstance(e, StreamDelta) for e in events[:-1])
+    done: Done = events[-1]
+    deltas = events[:-1]
+    names = {d.stream for d in deltas}
+    assert "output" in names
+    assert {n for n in names if n.startswith("reasoning")} == {f"reasoning/{i}" for i in range(reasoning_streams)}
+    # Every stream ends with exactly one delta carrying finish_reason, and it is the last one.
+    for name in names:
+        mine = [d for d in deltas if d.stream == name]
+        assert mine[-1].finish_reason in ("stop", "length")
+        assert all(d.finish_reason is None for d in mine[:-1])
+    assert done.output_text.strip()
+    assert done.output_text == "".join(d.text for d in deltas if d.stream == "output")
+    assert set(done.ttft_s) >= {"output"} and done.ttft_s["output"] > 0
+    assert done.session_id
+    return done
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_stream_answer_and_reasoning(triton_server, protocol):
+    with MultiStreamClient(_url(triton_server, protocol), protocol) as c:
+        events = list(c.generate(PROMPT, max_tokens=8, reasoning_streams=1, reasoning_budget=8))
+    done = _check_events(events, reasoning_streams=1)
+    assert done.tokens["output"] <= 8 and done.tokens["reasoning/0"] <= 8
+
+
+def test_output_only_and_greedy_is_deterministic(triton_server):
+    with MultiStreamClient(triton_server.grpc_url) as c:
+        a = c.generate(PROMPT, max_tokens=6, temperature=0.0).result()
+        b = c.generate(PROMPT, max_tokens=6, temperature=0.0).result()
+    assert a.output_text == b.output_text and a.reasoning_texts == {}
+
+
+def test_non_streaming_grpc_gives_one_response(triton_server):
+    with MultiStreamClient(triton_server.grpc_url) as c:
+        events = list(c.generate(PROMPT, max_tokens=6, stream=False))
+    deltas = [e for e in events if isinstance(e, StreamDelta) and e.stream == "output"]
+    assert len(deltas) == 1 and deltas[0].finish_reason in ("stop", "length")
+    assert events[-1].output_text.strip()
+
+
+def test_non_streaming_http_generate(triton_server):
+    with MultiStreamClient(triton_server.http_url, "http") as c:
+        done = c.generate(PROMPT, max_tokens=6, stream=False).result()
+    assert done.output_text.strip()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_async_client(triton_server, protocol):
+    async def go() -> list:
+        async with AsyncMultiStreamClient(_url(triton_server, protocol), protocol) as c:
+            return [e async for e in c.generate(PROMPT, max_tokens=6, reasoning_streams=1, reasoning_budget=6)]
+
+    _check_events(asyncio.run(go()), reasoning_streams=1)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_server_error_surfaces_with_message(triton_server, protocol):
+    with MultiStreamClient(_url(triton_server, protocol), protocol, idle_timeout_s=60) as c:
+        t = time.monotonic()
+        with pytest.raises(MultiStreamError) as e:
+            list(c.generate(PROMPT, max_tokens=10_000_000))
+        assert "max_tokens" in str(e.value)
+        assert time.monotonic() - t < 30
+        # The client stays usable after an error.
+        assert c.generate(PROMPT, max_tokens=3).result().output_text is not None
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unknown_session_control_names_session_id(triton_server, protocol):
+    with MultiStreamClient(_url(triton_server, protocol), protocol) as c:
+        with pytest.raises(MultiStreamError, match="session_id"):
+            c.push_input("no-such-session-" + uuid.uuid4().hex, "hello")
+        with pytest.raises(MultiStreamError, match="session_id"):
+            c.cancel("no-such-session-" + uuid.uuid4().hex)
+
+
+def test_push_input_and_server_cancel_while_streaming(triton_server):
+    sid = "it-" + uuid.uuid4().hex
+    with MultiStreamClient(triton_server.grpc_url) as c, MultiStreamClient(triton_server.grpc_url) as ctl:
+        gen = c.generate(PROMPT, max_tokens=200, reasoning_streams=1, reasoning_budget=200, session_id=sid)
+        results: dict[str, object] = {}
+        events = []
+        for ev in gen:
+            events.append(ev)
+            if isinstance(ev, StreamDelta) and "pushed" not in results:
+                results["pushed"] = ctl.push_input(sid, "Also name its river.")
+                results["cancelled"] = ctl.cancel(sid)
+    assert results == {"pushed": True, "cancelled": True}
+    done = events[-1]
+    assert isinstance(done, Done) and done.session_id == sid
+    assert done.finish_reasons["output"] == "cancelled"
+    assert done.tokens["output"] < 200
+
+
+def test_local_stream_cancel(triton_server):
+    with MultiStreamClient(triton_server.grpc_url) as c:
+        gen = c.generate(PROMPT, max_tokens=200)
+        n = 0
+        with pytest.raises(MultiStreamCancelled):
+            for _ev in gen:
+                n += 1
+                if n == 1:
+                    threading.Thread(target=gen.cancel).start()
+        # The server freed the session: a new request is served normally.
+        assert c.generate(PROMPT, max_tokens=3).result().output_text.strip()
+
+
+def test_cli_json(triton_server):
+    proc = subprocess.run(
+        [sys.executable, "-m", "client", PROMPT, "--url", triton_server.grpc_url, "--json",
+         "--max-tokens", "6", "--reasoning-streams", "1", "--reasoning-budget", "6"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    obj = json.loads(proc.stdout)
+    assert obj["output_text"].strip() and "reasoning/0" in obj["reasoning_texts"]
+    assert obj["ttft_s"]["output"] > 0 and "output" in obj["tokens_per_s"]
+
+
+def test_cli_live_view_http(triton_server):
+    proc = subprocess.run(
+        [sys.executable, "-m", "client", PROMPT, "--url", triton_server.http_url, "--protocol", "http",
+         "--max-tokens", "6", "--reasoning-streams", "1", "--reasoning-budget", "6"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "answer" in proc.stdout and "reasoning/0" in proc.stdout and "TTFT" in proc.stdout
+
+
+def test_cli_server_error_exit_1(triton_server):
+    proc = subprocess.run(
+        [sys.executable, "-m", "client", PROMPT, "--url", triton_server.grpc_url, "--max-tokens", "10000000"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stderr.startswith("error:") and "max_tokens" in proc.stderr

@@ -1,0 +1,30 @@
+"""``python -m load`` against the real server: 4 users for 20 s must complete requests with no failure."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_load_runner(triton_server, tmp_path):
+    out = tmp_path / "load"
+    proc = subprocess.run(
+        [sys.executable, "-m", "load", "--users", "4", "--seconds", "20", "--url", triton_server.grpc_url,
+         "--out", str(out), "--max-tokens", "16", "--reasoning-budget", "16"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = out / "locust_stats.csv"
+    assert stats.exists() and (out / "report.html").exists()
+    rows = {r["Name"]: r for r in csv.DictReader(stats.open())}
+    assert int(rows["Aggregated"]["Request Count"]) > 0
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert int(rows["full_response"]["Request Count"]) > 0 and int(rows["ttft_output"]["Request Count"]) > 0
