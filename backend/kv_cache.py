@@ -1,0 +1,132 @@
+"""A preallocated KV pool: one fixed slot per live session, nothing copied as it grows.
+
+Why slots rather than paged blocks: on CPU (and for a 135M model on GPU) attention is a
+small share of a step, and a slot keeps each session's keys contiguous so that
+``scaled_dot_product_attention`` reads them in place. Memory is reserved once at start
+(``max_sessions x max_context`` tokens), so a full server never allocates mid-request
+and can tell a new session "busy" instead of running out of memory. A session that ends
+or is cancelled hands its slot back at once.
+
+Alongside keys and values, each cached token records its grid coordinates (row and
+channel): the attention mask of a step is derived from them, which is what makes the
+per-stream policies (``cross`` / ``isolated``) a matter of a small visibility matrix.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """No free slot: the server is at its configured number of concurrent sessions."""
+
+
+class ContextLengthError(ValueError):
+    """A session would grow beyond the configured context length."""
+
+
+@dataclass
+class KVStats:
+    slots_total: int
+    slots_used: int
+    tokens_capacity: int
+    tokens_used: int
+    bytes_reserved: int
+
+
+class KVPool:
+    """Per-layer key/value tensors ``[slots, kv_heads, max_context, head_dim]`` and token metadata."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_sessions: int,
+        max_context: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        self.max_sessions = max_sessions
+        self.max_context = max_context
+        shape = (max_sessions, num_kv_heads, max_context, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Grid coordinates of every cached token, read to build each step's mask.
+        self.rows = torch.zeros((max_sessions, max_context), dtype=torch.int32, device=device)
+        self.chans = torch.zeros((max_sessions, max_context), dtype=torch.int64, device=device)
+        self.lengths = [0] * max_sessions
+        self._free = list(range(max_sessions - 1, -1, -1))
+        self._lock = threading.Lock()
+        self._bytes = 2 * num_layers * self.k[0].numel() * self.k[0].element_size()
+
+    def allocate(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise CacheFullError(
+                    f"all {self.max_sessions} KV slots are in use (max_sessions={self.max_sessions})"
+                )
+            slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            if slot in self._free:
+                return
+            self.lengths[slot] = 0
+            self._free.append(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def reserve(self, slot: int, count: int) -> int:
+        """Claims ``count`` new positions in ``slot``; returns the first index."""
+        start = self.lengths[slot]
+        if start + count > self.max_context:
+            raise ContextLengthError(
+                f"session needs {start + count} cache positions, the context limit is {self.max_context}"
+            )
+        self.lengths[slot] = start + count
+        return start
+
+    def import_prefix(self, slot: int, kv: torch.Tensor, rows: torch.Tensor, chans: torch.Tensor) -> None:
+        """Copies an exported prefix ``[layers, 2, kv_heads, P, head_dim]`` into an empty slot."""
+        p = kv.shape[3]
+        start = self.reserve(slot, p)
+        for li in range(len(self.k)):
+            self.k[li][slot, :, start : start + p] = kv[li, 0].to(self.k[li].dtype)
+            self.v[li][slot, :, start : start + p] = kv[li, 1].to(self.v[li].dtype)
+        self.rows[slot, start : start + p] = rows.to(torch.int32)
+        self.chans[slot, start : start + p] = chans
+
+    def export_prefix(self, slot: int, length: int | None = None) -> torch.Tensor:
+        """The first ``length`` cached tokens of a slot as ``[layers, 2, kv_heads, P, head_dim]``."""
+        n = self.lengths[slot] if length is None else length
+        return torch.stack(
+            [torch.stack([self.k[li][slot, :, :n], self.v[li][slot, :, :n]]) for li in range(len(self.k))]
+        )
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Fork: a new session starts from another's first ``length`` tokens without recomputing them."""
+        start = self.reserve(dst, length)
+        assert start == 0, "fork target must be empty"
+        for li in range(len(self.k)):
+            self.k[li][dst, :, :length] = self.k[li][src, :, :length]
+            self.v[li][dst, :, :length] = self.v[li][src, :, :length]
+        self.rows[dst, :length] = self.rows[src, :length]
+        self.chans[dst, :length] = self.chans[src, :length]
+
+    def stats(self) -> KVStats:
+        used = self.max_sessions - len(self._free)
+        return KVStats(
+            slots_total=self.max_sessions,
+            slots_used=used,
+            tokens_capacity=self.max_sessions * self.max_context,
+            tokens_used=sum(self.lengths),
+            bytes_reserved=self._bytes,
+        )

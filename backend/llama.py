@@ -1,0 +1,400 @@
+"""A Llama-family decoder written directly in torch, shaped for multi-stream rows.
+
+Why not ``transformers``: the engine feeds *packed* batches whose tokens come from
+many sessions and several channels at once, each token with its own RoPE position
+(the row index), its own channel embedding and its own KV-cache slot. That is one
+flat list of tokens per step, not the ``[batch, seq]`` rectangle HF modules expect,
+and HF's per-module Python overhead is what dominates decode on a small CPU model.
+So the forward here is a straight run of fused matmuls over the packed tokens, with
+attention done per session against a preallocated KV pool (``backend.kv_cache``).
+
+Supported checkpoints: Llama / Mistral / Qwen2 style (RMSNorm, RoPE with the
+checkpoint's theta and ``llama3``/``linear`` scaling, GQA, SwiGLU, optional q/k/v
+bias, tied or untied LM head, optional learned channel embedding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+#: Names under which a stream-trained checkpoint may carry its channel embedding.
+CHANNEL_EMBEDDING_KEYS = (
+    "channel_embedding.embedding.weight",
+    "model.channel_embedding.embedding.weight",
+    "model.channel_embedding.weight",
+    "channel_embedding.weight",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The few hyper-parameters the forward needs, read from ``config.json``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    architecture: str
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
+        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(
+                f"{source}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            return cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                rope_scaling=cfg.get("rope_scaling"),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                architecture=arch,
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"{source}: required key {exc.args[0]!r} is missing") from None
+
+    @classmethod
+    def from_dir(cls, path: Path) -> ModelConfig:
+        cfg_path = Path(path) / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{cfg_path}: file not found (a model folder needs config.json)")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
+        return cls.from_dict(cfg, str(cfg_path))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies with the checkpoint's theta and scaling (HF ``rope_type`` semantics)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = old_ctx / low, old_ctx / high
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind not in ("default", None):
+        raise CheckpointError(f"config.json: rope_scaling type {kind!r} is not supported")
+    return inv.float()
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer with q/k/v and gate/up fused: fewer, larger matmuls per step."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+class _TensorSource:
+    """Reads tensors by name across one or more safetensors shards."""
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    self._where[key] = f
+        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            shards = ", ".join(p.name for p in self._handles)
+            raise CheckpointError(f"{shards}: tensor {name!r} is missing")
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight shards of a folder (``model.safetensors`` or an index of shards)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weight file found")
+    return files
+
+
+class LlamaModel:
+    """Weights plus a packed multi-session forward. Not an ``nn.Module``: nothing here trains."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        embed: torch.Tensor,
+        layers: list[LayerWeights],
+        final_norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        channel_embedding: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.cfg = cfg
+        self.embed = embed
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.channel_embedding = channel_embedding
+        self.device = device
+        self.dtype = dtype
+        self._inv_freq = rope_inv_freq(cfg).to(device)
+        self._rope_cache_len = 0
+        self._cos = self._sin = torch.empty(0)
+        self._ensure_rope(max(cfg.max_position_embeddings, 4096))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dir(
+        cls, path: Path | str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    ) -> LlamaModel:
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: model folder not found")
+        cfg = ModelConfig.from_dir(path)
+        src = _TensorSource(safetensors_files(path))
+        device = torch.device(device)
+
+        def t(name: str) -> torch.Tensor:
+            return src.get(name).to(device=device, dtype=dtype)
+
+        def expect(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(
+                    f"{path.name}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {shape}"
+                )
+            return tensor
+
+        h, hd = cfg.hidden_size, cfg.head_dim
+        q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            q = expect(p + "self_attn.q_proj.weight", t(p + "self_attn.q_proj.weight"), (q_out, h))
+            k = expect(p + "self_attn.k_proj.weight", t(p + "self_attn.k_proj.weight"), (kv_out, h))
+            v = expect(p + "self_attn.v_proj.weight", t(p + "self_attn.v_proj.weight"), (kv_out, h))
+            bias = None
+            if src.has(p + "self_attn.q_proj.bias"):
+                bias = torch.cat([t(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")]).contiguous()
+            gate = t(p + "mlp.gate_proj.weight")
+            up = t(p + "mlp.up_proj.weight")
+            layers.append(
+                LayerWeights(
+                    input_norm=t(p + "input_layernorm.weight"),
+                    qkv=torch.cat([q, k, v]).contiguous(),
+                    qkv_bias=bias,
+                    o=t(p + "self_attn.o_proj.weight"),
+                    post_norm=t(p + "post_attention_layernorm.weight"),
+                    gate_up=torch.cat([gate, up]).contiguous(),
+                    down=t(p + "mlp.down_proj.weight"),
+                )
+            )
+        embed = expect("model.embed_tokens.weight", t("model.embed_tokens.weight"), (cfg.vocab_size, h))
+        if src.has("lm_head.weight") and not cfg.tie_word_embeddings:
+            lm_head = t("lm_head.weight")
+        else:
+            lm_head = embed
+        chan = None
+        for key in CHANNEL_EMBEDDING_KEYS:
+            if src.has(key):
+                chan = t(key)
+                break
+        return cls(cfg, embed, layers, t("model.norm.weight"), lm_head, chan, device, dtype)
+
+    @classmethod
+    def random(
+        cls, cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0, channel_embedding: int = 0
+    ) -> LlamaModel:
+        """A randomly initialised model, for fast engine tests that need no checkpoint."""
+        g = torch.Generator().manual_seed(seed)
+        h, hd = cfg.hidden_size, cfg.head_dim
+
+        def r(*shape: int, scale: float = 0.05) -> torch.Tensor:
+            return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+        layers = [
+            LayerWeights(
+                input_norm=1 + r(h, scale=0.1),
+                qkv=r(qkv_out, h),
+                qkv_bias=r(qkv_out) if cfg.attention_bias else None,
+                o=r(h, cfg.num_heads * hd),
+                post_norm=1 + r(h, scale=0.1),
+                gate_up=r(2 * cfg.intermediate_size, h),
+                down=r(h, cfg.intermediate_size),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+        embed = r(cfg.vocab_size, h, scale=1.0)
+        lm_head = embed if cfg.tie_word_embeddings else r(cfg.vocab_size, h)
+        chan = r(channel_embedding, h, scale=0.5) if channel_embedding else None
+        return cls(cfg, embed, layers, 1 + r(h, scale=0.1), lm_head, chan, torch.device("cpu"), dtype)
+
+    # ------------------------------------------------------------------ forward pieces
+    def _ensure_rope(self, n: int) -> None:
+        if n <= self._rope_cache_len:
+            return
+        t = torch.arange(n, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(t, self._inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self._cos = emb.cos().to(self.dtype)
+        self._sin = emb.sin().to(self.dtype)
+        self._rope_cache_len = n
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as HF does: bf16 variance loses too much precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return w * xf.to(x.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    def embed_tokens(self, tokens: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings plus the additive channel embedding (zero for ordinary checkpoints)."""
+        x = self.embed[tokens]
+        if self.channel_embedding is not None and channels is not None:
+            x = x + self.channel_embedding[channels.clamp(max=self.channel_embedding.shape[0] - 1)]
+        return x
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        batch: PackedBatch,
+        kv_k: list[torch.Tensor],
+        kv_v: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Runs the packed tokens of one step; returns logits (fp32) for ``batch.logit_index``.
+
+        ``kv_k[layer]`` / ``kv_v[layer]`` are the pool tensors ``[slots, kv_heads, max_len, head_dim]``.
+        New keys/values are written in place at ``(batch.slot, batch.cache_index)`` before
+        attention reads them, so a token attends to itself and to its session's past.
+        """
+        cfg = self.cfg
+        n = batch.tokens.shape[0]
+        nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self._ensure_rope(int(batch.positions.max()) + 1)
+        cos = self._cos[batch.positions].unsqueeze(1)  # [n, 1, hd]
+        sin = self._sin[batch.positions].unsqueeze(1)
+        x = self.embed_tokens(batch.tokens, batch.channel_embed_ids)
+        q_split, kv_split = nh * hd, kvh * hd
+        single = batch.num_sessions == 1
+        for li, layer in enumerate(self.layers):
+            h = self._rms(x, layer.input_norm)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q = qkv[:, :q_split].view(n, nh, hd)
+            k = qkv[:, q_split : q_split + kv_split].view(n, kvh, hd)
+            v = qkv[:, q_split + kv_split :].view(n, kvh, hd)
+            q = self._rotate(q, cos, sin)
+            k = self._rotate(k, cos, sin)
+            pool_k, pool_v = kv_k[li], kv_v[li]
+            pool_k[batch.slot, :, batch.cache_index] = k
+            pool_v[batch.slot, :, batch.cache_index] = v
+            if single:
+                s = batch.slot_list[0]
+                keys = pool_k[s : s + 1, :, : batch.key_len]
+                vals = pool_v[s : s + 1, :, : batch.key_len]
+                qp = q.transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
+            else:
+                keys = pool_k[batch.slots_tensor, :, : batch.key_len]
+                vals = pool_v[batch.slots_tensor, :, : batch.key_len]
+                qp = q.new_zeros(batch.num_sessions * batch.max_q, nh, hd)
+                qp[batch.pad_index] = q
+                qp = qp.view(batch.num_sessions, batch.max_q, nh, hd).transpose(1, 2)
+            att = F.scaled_dot_product_attention(
+                qp, keys, vals, attn_mask=batch.mask, enable_gqa=nh != kvh
+            )  # [B, nh, T, hd]
+            if single:
+                att = att[0].transpose(0, 1).reshape(n, nh * hd)
+            else:
+                att = att.transpose(1, 2).reshape(-1, nh * hd)[batch.pad_index]
+            x = x + F.linear(att, layer.o)
+            h = self._rms(x, layer.post_norm)
+            gu = F.linear(h, layer.gate_up)
+            g, u = gu.chunk(2, dim=-1)
+            x = x + F.linear(F.silu(g) * u, layer.down)
+        x = x[batch.logit_index]
+        x = self._rms(x, self.final_norm)
+        return F.linear(x, self.lm_head).float()
+
+
+@dataclass
+class PackedBatch:
+    """One step's tokens from every session in the batch, flattened, plus what attention needs."""
+
+    tokens: torch.Tensor  # [n] int64
+    positions: torch.Tensor  # [n] RoPE position = row index
+    channel_embed_ids: torch.Tensor | None  # [n] channel-embedding row, None for ordinary checkpoints
+    slot: torch.Tensor  # [n] KV slot of each token
+    cache_index: torch.Tensor  # [n] index in that slot
+    slot_list: list[int]  # distinct slots, in batch order
+    slots_tensor: torch.Tensor  # [B]
+    pad_index: torch.Tensor  # [n] position of each token in the [B * max_q] padded layout
+    max_q: int
+    key_len: int
+    mask: torch.Tensor  # [B, 1, max_q, key_len] bool, True = may attend
+    logit_index: torch.Tensor  # [m] which packed tokens need logits
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self.slot_list)

@@ -1,0 +1,234 @@
+"""Fast engine tests on a tiny random-weight Llama (real tokenizer, made-up weights).
+
+The tiny model is a real ``transformers`` ``LlamaForCausalLM`` saved to a temp folder,
+so the same checkpoint is the reference for the attention policies.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from backend.engine import Engine, EngineBusyError, EngineConfig, SamplingParams, StreamSpec
+from backend.kv_cache import ContextLengthError
+from backend.llama import LlamaModel
+from backend.streams import PROMPT_CHANNEL, USER_CHANNEL
+from backend.tokenizer import Tokenizer
+from tests.engine_helpers import LogitRecorder, collector, run
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, default_model_dir):
+    torch.manual_seed(0)
+    tok = Tokenizer.from_dir(default_model_dir)
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def tiny_engine(tiny_dir, default_model_dir):
+    model = LlamaModel.from_dir(tiny_dir, dtype=torch.float32)
+    eng = Engine(
+        model,
+        Tokenizer.from_dir(default_model_dir),
+        EngineConfig(max_sessions=4, max_context=256, max_queued=2, prefill_chunk=8),
+    )
+    yield eng
+    eng.shutdown()
+
+
+def _grid_reference(hf, prompt, inputs: dict[str, list[int]], chan_of: dict[str, int], mode: str):
+    """Flattens the grid row-major and runs HF with a mask built from the policy's definition."""
+    p = len(prompt)
+    flat, rows, chans, where = list(prompt), list(range(p)), [PROMPT_CHANNEL] * p, {}
+    for r in range(max(len(v) for v in inputs.values())):
+        for name, seq in inputs.items():
+            if r < len(seq):
+                where[(name, p + r)] = len(flat)
+                flat.append(seq[r])
+                rows.append(p + r)
+                chans.append(chan_of[name])
+    n = len(flat)
+    row = torch.tensor(rows)
+    ch = torch.tensor(chans)
+    earlier = row[None, :] < row[:, None]
+    if mode == "cross":
+        see = torch.ones(n, n, dtype=torch.bool)
+    else:
+        see = (ch[None, :] == PROMPT_CHANNEL) | (ch[None, :] == USER_CHANNEL) | (ch[None, :] == ch[:, None])
+    mask = (earlier & see) | torch.eye(n, dtype=torch.bool)
+    with torch.inference_mode():
+        logits = hf(torch.tensor([flat]), attention_mask=mask[None, None], position_ids=row[None]).logits[0]
+    return logits, where
+
+
+@pytest.mark.parametrize("mode", ["cross", "isolated"])
+def test_attention_policy_matches_dense_reference(tiny_engine, tiny_hf, mode):
+    prompt = list(range(100, 120))
+    pre = {"a": [5, 6], "b": [7], "c": [8, 9, 10]}
+    streams = [
+        StreamSpec(
+            name,
+            kind="output" if name == "a" else "reasoning",
+            preamble_ids=p,
+            sampling=SamplingParams(max_tokens=6, ignore_eos=True),
+        )
+        for name, p in pre.items()
+    ]
+    rec = LogitRecorder(tiny_engine)
+    out = run(tiny_engine, prompt, streams, attention=mode)
+    inputs = {k: pre[k] + out.tokens(k)[:-1] for k in pre}
+    ref, where = _grid_reference(tiny_hf, prompt, inputs, {"a": 2, "b": 3, "c": 4}, mode)
+    compared = 0
+    for key, logits in rec.logits.items():
+        if key in where:
+            assert torch.allclose(logits, ref[where[key]], atol=1e-4), key
+            compared += 1
+    assert compared == 3 * 6
+
+
+def test_isolated_streams_equal_single_stream_runs(tiny_engine):
+    """In isolated mode a stream's tokens do not depend on its neighbours."""
+    prompt = list(range(200, 230))
+    specs = lambda: [  # noqa: E731
+        StreamSpec(f"s{i}", preamble_ids=[11 + i], sampling=SamplingParams(max_tokens=10, ignore_eos=True))
+        for i in range(3)
+    ]
+    together = run(tiny_engine, prompt, specs(), attention="isolated")
+    for i, spec in enumerate(specs()):
+        alone = run(tiny_engine, prompt, [spec])
+        assert alone.tokens(f"s{i}") == together.tokens(f"s{i}")
+
+
+def test_kv_slot_freed_after_finish_and_cancel(tiny_engine):
+    prompt = list(range(300, 310))
+    run(tiny_engine, prompt, [StreamSpec("output", sampling=SamplingParams(max_tokens=3, ignore_eos=True))])
+    assert _wait_idle(tiny_engine)
+    c, cb = collector(1)
+    sid = tiny_engine.submit(
+        prompt, [StreamSpec("output", sampling=SamplingParams(max_tokens=200, ignore_eos=True))], on_event=cb
+    )
+    time.sleep(0.05)
+    assert tiny_engine.cancel(sid)
+    assert c.done.wait(10)
+    assert c.finish_reason("output") == "cancelled"
+    assert _wait_idle(tiny_engine)
+    assert not tiny_engine.has_session(sid)
+
+
+def _wait_idle(engine, timeout=10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = engine.stats()
+        if st["active_sessions"] == 0 and st["kv_slots_used"] == 0 and st["kv_used_tokens"] == 0:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_context_limit_is_a_clear_error(tiny_engine):
+    with pytest.raises(ContextLengthError, match="context limit is 256"):
+        tiny_engine.submit(list(range(300)), [StreamSpec("output")])
+    with pytest.raises(ContextLengthError, match="max_tokens"):
+        tiny_engine.submit(list(range(100)), [StreamSpec("output", sampling=SamplingParams(max_tokens=200))])
+
+
+def test_busy_when_slots_and_queue_are_full(tiny_engine):
+    spec = lambda: [StreamSpec("output", sampling=SamplingParams(max_tokens=150, ignore_eos=True))]  # noqa: E731
+    ids = [tiny_engine.submit(list(range(10)), spec()) for _ in range(6)]  # 4 slots + 2 queued
+    with pytest.raises(EngineBusyError, match="server busy"):
+        tiny_engine.submit(list(range(10)), spec())
+    for sid in ids:
+        tiny_engine.cancel(sid)
+    assert _wait_idle(tiny_engine)
+
+
+def test_seeded_sampling_is_reproducible_and_per_stream(tiny_engine):
+    prompt = list(range(400, 420))
+
+    def go(seed_a, seed_b):
+        streams = [
+            StreamSpec(
+                "a",
+                sampling=SamplingParams(
+                    temperature=1.0, top_k=50, seed=seed_a, max_tokens=12, ignore_eos=True
+                ),
+            ),
+            StreamSpec(
+                "b",
+                kind="reasoning",
+                sampling=SamplingParams(
+                    temperature=0.8, top_p=0.9, seed=seed_b, max_tokens=12, ignore_eos=True
+                ),
+            ),
+        ]
+        out = run(tiny_engine, prompt, streams)
+        return out.tokens("a"), out.tokens("b")
+
+    a1, b1 = go(1, 2)
+    a2, b2 = go(1, 2)
+    a3, _ = go(3, 2)
+    assert (a1, b1) == (a2, b2)
+    assert a3 != a1
+
+
+def test_stop_token_ids_and_max_tokens(tiny_engine):
+    prompt = list(range(500, 510))
+    first = run(
+        tiny_engine, prompt, [StreamSpec("o", sampling=SamplingParams(max_tokens=8, ignore_eos=True))]
+    )
+    toks = first.tokens("o")
+    assert len(toks) == 8 and first.finish_reason("o") == "length"
+    stop_at = toks[3]
+    second = run(
+        tiny_engine,
+        prompt,
+        [StreamSpec("o", sampling=SamplingParams(max_tokens=8, stop_token_ids=[stop_at], ignore_eos=True))],
+    )
+    assert second.tokens("o") == toks[: toks.index(stop_at) + 1]
+    assert second.finish_reason("o") == "stop"
+
+
+def test_long_prompt_prefill_is_chunked_while_others_decode(tiny_engine):
+    """A 200-token prompt (chunk 8 -> 25 steps) must not stall a running session's rows."""
+    c, cb = collector(1)
+    sid = tiny_engine.submit(
+        list(range(10, 20)),
+        [StreamSpec("o", sampling=SamplingParams(max_tokens=200, ignore_eos=True))],
+        on_event=cb,
+    )
+    while not c.events:
+        time.sleep(0.001)
+    long_c, long_cb = collector(1)
+    tiny_engine.submit(
+        list(range(1000, 1200)),
+        [StreamSpec("o", sampling=SamplingParams(max_tokens=2, ignore_eos=True))],
+        on_event=long_cb,
+    )
+    assert long_c.done.wait(30)
+    t_first_long = min(e.t for e in long_c.events if e.token_ids)
+    t_submit_long = min(e.t for e in c.events)  # lower bound; the long session came later
+    during = [e for e in list(c.events) if t_submit_long < e.t < t_first_long]
+    tiny_engine.cancel(sid)
+    assert c.done.wait(10)
+    assert len(during) >= 20, f"only {len(during)} rows decoded while a 25-chunk prompt was prefilled"
