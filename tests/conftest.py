@@ -40,3 +40,11 @@ def triton_server() -> Iterator[ServerHandle]:
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The converted default checkpoint (converted once into the cache, then reused)."""
+    from backend.model_store import ensure_default_model
+
+    return ensure_default_model(progress=False)
