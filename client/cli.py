@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
                         done = ev
                 live.update(_render(texts, pusher, True, console))
             assert done is not None
+            console.print()
             console.print(_stats_table(done))
         if args.json:
             assert done is not None

@@ -107,7 +107,7 @@ class Generation:
         def callback(result: Any, error: Any) -> None:
             q.put((result, error, time.perf_counter()))
 
-        triton = grpcclient.InferenceServerClient(c.url, verbose=c.verbose)
+        triton = c._take_stream_client()
         tracker = StreamTracker(session_id=self.request.session_id)
         finished = False
         try:
@@ -168,14 +168,12 @@ class Generation:
             yield tracker.done()
         finally:
             self._cancel_hook = None
+            reusable = finished
             try:
                 triton.stop_stream(cancel_requests=not finished)
             except Exception:  # noqa: BLE001 - teardown must not mask the real error
-                pass
-            try:
-                triton.close()
-            except Exception:  # noqa: BLE001
-                pass
+                reusable = False
+            c._give_back_stream_client(triton, reusable)
 
     # -- HTTP -------------------------------------------------------------
     def _iter_http(self) -> Iterator[Event]:
@@ -266,6 +264,10 @@ class MultiStreamClient:
         self._unary: Any = None
         self._control_batched: bool | None = None
         self._lock = threading.Lock()
+        # Idle gRPC clients (channels) kept for the next generate: tritonclient allows one
+        # stream per client at a time, and a fresh channel per request would add a TCP +
+        # HTTP/2 handshake to every TTFT (visible in load tests).
+        self._idle_stream_clients: list[Any] = []
 
     # -- generation ---------------------------------------------------------
     def generate(
@@ -325,8 +327,34 @@ class MultiStreamClient:
         except Exception:  # noqa: BLE001 - "not ready" is the answer
             return False
 
+    def _take_stream_client(self) -> Any:
+        with self._lock:
+            if self._idle_stream_clients:
+                return self._idle_stream_clients.pop()
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.url, verbose=self.verbose)
+
+    def _give_back_stream_client(self, triton: Any, reusable: bool) -> None:
+        if reusable:
+            with self._lock:
+                if len(self._idle_stream_clients) < 4:
+                    self._idle_stream_clients.append(triton)
+                    return
+        try:
+            triton.close()
+        except Exception:  # noqa: BLE001 - a broken channel is being dropped anyway
+            pass
+
     def close(self) -> None:
-        """Release the unary connection (streams are closed per generation)."""
+        """Release the unary connection and the idle stream channels."""
+        with self._lock:
+            idle, self._idle_stream_clients = self._idle_stream_clients, []
+        for t in idle:
+            try:
+                t.close()
+            except Exception:  # noqa: BLE001
+                pass
         with self._lock:
             if self._unary is not None:
                 try:
