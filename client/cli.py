@@ -194,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
         if args.interactive:
             err.print("error: --interactive needs the prompt as an argument (stdin carries the pushes)")
             return 2
+        if sys.stdin.isatty():
+            err.print("error: no prompt (pass it as an argument or pipe it on stdin)")
+            return 2
         prompt = sys.stdin.read()
     if not prompt or not prompt.strip():
         err.print("error: empty prompt")
