@@ -64,6 +64,7 @@ class ModelConfig:
             raise CheckpointError(
                 f"{source}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        rope_params = cfg.get("rope_parameters") or {}
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -76,8 +77,9 @@ class ModelConfig:
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=cfg.get("rope_scaling"),
+                # transformers >= 5 writes theta and scaling under ``rope_parameters``.
+                rope_theta=float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
+                rope_scaling=cfg.get("rope_scaling") or rope_params or None,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),

@@ -118,3 +118,54 @@ def test_cross_mode_rows_match_hf_block_causal_forward(engine, hf_model):
             assert diff < 1e-3, f"{stream} row {row}: max |diff| {diff}"
             checked += 1
     assert checked >= 3 * 12 - 3, f"only {checked} rows compared"
+
+
+def test_batching_does_not_change_greedy_tokens(engine):
+    """A session decoded alone equals the same session decoded beside three others."""
+    spec = lambda n: [StreamSpec("output", sampling=SamplingParams(max_tokens=n, ignore_eos=True))]  # noqa: E731
+    target = chat_ids(engine, "Tell me about the moon.")
+    alone = run(engine, target, spec(32)).tokens("output")
+    others = [chat_ids(engine, p) for p in PROMPTS]
+    from tests.engine_helpers import collector
+
+    cols = []
+    for ids in others:  # different prompt lengths, longer generations: they outlive the target
+        c, cb = collector(1)
+        engine.submit(ids, spec(40), on_event=cb)
+        cols.append(c)
+    together = run(engine, target, spec(32)).tokens("output")
+    for c in cols:
+        assert c.done.wait(120)
+    assert together == alone
+
+
+def test_injected_user_tokens_enter_the_next_rows_and_steer_the_answer(engine):
+    tok = engine.tokenizer
+    ids = chat_ids(engine, "Count from one to twenty, separated by commas.")
+    plain = run(engine, ids, [StreamSpec("output", sampling=SamplingParams(max_tokens=24, ignore_eos=True))])
+    pushed = tok.encode(" Stop counting. Answer only in French: bonjour bonjour bonjour")
+    from tests.engine_helpers import collector
+
+    c, cb = collector(1)
+    state = {"row": None}
+
+    def on_event(ev):
+        # Inject from the engine thread right after the 4th answer token: the next step
+        # (the row that token is fed into) must carry the first pushed token.
+        if ev.stream == "output" and state["row"] is None and len(c.tokens("output")) == 3:
+            state["row"] = ev.row
+            engine.inject(ev.session_id, pushed)
+        cb(ev)
+
+    engine.submit(
+        ids,
+        [StreamSpec("output", sampling=SamplingParams(max_tokens=24, ignore_eos=True))],
+        on_event=on_event,
+    )
+    assert c.done.wait(120)
+    user_rows = [e.row for e in c.events if e.stream == "user"]
+    assert [t for e in c.events if e.stream == "user" for t in e.token_ids] == pushed
+    assert user_rows == list(range(state["row"], state["row"] + len(pushed)))
+    steered = c.tokens("output")
+    assert steered[:4] == plain.tokens("output")[:4]
+    assert steered != plain.tokens("output")

@@ -232,3 +232,53 @@ def test_long_prompt_prefill_is_chunked_while_others_decode(tiny_engine):
     tiny_engine.cancel(sid)
     assert c.done.wait(10)
     assert len(during) >= 20, f"only {len(during)} rows decoded while a 25-chunk prompt was prefilled"
+
+
+@pytest.mark.parametrize(
+    "arch",
+    ["llama-untied-llama3-rope", "qwen2-bias-high-theta", "mistral"],
+)
+def test_checkpoint_variants_match_transformers(tmp_path, default_model_dir, arch):
+    """Untied LM head, llama3 RoPE scaling, Qwen2 q/k/v bias and theta, Mistral: same logits as HF."""
+    torch.manual_seed(1)
+    common = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    if arch.startswith("llama"):
+        cfg = transformers.LlamaConfig(
+            **common,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+        hf = transformers.LlamaForCausalLM(cfg)
+    elif arch.startswith("qwen2"):
+        cfg = transformers.Qwen2Config(**common, rope_theta=1_000_000.0, tie_word_embeddings=False)
+        hf = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.MistralConfig(**common, sliding_window=None)
+        hf = transformers.MistralForCausalLM(cfg)
+    hf.eval().save_pretrained(tmp_path)
+    model = LlamaModel.from_dir(tmp_path, dtype=torch.float32)
+    if arch.startswith("qwen2"):
+        assert model.layers[0].qkv_bias is not None and model.cfg.rope_theta == 1_000_000.0
+    eng = Engine(model, Tokenizer.from_dir(default_model_dir), EngineConfig(max_sessions=1, max_context=256))
+    try:
+        ids = torch.randint(3, 512, (150,)).tolist()  # past original_max_position_embeddings
+        _, last = eng.prefill_export(ids, timeout=60)
+    finally:
+        eng.shutdown()
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0, -1]
+    assert torch.allclose(last, ref, atol=1e-4), (last - ref).abs().max()
