@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,23 @@ def read_stats(csv_path: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def read_final_counts(json_path: Path) -> dict[str, tuple[int, int]]:
+    """``{name: (requests, failures)}`` from locust's ``--json-file`` output, plus "Aggregated".
+
+    Why not only the CSV: locust rewrites the CSV every second while running,
+    so requests that finish during the stop phase can be missing from it; the
+    JSON file is written once, at shutdown, from the final stats.
+    """
+    entries = json.loads(json_path.read_text())
+    out: dict[str, tuple[int, int]] = {}
+    for e in entries:
+        req, fail = int(e.get("num_requests", 0)), int(e.get("num_failures", 0))
+        prev = out.get(e["name"], (0, 0))
+        out[e["name"]] = (prev[0] + req, prev[1] + fail)
+    out["Aggregated"] = (sum(r for r, _ in out.values()), sum(f for _, f in out.values()))
+    return out
+
+
 def locust_command(args: argparse.Namespace, url: str) -> list[str]:
     rate = args.spawn_rate if args.spawn_rate is not None else args.users
     return [
@@ -75,6 +93,7 @@ def locust_command(args: argparse.Namespace, url: str) -> list[str]:
         "--host", url,
         "--csv", str(args.out / "locust"),
         "--html", str(args.out / "report.html"),
+        "--json-file", str(args.out / "locust_stats"),
         "--stop-timeout", str(args.stop_timeout),
         "--only-summary",
         "--loglevel", "WARNING",
@@ -106,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: locust wrote no {stats_path} (exit code {rc})", file=sys.stderr)
         return rc or 1
     stats = read_stats(stats_path)
+    json_path = args.out / "locust_stats.json"
+    if json_path.exists():
+        for name, (req, fail) in read_final_counts(json_path).items():
+            stats.setdefault(name, {"median_ms": 0.0, "p95_ms": 0.0})
+            stats[name]["requests"], stats[name]["failures"] = float(req), float(fail)
     total = stats.get("Aggregated", {"requests": 0.0, "failures": 0.0})
     print(f"\n{'name':<16}{'requests':>10}{'failures':>10}{'median ms':>11}{'p95 ms':>10}")
     for name, s in stats.items():

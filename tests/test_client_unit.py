@@ -337,3 +337,15 @@ def test_load_prompts_bundle():
     assert 10 <= len(prompts) <= 16 and all(isinstance(p, str) and p.strip() for p in prompts)
     words = sorted(len(p.split()) for p in prompts)
     assert words[0] <= 3 and words[-1] >= 250  # short to ~400 tokens
+
+
+def test_load_final_counts_from_locust_json(tmp_path):
+    import json
+
+    path = tmp_path / "locust_stats.json"
+    path.write_text(json.dumps([
+        {"name": "ttft_output", "method": "grpc", "num_requests": 5, "num_failures": 0},
+        {"name": "full_response", "method": "grpc", "num_requests": 4, "num_failures": 2},
+    ]))
+    counts = runner.read_final_counts(path)
+    assert counts == {"ttft_output": (5, 0), "full_response": (4, 2), "Aggregated": (9, 2)}
