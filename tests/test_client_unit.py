@@ -349,3 +349,12 @@ def test_load_final_counts_from_locust_json(tmp_path):
     ]))
     counts = runner.read_final_counts(path)
     assert counts == {"ttft_output": (5, 0), "full_response": (4, 2), "Aggregated": (9, 2)}
+
+
+def test_async_sse_drain_keeps_unfinished_event():
+    from client.aio import _drain
+
+    buf = [b'data: {"text_output":"a"}\n']
+    assert _drain(buf) == [] and len(buf) == 1  # event not terminated yet
+    buf.append(b"\n")
+    assert _drain(buf) == [{"text_output": "a"}] and buf == []
