@@ -44,10 +44,13 @@ class AsyncGeneration:
 
     async def _iter(self) -> AsyncIterator[Event]:
         inner = self._iter_grpc() if self._client.protocol == "grpc" else self._iter_http()
-        async for ev in inner:
-            if isinstance(ev, Done):
-                self.done = ev
-            yield ev
+        try:
+            async for ev in inner:
+                if isinstance(ev, Done):
+                    self.done = ev
+                yield ev
+        finally:
+            await inner.aclose()  # caller stopped early: cancel the call now
 
     async def result(self) -> Done:
         """Consume the whole stream and return the summary."""

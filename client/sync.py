@@ -73,10 +73,13 @@ class Generation:
             it = self._iter_grpc()
         else:
             it = self._iter_http()
-        for ev in it:
-            if isinstance(ev, Done):
-                self.done = ev
-            yield ev
+        try:
+            for ev in it:
+                if isinstance(ev, Done):
+                    self.done = ev
+                yield ev
+        finally:
+            it.close()  # caller stopped early: cancel the server request now, not at GC
 
     def result(self) -> Done:
         """Consume the whole stream and return the summary."""
