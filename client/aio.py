@@ -253,6 +253,7 @@ class AsyncMultiStreamClient:
         attention_mode: str | None = None,
         session_id: str | None = None,
         repetition_penalty: float | None = None,
+        sync: str | None = None,
         stream: bool = True,
     ) -> AsyncGeneration:
         """Start a request; ``async for`` over the result (see ``MultiStreamClient.generate``)."""
@@ -270,6 +271,7 @@ class AsyncMultiStreamClient:
             attention_mode=attention_mode,
             session_id=session_id,
             repetition_penalty=repetition_penalty,
+            sync=sync,
         )
         return AsyncGeneration(self, req)
 

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-streams", type=_non_negative_int, default=None)
     p.add_argument("--reasoning-budget", type=_positive_int, default=None)
     p.add_argument("--attention-mode", choices=ATTENTION_MODES, default=None)
+    p.add_argument("--sync", choices=("none", "revise"), default=None,
+                   help="revise: the answer is revised once reasoning is done (a 'revision' stream)")
     p.add_argument("--session-id", default=None)
     p.add_argument("--no-stream", action="store_true", help="one final response instead of deltas")
     p.add_argument("--json", action="store_true", help="print one JSON object (no live view)")
@@ -93,6 +95,7 @@ def generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "reasoning_budget": args.reasoning_budget,
         "attention_mode": args.attention_mode,
         "session_id": args.session_id,
+        "sync": args.sync,
         "stream": not args.no_stream,
     }
 

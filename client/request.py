@@ -29,6 +29,7 @@ INPUT_TYPES: dict[str, tuple[str, Any]] = {
     "reasoning_streams": ("INT32", np.int32),
     "reasoning_budget": ("INT32", np.int32),
     "attention_mode": ("BYTES", np.object_),
+    "sync": ("BYTES", np.object_),
     "session_id": ("BYTES", np.object_),
 }
 
@@ -52,6 +53,7 @@ class GenerateRequest:
     reasoning_budget: int | None = None
     attention_mode: str | None = None
     session_id: str | None = None
+    sync: str | None = None  # "none" | "revise": revise the answer once reasoning is done
 
     def validate(self) -> None:
         """Catch caller mistakes locally; the server re-checks everything."""

@@ -288,6 +288,7 @@ class MultiStreamClient:
         attention_mode: str | None = None,
         session_id: str | None = None,
         repetition_penalty: float | None = None,
+        sync: str | None = None,
         stream: bool = True,
     ) -> Generation:
         """Start a request; iterate the result for ``StreamDelta`` events and a final ``Done``.
@@ -310,6 +311,7 @@ class MultiStreamClient:
             attention_mode=attention_mode,
             session_id=session_id,
             repetition_penalty=repetition_penalty,
+            sync=sync,
         )
         return Generation(self, req)
 

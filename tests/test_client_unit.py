@@ -278,7 +278,7 @@ def test_cli_arguments_map_to_generate_kwargs():
     kw = cli.generate_kwargs(args)
     assert kw == {"max_tokens": 9, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 1, "stop": ["a", "b"],
                   "reasoning_streams": 2, "reasoning_budget": 64, "attention_mode": "cross",
-                  "session_id": None, "stream": True}
+                  "session_id": None, "sync": None, "stream": True}
     assert args.protocol == "http" and args.url == "h:1"
     defaults = cli.generate_kwargs(cli.build_parser().parse_args(["hi"]))
     assert {k for k, v in defaults.items() if v is not None} == {"max_tokens", "stream"}
