@@ -16,6 +16,18 @@ from .errors import MultiStreamError
 
 STRING_OUTPUTS = ("text_output", "reasoning_output", "stream_name", "finish_reason", "session_id")
 LIST_OUTPUTS = ("output_ids", "timing_ms")
+# The ensemble cannot have an output named like one of its inputs (Triton treats them as one
+# tensor and rejects the ensemble), so the server's session id output is `output_session_id`;
+# a bare `session_id` output (e.g. a decoupled model served directly) is accepted too.
+SESSION_ID_OUTPUTS = ("output_session_id", "session_id")
+
+
+def _session_alias(out: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    for name in SESSION_ID_OUTPUTS:
+        if raw.get(name):
+            out["session_id"] = raw[name]
+            break
+    return out
 
 
 def _to_str(x: Any) -> str:
@@ -40,7 +52,7 @@ def _flatten(x: Any) -> list:
 def fields_from_arrays(get: Any) -> dict[str, Any]:
     """``get(name) -> np.ndarray | None`` (e.g. ``InferResult.as_numpy``) to fields."""
     out: dict[str, Any] = {}
-    for name in STRING_OUTPUTS:
+    for name in STRING_OUTPUTS + ("output_session_id",):
         arr = get(name)
         if arr is not None:
             flat = _flatten(arr)
@@ -49,6 +61,8 @@ def fields_from_arrays(get: Any) -> dict[str, Any]:
         arr = get(name)
         if arr is not None:
             out[name] = _flatten(arr)
+    out = _session_alias(out, dict(out))
+    out.pop("output_session_id", None)
     return out
 
 
@@ -72,12 +86,14 @@ def fields_from_json(obj: dict[str, Any]) -> dict[str, Any]:
     if "error" in obj:
         raise MultiStreamError(_to_str(obj["error"]))
     out: dict[str, Any] = {}
-    for name in STRING_OUTPUTS:
+    for name in STRING_OUTPUTS + ("output_session_id",):
         if name in obj:
             out[name] = "".join(_to_str(v) for v in _flatten(obj[name]))
     for name in LIST_OUTPUTS:
         if name in obj:
             out[name] = _flatten(obj[name])
+    out = _session_alias(out, dict(out))
+    out.pop("output_session_id", None)
     return out
 
 

@@ -159,6 +159,12 @@ def test_fields_from_grpc_result():
     assert is_final_grpc(empty) and fields_from_result(empty) == {}
 
 
+def test_session_id_comes_from_output_session_id():
+    r = make_result(stream_name="output", text_output="a", output_session_id="sid-1")
+    assert fields_from_result(r)["session_id"] == "sid-1"
+    assert fields_from_json({"text_output": "a", "output_session_id": "sid-2"})["session_id"] == "sid-2"
+
+
 def test_tracker_builds_done_from_grpc_results():
     tr = StreamTracker(t0=0.0)
     seq = [
