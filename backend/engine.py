@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from backend.kv_cache import CacheFullError, ContextLengthError, KVPool
-from backend.llama import LlamaModel, PackedBatch
+from backend.llama import LlamaModel, PackedBatch, PackedSplit
+from backend.quant import int4_supported
 from backend.sampling import SamplingParams, StreamSampler
 from backend.streams import (
     EMBED_USER,
@@ -85,10 +86,21 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     return torch.bfloat16 if has_bf16 and cap in ("AVX512", "AMX") else torch.float32
 
 
+def resolve_quantization(name: str, model: LlamaModel) -> str:
+    """``auto`` means int4 where its kernel exists for the model's device and dtype."""
+    if name == "auto":
+        return "int4" if int4_supported(model.device, model.dtype) else "none"
+    return name
+
+
 @dataclass
 class EngineConfig:
     dtype: str = "auto"
     device: str = "cpu"
+    #: ``int4``: decode rows use group-wise int4 weights (the default checkpoint ships as
+    #: Q4_1, i.e. this very format); ``none``: dense; ``auto``: int4 where the kernel exists
+    #: (CPU + bfloat16), dense otherwise.
+    quantization: str = "auto"
     threads: int | None = None
     max_sessions: int = 16
     max_context: int = 2048
@@ -218,6 +230,7 @@ class Engine:
             torch.set_num_threads(config.threads)
         dtype = resolve_dtype(config.dtype, config.device)
         model = LlamaModel.from_dir(path, dtype=dtype, device=config.device)
+        model.quantize(resolve_quantization(config.quantization, model))
         return cls(model, Tokenizer.from_dir(Path(path)), config)
 
     # ------------------------------------------------------------------ public API
@@ -306,6 +319,8 @@ class Engine:
             "kv_used_tokens": kv.tokens_used,
             "kv_capacity_tokens": kv.tokens_capacity,
             "kv_bytes_reserved": kv.bytes_reserved,
+            "quantization": self.model.quantization,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
             "steps": self._steps,
             "tokens_processed": self._tokens_processed,
         }
@@ -603,6 +618,9 @@ class Engine:
             key_len=key_len,
             mask=mask[:, None].to(dev),
             logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
+            split=PackedSplit.from_flags([c == PROMPT_CHANNEL for c in chans])
+            if self.model.quantization != "none"
+            else None,
         )
 
     def _consume(self, per_session, logit_owner, logits) -> None:

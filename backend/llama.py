@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from backend.quant import Int4Weight, Int8Weight, int4_supported, quantize_int4, quantize_int8
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 #: Names under which a stream-trained checkpoint may carry its channel embedding.
 CHANNEL_EMBEDDING_KEYS = (
@@ -135,6 +137,8 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    #: int4 copies of the four matmuls, used for decode rows when quantization is on.
+    q4: dict[str, Int4Weight] | None = None
 
 
 class _TensorSource:
@@ -197,6 +201,8 @@ class LlamaModel:
         self.channel_embedding = channel_embedding
         self.device = device
         self.dtype = dtype
+        self.lm_head_q: Int8Weight | None = None
+        self.quantization = "none"
         self._inv_freq = rope_inv_freq(cfg).to(device)
         self._rope_cache_len = 0
         self._cos = self._sin = torch.empty(0)
@@ -289,6 +295,43 @@ class LlamaModel:
         chan = r(channel_embedding, h, scale=0.5) if channel_embedding else None
         return cls(cfg, embed, layers, 1 + r(h, scale=0.1), lm_head, chan, torch.device("cpu"), dtype)
 
+    def quantize(self, mode: str) -> LlamaModel:
+        """``int4``: add group-wise int4 copies of the matmul weights for decode rows.
+
+        Dense weights stay for prefill (large M is compute-bound and faster dense) and for
+        the embedding lookup. ``none`` leaves the model as loaded.
+        """
+        if mode == "none":
+            return self
+        if mode != "int4":
+            raise ValueError(f"quantization must be 'none' or 'int4', got {mode!r}")
+        if not int4_supported(self.device, self.dtype):
+            raise ValueError(
+                f"int4 weights need a CPU model in bfloat16 (got {self.device.type}, {self.dtype}); "
+                "use quantization='none'"
+            )
+        for layer in self.layers:
+            layer.q4 = {
+                name: quantize_int4(getattr(layer, name), self.dtype)
+                for name in ("qkv", "o", "gate_up", "down")
+            }
+        self.lm_head_q = quantize_int8(self.lm_head, self.dtype)
+        self.quantization = mode
+        return self
+
+    def _linear(
+        self, x: torch.Tensor, dense: torch.Tensor, q4: Int4Weight | None, split: PackedSplit | None
+    ) -> torch.Tensor:
+        """Dense for prefill tokens, int4 for decode tokens (when quantized)."""
+        if q4 is None or split is None or split.all_dense:
+            return F.linear(x, dense)
+        if split.all_q4:
+            return q4.mm(x)
+        out = x.new_empty(x.shape[0], dense.shape[0])
+        out[split.dense] = F.linear(x[split.dense], dense)
+        out[split.q4] = q4.mm(x[split.q4])
+        return out
+
     # ------------------------------------------------------------------ forward pieces
     def _ensure_rope(self, n: int) -> None:
         if n <= self._rope_cache_len:
@@ -341,9 +384,13 @@ class LlamaModel:
         x = self.embed_tokens(batch.tokens, batch.channel_embed_ids)
         q_split, kv_split = nh * hd, kvh * hd
         single = batch.num_sessions == 1
+        split = batch.split if self.quantization != "none" else None
         for li, layer in enumerate(self.layers):
             h = self._rms(x, layer.input_norm)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q4 = layer.q4 or {}
+            qkv = self._linear(h, layer.qkv, q4.get("qkv"), split)
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
             q = qkv[:, :q_split].view(n, nh, hd)
             k = qkv[:, q_split : q_split + kv_split].view(n, kvh, hd)
             v = qkv[:, q_split + kv_split :].view(n, kvh, hd)
@@ -370,13 +417,16 @@ class LlamaModel:
                 att = att[0].transpose(0, 1).reshape(n, nh * hd)
             else:
                 att = att.transpose(1, 2).reshape(-1, nh * hd)[batch.pad_index]
-            x = x + F.linear(att, layer.o)
+            x = x + self._linear(att, layer.o, q4.get("o"), split)
             h = self._rms(x, layer.post_norm)
-            gu = F.linear(h, layer.gate_up)
+            gu = self._linear(h, layer.gate_up, q4.get("gate_up"), split)
             g, u = gu.chunk(2, dim=-1)
-            x = x + F.linear(F.silu(g) * u, layer.down)
+            x = x + self._linear(F.silu(g) * u, layer.down, q4.get("down"), split)
         x = x[batch.logit_index]
         x = self._rms(x, self.final_norm)
+        if self.lm_head_q is not None:
+            # Logit rows are few whatever the step holds: int8 for all keeps them batch-invariant.
+            return self.lm_head_q.mm(x).float()
         return F.linear(x, self.lm_head).float()
 
 
@@ -396,7 +446,25 @@ class PackedBatch:
     key_len: int
     mask: torch.Tensor  # [B, 1, max_q, key_len] bool, True = may attend
     logit_index: torch.Tensor  # [m] which packed tokens need logits
+    split: PackedSplit | None = None  # which tokens are prompt (dense) and which decode (int4)
 
     @property
     def num_sessions(self) -> int:
         return len(self.slot_list)
+
+
+@dataclass
+class PackedSplit:
+    """Prompt tokens (dense matmuls) versus decode-row tokens (int4 matmuls) of one step."""
+
+    dense: torch.Tensor
+    q4: torch.Tensor
+    all_dense: bool
+    all_q4: bool
+
+    @classmethod
+    def from_flags(cls, is_prompt: list[bool]) -> PackedSplit:
+        flags = torch.tensor(is_prompt, dtype=torch.bool)
+        dense = flags.nonzero().flatten()
+        q4 = (~flags).nonzero().flatten()
+        return cls(dense, q4, all_dense=q4.numel() == 0, all_q4=dense.numel() == 0)
