@@ -101,6 +101,8 @@ class EngineConfig:
     #: Q4_1, i.e. this very format); ``none``: dense; ``auto``: int4 where the kernel exists
     #: (CPU + bfloat16), dense otherwise.
     quantization: str = "auto"
+    #: Steps with more decode tokens than this use the dense weights (faster at large M).
+    int4_max_rows: int = 24
     threads: int | None = None
     max_sessions: int = 16
     max_context: int = 2048
@@ -487,7 +489,8 @@ class Engine:
         logit_owner: list[tuple[_Session, object]] = []
         logit_index: list[int] = []
         silence = self.config.silence_token_id
-        for session in list(self._active.values()):
+        # Slot order: consecutive slots let attention read the pool as one view.
+        for session in sorted(self._active.values(), key=lambda s: s.slot):
             start_n = len(tokens)
             session.step_entries = []
             if session.in_prefill:
@@ -618,7 +621,7 @@ class Engine:
             key_len=key_len,
             mask=mask[:, None].to(dev),
             logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
-            split=PackedSplit.from_flags([c == PROMPT_CHANNEL for c in chans])
+            split=PackedSplit.from_flags([c == PROMPT_CHANNEL for c in chans], self.config.int4_max_rows)
             if self.model.quantization != "none"
             else None,
         )

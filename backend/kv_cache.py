@@ -14,6 +14,7 @@ per-stream policies (``cross`` / ``isolated``) a matter of a small visibility ma
 
 from __future__ import annotations
 
+import heapq
 import threading
 from dataclasses import dataclass
 
@@ -59,7 +60,9 @@ class KVPool:
         self.rows = torch.zeros((max_sessions, max_context), dtype=torch.int32, device=device)
         self.chans = torch.zeros((max_sessions, max_context), dtype=torch.int64, device=device)
         self.lengths = [0] * max_sessions
-        self._free = list(range(max_sessions - 1, -1, -1))
+        # Lowest free slot first: live sessions stay packed at the front of the pool, so a
+        # step's slots are usually one contiguous range that attention reads as a view.
+        self._free = list(range(max_sessions))
         self._lock = threading.Lock()
         self._bytes = 2 * num_layers * self.k[0].numel() * self.k[0].element_size()
 
@@ -69,7 +72,7 @@ class KVPool:
                 raise CacheFullError(
                     f"all {self.max_sessions} KV slots are in use (max_sessions={self.max_sessions})"
                 )
-            slot = self._free.pop()
+            slot = heapq.heappop(self._free)
         self.lengths[slot] = 0
         return slot
 
@@ -78,7 +81,7 @@ class KVPool:
             if slot in self._free:
                 return
             self.lengths[slot] = 0
-            self._free.append(slot)
+            heapq.heappush(self._free, slot)
 
     @property
     def free_slots(self) -> int:
