@@ -25,6 +25,7 @@ import torch
 
 from backend.kv_cache import CacheFullError, ContextLengthError, KVPool
 from backend.llama import LlamaModel, PackedBatch, PackedSplit
+from backend.model_store import validate_model_dir
 from backend.quant import int4_supported
 from backend.sampling import SamplingParams, StreamSampler
 from backend.streams import (
@@ -147,8 +148,16 @@ class _Stream:
         self.next_input: int | None = None  # the token this stream feeds into the next row
         self.generated: list[int] = []
         self.text = ""
+        self.sent = 0  # how much of ``text`` the client has
         self.finished = False
         self.external_pending: collections.deque[int] = collections.deque()
+
+    def take(self, hold: int) -> str:
+        """The text not yet sent, less the last ``hold`` characters; marks it sent."""
+        end = max(self.sent, len(self.text) - hold)
+        out = self.text[self.sent : end]
+        self.sent = end
+        return out
 
 
 class _Session:
@@ -230,6 +239,7 @@ class Engine:
         config = config or EngineConfig()
         if config.threads:
             torch.set_num_threads(config.threads)
+        validate_model_dir(Path(path))  # names the missing or broken file before any loading
         dtype = resolve_dtype(config.dtype, config.device)
         model = LlamaModel.from_dir(path, dtype=dtype, device=config.device)
         model.quantize(resolve_quantization(config.quantization, model))
@@ -468,9 +478,14 @@ class Engine:
             except Exception:  # noqa: BLE001 - a consumer's bug must not stop the engine
                 pass
 
-    def _finish_stream(self, session: _Session, s: _Stream, reason: str, error: str | None, ids=()) -> None:
+    def _finish_stream(
+        self, session: _Session, s: _Stream, reason: str, error: str | None, ids=(), flush: bool = True
+    ) -> None:
+        """Ends a stream with its one ``finished`` event, carrying any text not yet sent."""
         s.finished = True
-        tail = s.detok.flush() if reason != "error" else ""
+        if flush and reason != "error" and s.sampler is not None:
+            s.text += s.detok.flush()
+        tail = s.take(0) if reason != "error" else ""
         self._emit(
             session,
             StreamEvent(
@@ -691,33 +706,19 @@ class Engine:
         if token == self.config.silence_token_id:
             s.next_input = token
             return
-        delta = s.detok.push([token])
-        prev_len = len(s.text)
-        s.text += delta
-        if p.stop and delta:
+        s.text += s.detok.push([token])
+        if p.stop:
             longest = max(len(x) for x in p.stop)
-            start = max(0, prev_len - longest + 1)
-            hits = [i for i in (s.text.find(x, start) for x in p.stop) if i >= 0]
+            hits = [i for i in (s.text.find(x, max(0, s.sent - longest)) for x in p.stop) if i >= 0]
             if hits:
-                # Text already sent cannot be taken back; cut what is still ours to cut.
-                cut = min(hits)
-                keep = s.text[prev_len:cut] if cut > prev_len else ""
-                s.text = s.text[: max(cut, prev_len)]
-                s.finished = True
-                self._emit(
-                    session,
-                    StreamEvent(session.id, s.spec.name, s.spec.kind, [token], keep, True, "stop", None, row),
-                )
+                s.text = s.text[: min(hits)]
+                self._finish_stream(session, s, "stop", None, [token], flush=False)
                 return
         if len(s.generated) >= p.max_tokens:
-            s.finished = True
-            tail = s.detok.flush()
-            self._emit(
-                session,
-                StreamEvent(
-                    session.id, s.spec.name, s.spec.kind, [token], delta + tail, True, "length", None, row
-                ),
-            )
+            self._finish_stream(session, s, "length", None, [token])
             return
-        self._emit(session, StreamEvent(session.id, s.spec.name, s.spec.kind, [token], delta, row=row))
+        # With stop strings, hold back a tail that could still grow into one (as vLLM does),
+        # so a stop string never reaches the client.
+        hold = max((len(x) for x in p.stop), default=1) - 1
+        self._emit(session, StreamEvent(session.id, s.spec.name, s.spec.kind, [token], s.take(hold), row=row))
         s.next_input = token

@@ -56,9 +56,10 @@ class KVPool:
         shape = (max_sessions, num_kv_heads, max_context, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        # Grid coordinates of every cached token, read to build each step's mask.
-        self.rows = torch.zeros((max_sessions, max_context), dtype=torch.int32, device=device)
-        self.chans = torch.zeros((max_sessions, max_context), dtype=torch.int64, device=device)
+        # Grid coordinates of every cached token, read to build each step's mask. They stay
+        # on the CPU whatever the device: the mask is built there and sent once per step.
+        self.rows = torch.zeros((max_sessions, max_context), dtype=torch.int32)
+        self.chans = torch.zeros((max_sessions, max_context), dtype=torch.int64)
         self.lengths = [0] * max_sessions
         # Lowest free slot first: live sessions stay packed at the front of the pool, so a
         # step's slots are usually one contiguous range that attention reads as a view.
@@ -104,8 +105,8 @@ class KVPool:
         for li in range(len(self.k)):
             self.k[li][slot, :, start : start + p] = kv[li, 0].to(self.k[li].dtype)
             self.v[li][slot, :, start : start + p] = kv[li, 1].to(self.v[li].dtype)
-        self.rows[slot, start : start + p] = rows.to(torch.int32)
-        self.chans[slot, start : start + p] = chans
+        self.rows[slot, start : start + p] = rows.to(torch.int32).cpu()
+        self.chans[slot, start : start + p] = chans.cpu()
 
     def export_prefix(self, slot: int, length: int | None = None) -> torch.Tensor:
         """The first ``length`` cached tokens of a slot as ``[layers, 2, kv_heads, P, head_dim]``."""

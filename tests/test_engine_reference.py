@@ -169,3 +169,51 @@ def test_injected_user_tokens_enter_the_next_rows_and_steer_the_answer(engine):
     steered = c.tokens("output")
     assert steered[:4] == plain.tokens("output")[:4]
     assert steered != plain.tokens("output")
+
+
+def test_repetition_penalty_matches_hf(engine, hf_model):
+    ids = chat_ids(engine, "List the days of the week, again and again.")
+    with torch.inference_mode():
+        ref = hf_model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=32,
+            do_sample=False,
+            repetition_penalty=1.3,
+            attention_mask=torch.ones(1, len(ids)),
+        )[0, len(ids) :].tolist()
+    out = run(
+        engine, ids, [StreamSpec("output", sampling=SamplingParams(max_tokens=32, repetition_penalty=1.3))]
+    )
+    assert out.tokens("output") == ref
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(engine):
+    ids = chat_ids(engine, PROMPTS[1])
+    greedy = run(engine, ids, [StreamSpec("o", sampling=SamplingParams(max_tokens=16))]).tokens("o")
+    for params in (
+        SamplingParams(temperature=1.5, top_k=1, seed=7, max_tokens=16),
+        SamplingParams(temperature=1.5, top_p=1e-6, seed=7, max_tokens=16),
+    ):
+        assert run(engine, ids, [StreamSpec("o", sampling=params)]).tokens("o") == greedy
+
+
+def test_stop_string_cuts_the_text(engine):
+    ids = chat_ids(engine, PROMPTS[1])
+    full = run(engine, ids, [StreamSpec("o", sampling=SamplingParams(max_tokens=40))]).text("o")
+    words = full.split()
+    assert len(words) > 6, full
+    stop = words[len(words) // 2]  # a word from the middle of the greedy answer
+    first = full.index(stop)
+    cut = run(engine, ids, [StreamSpec("o", sampling=SamplingParams(max_tokens=40, stop=[stop]))])
+    assert cut.finish_reason("o") == "stop"
+    assert cut.text("o") == full[:first]
+
+
+def test_streams_share_the_prompt_kv(engine):
+    """C streams cost the prompt once: the engine processes P + rows x C tokens, not C x P."""
+    ids = chat_ids(engine, PROMPTS[2])
+    before = engine.stats()["tokens_processed"]
+    streams = [StreamSpec(f"s{i}", sampling=SamplingParams(max_tokens=5, ignore_eos=True)) for i in range(4)]
+    run(engine, ids, streams)
+    # 4 streams x 5 sampled tokens: the first comes from the prompt's logits, 4 more rows are fed.
+    assert engine.stats()["tokens_processed"] - before == len(ids) + 4 * 4
