@@ -1,0 +1,116 @@
+"""Builds the torch :class:`~backend.engine.Engine` of one Triton model instance.
+
+Why a helper: prefill, decode and reasoning each own an engine, configured from the same
+``parameters`` that ``backend.serve`` renders into every config.pbtxt (model dir, dtype,
+threads, max_sessions, max_context), and placed by Triton's ``instance_group``. Triton
+gives a ``KIND_GPU`` instance a device but no CUDA stream of its own, so each GPU
+instance creates one here and runs every forward on it: prefill, decode and reasoning
+instances then overlap on one GPU instead of serialising on the default stream.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from backend.deploy_config import model_parameters
+from backend.engine import Engine, EngineConfig
+
+
+def instance_parameters(args: dict[str, Any]) -> dict[str, str]:
+    """The string ``parameters`` of this model's config (``args`` of ``initialize``)."""
+    return model_parameters(json.loads(args["model_config"]))
+
+
+def instance_device(args: dict[str, Any]) -> str:
+    """``cuda:N`` for a ``KIND_GPU`` instance when CUDA is usable, else ``cpu``."""
+    kind = str(args.get("model_instance_kind", "CPU")).upper()
+    if kind == "GPU" and torch.cuda.is_available():
+        return f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}"
+    return "cpu"
+
+
+def engine_config(params: dict[str, str], device: str, **overrides: Any) -> EngineConfig:
+    """EngineConfig from rendered parameters (strings), with per-model overrides."""
+    cfg = EngineConfig(
+        dtype=params.get("dtype", "auto") or "auto",
+        device=device,
+        threads=int(params.get("threads", "0") or 0) or None,
+        max_sessions=int(params.get("max_sessions", "16")),
+        max_context=int(params.get("max_context", "2048")),
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def build_engine(args: dict[str, Any], **overrides: Any) -> Engine:
+    """The engine of this instance; on CUDA it runs on its own ``torch.cuda.Stream``."""
+    from backend.model_store import resolve_model_dir
+
+    params = instance_parameters(args)
+    device = instance_device(args)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    model_dir = resolve_model_dir(params.get("model_dir") or "default")
+    engine = Engine.from_model_dir(model_dir, engine_config(params, device, **overrides))
+    if device.startswith("cuda"):
+        use_own_cuda_stream(engine, torch.cuda.Stream(device=torch.device(device)))
+    return engine
+
+
+def use_own_cuda_stream(engine: Engine, stream: torch.cuda.Stream) -> None:
+    """Runs the engine's forwards on ``stream``.
+
+    The scheduler thread is the engine's; rather than changing it, the model's forward is
+    wrapped: it waits for work queued on the default stream (KV imports) before starting,
+    and the default stream waits for it before the logits are read back, so ordering within
+    the instance is kept while other instances' kernels can interleave.
+    """
+    model = engine.model
+    forward: Callable[..., Any] = model.forward
+
+    def forward_on_stream(*a: Any, **kw: Any) -> Any:
+        default = torch.cuda.current_stream(stream.device)
+        stream.wait_stream(default)
+        with torch.cuda.stream(stream):
+            out = forward(*a, **kw)
+        default.wait_stream(stream)
+        return out
+
+    model.forward = forward_on_stream  # type: ignore[method-assign]
+    engine.cuda_stream = stream  # type: ignore[attr-defined]
+
+
+class StatsPoller:
+    """Calls ``update(engine.stats())`` every ``period`` seconds on a daemon thread.
+
+    Gauges (active sessions, KV use) must fall back to idle when sessions end even if no
+    request arrives afterwards; polling is simpler and cheaper than hooking the engine.
+    """
+
+    def __init__(self, engine: Engine, update: Callable[[dict], None], period: float = 0.25):
+        self._engine = engine
+        self._update = update
+        self._period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stats-poller", daemon=True)
+        self._thread.start()
+
+    def poll_now(self) -> None:
+        try:
+            self._update(self._engine.stats())
+        except Exception:  # noqa: BLE001 - metrics must never break serving
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            self.poll_now()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)

@@ -1,0 +1,162 @@
+"""Triton model ``reasoning`` (decoupled): background thinking streams, reached via BLS.
+
+Why its own model: reasoning is long and throughput-bound, the answer is short and
+latency-bound. On its own instances (own processes, own engine, own KV pool) reasoning
+can batch the thinking streams of every request (continuous batching in the engine: all
+streams of all sessions advance in one forward per step) without ever delaying a decode
+step of the user-facing answer.
+
+Each request runs ``reasoning_streams`` streams in ONE engine session over the prompt KV
+from ``prefill`` (no recompute): one row per step decodes a token of every stream, the
+paper's "several tokens per forward cost about one". Streams differ by a short forced
+"thinking" preamble and a per-stream seed. Budget: ``reasoning_budget`` tokens each.
+Cancellation: the BLS caller cannot cancel a decoupled BLS request in Triton 2.51, so
+``decode`` raises a flag in the session mailbox; a client cancel (``is_cancelled``)
+works too. Either stops the streams within one step and frees the KV slot.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from typing import Any
+
+from backend.engine import StreamEvent, StreamSpec
+from backend.serving.instance import StatsPoller, build_engine, instance_parameters
+from backend.serving.metrics import ServingMetrics
+from backend.serving.request import REASONING_PREAMBLES, RequestConfig
+from backend.serving.session_control import Mailbox
+from backend.serving.tensors import (
+    REASONING_OUTPUTS,
+    Responder,
+    StreamClock,
+    delta_tensors,
+    input_ids,
+    prompt_state,
+    request_json,
+)
+
+POLL_S = 0.02
+
+
+class ReasoningModel:
+    """One engine per instance; one thread per request feeding its responses."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        params = instance_parameters(args)
+        self.engine = build_engine(args)
+        self.tokenizer = self.engine.tokenizer
+        self.group_tokens = max(1, int(params.get("response_group_tokens", "1")))
+        self.mailbox = Mailbox.for_args(args)
+        self.metrics = ServingMetrics("reasoning", args.get("model_instance_name", "reasoning"))
+        self.poller = StatsPoller(self.engine, self.metrics.engine_stats)
+        self.preambles = [self.tokenizer.encode(p + "\n") for p in REASONING_PREAMBLES]
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            threading.Thread(
+                target=self._serve, args=(request,), name="reasoning-session", daemon=True
+            ).start()
+        return None
+
+    def streams_for(self, cfg: RequestConfig) -> list[StreamSpec]:
+        return [
+            StreamSpec(
+                name=f"reasoning/{i}",
+                kind="reasoning",
+                sampling=cfg.reasoning_sampling(i),
+                preamble_ids=list(self.preambles[i % len(self.preambles)]),
+            )
+            for i in range(cfg.reasoning_streams)
+        ]
+
+    def _serve(self, request: Any) -> None:
+        out = Responder(request)
+        try:
+            self._run(request, out)
+        except Exception as e:  # noqa: BLE001 - every failure reaches the caller as an error
+            if not isinstance(e, ValueError | KeyError):
+                traceback.print_exc()
+            out.finish(error=f"reasoning: {e}")
+        finally:
+            self.poller.poll_now()
+
+    def _run(self, request: Any, out: Responder) -> None:
+        cfg = RequestConfig.from_json(request_json(request))
+        if cfg.reasoning_streams == 0:
+            out.finish()
+            return
+        ids = input_ids(request)
+        kv, logits = prompt_state(request)
+        q: queue.Queue[StreamEvent] = queue.Queue()
+        esid = f"{cfg.session_id}.reasoning"
+        self.engine.submit(
+            ids,
+            self.streams_for(cfg),
+            attention="isolated",
+            on_event=q.put,
+            session_id=esid,
+            prefix_kv=(kv, logits),
+        )
+        clock = StreamClock(cfg.arrival)
+        live = cfg.reasoning_streams
+        cancelled = False
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        pending: dict[str, tuple[str, list[int]]] = {}
+        try:
+            while live:
+                try:
+                    ev = q.get(timeout=POLL_S)
+                except queue.Empty:
+                    ev = None
+                if not cancelled and (out.cancelled() or self.mailbox.reasoning_cancelled(cfg.session_id)):
+                    cancelled = True
+                    self.engine.cancel(esid)
+                if ev is None:
+                    continue
+                if ev.finished:
+                    live -= 1
+                now = time.time()
+                if ev.token_ids:
+                    if ev.stream not in first:
+                        first[ev.stream] = now
+                        self.metrics.ttft("reasoning", (now - clock.arrival) * 1000.0)
+                    else:
+                        self.metrics.inter_token(
+                            "reasoning", (now - last[ev.stream]) * 1000.0 / len(ev.token_ids)
+                        )
+                    last[ev.stream] = now
+                    self.metrics.tokens("reasoning", len(ev.token_ids))
+                text, pend_ids = pending.get(ev.stream, ("", []))
+                text, pend_ids = text + ev.text, pend_ids + list(ev.token_ids)
+                if cancelled and not ev.finished:
+                    continue
+                if ev.finished and ev.finish_reason == "error":
+                    raise RuntimeError(ev.error or f"{ev.stream} failed")
+                if ev.finished or len(pend_ids) >= self.group_tokens:
+                    out.send(
+                        delta_tensors(
+                            stream=ev.stream,
+                            reasoning=text,
+                            ids=pend_ids,
+                            finish_reason=ev.finish_reason if ev.finished else None,
+                            timing=clock.stamp(ev.stream),
+                            names=REASONING_OUTPUTS,
+                        )
+                    )
+                    text, pend_ids = "", []
+                pending[ev.stream] = (text, pend_ids)
+        finally:
+            self.engine.cancel(esid)  # no-op once ended; frees the slot on any error path
+            self.mailbox.clear_reasoning_cancel(cfg.session_id)
+        out.finish()
+
+    def finalize(self) -> None:
+        self.poller.stop()
+        self.engine.shutdown()
+
+
+__all__ = ["ReasoningModel", "instance_parameters"]

@@ -1,0 +1,367 @@
+"""Parse and validate a ``multistream`` request once, in ``preprocessing`` (CONTRACTS §3).
+
+Why one place: the ensemble fans the request out to prefill, decode and (through BLS)
+reasoning; if each re-validated, they could disagree. ``preprocessing`` turns the raw
+tensors into a :class:`RequestConfig`, serialises it as ``request_json`` and every later
+model trusts it. Errors name the input and the rule it breaks, because a client only sees
+the message (``top_p must be in (0, 1], got 1.5``).
+
+Inputs follow the TensorRT-LLM ``ensemble`` contract (``[batch, 1]`` each, optional ones
+absent), so clients written for it work unchanged. TensorRT-LLM options this engine cannot
+honour (beam search, bad words, log probs, ...) are refused with a clear error rather
+than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backend.sampling import SamplingParams
+
+ATTENTION_MODES = ("isolated", "cross")
+SYNC_MODES = ("none", "revise")
+
+#: Every client input of the ensemble (name -> Triton data type), CONTRACTS §3 plus the
+#: TensorRT-LLM options we recognise in order to refuse them clearly.
+INPUTS: dict[str, str] = {
+    "text_input": "TYPE_STRING",
+    "max_tokens": "TYPE_INT32",
+    "stream": "TYPE_BOOL",
+    "temperature": "TYPE_FP32",
+    "top_p": "TYPE_FP32",
+    "top_k": "TYPE_INT32",
+    "seed": "TYPE_UINT64",
+    "random_seed": "TYPE_UINT64",
+    "repetition_penalty": "TYPE_FP32",
+    "end_id": "TYPE_INT32",
+    "pad_id": "TYPE_INT32",
+    "stop_words": "TYPE_STRING",
+    "bad_words": "TYPE_STRING",
+    "beam_width": "TYPE_INT32",
+    "num_return_sequences": "TYPE_INT32",
+    "exclude_input_in_output": "TYPE_BOOL",
+    "return_log_probs": "TYPE_BOOL",
+    "return_context_logits": "TYPE_BOOL",
+    "return_generation_logits": "TYPE_BOOL",
+    "frequency_penalty": "TYPE_FP32",
+    "presence_penalty": "TYPE_FP32",
+    "min_length": "TYPE_INT32",
+    "reasoning_streams": "TYPE_INT32",
+    "reasoning_budget": "TYPE_INT32",
+    "attention_mode": "TYPE_STRING",
+    "sync": "TYPE_STRING",
+    "session_id": "TYPE_STRING",
+}
+#: Inputs whose second dimension may hold several values (a list of stop words).
+LIST_INPUTS = ("stop_words", "bad_words")
+
+#: Short "thinking" openers forced at the start of each reasoning stream, so that the
+#: streams of one request explore different directions even when sampled alike.
+REASONING_PREAMBLES = (
+    "Let me think step by step.",
+    "Let me look at this from a different angle.",
+    "Let me check what could go wrong.",
+    "Let me consider an example first.",
+    "Let me list the key facts.",
+    "Let me question the obvious answer.",
+    "Let me break the problem into parts.",
+    "Let me recall what I know about this.",
+)
+
+
+class RequestError(ValueError):
+    """A client input breaks a rule; the message names the input and the rule."""
+
+
+@dataclass
+class Limits:
+    """Server-side bounds, from the preprocessing model's parameters."""
+
+    max_tokens_limit: int = 1024
+    max_reasoning_streams: int = 4
+    max_reasoning_budget: int = 1024
+    max_context: int = 2048
+
+
+@dataclass
+class RequestConfig:
+    """The validated request, as every model after ``preprocessing`` sees it."""
+
+    text: str
+    max_tokens: int
+    stream: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    end_id: int | None = None
+    pad_id: int | None = None
+    stop: list[str] = field(default_factory=list)
+    exclude_input_in_output: bool = True
+    reasoning_streams: int = 0
+    reasoning_budget: int = 256
+    attention_mode: str = "isolated"
+    sync: str = "none"
+    session_id: str = ""
+    #: ``time.time()`` when preprocessing saw the request: every process on the host
+    #: shares the wall clock, so decode can report ms since arrival.
+    arrival: float = 0.0
+    prompt_tokens: int = 0
+
+    # ------------------------------------------------------------------ sampling
+    def output_sampling(self) -> SamplingParams:
+        """Sampling of the user-facing answer (and of a revision)."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            repetition_penalty=self.repetition_penalty,
+            max_tokens=self.max_tokens,
+            stop=list(self.stop),
+            stop_token_ids=[self.end_id] if self.end_id is not None else [],
+        )
+
+    def reasoning_sampling(self, index: int) -> SamplingParams:
+        """Sampling of reasoning stream ``index``: seeded per stream so streams differ yet replay.
+
+        A greedy request still gets sampled reasoning (temperature 0.7): several greedy
+        streams from one prompt would differ only by their preamble.
+        """
+        base = self.seed if self.seed is not None else _stable_seed(self.session_id)
+        return SamplingParams(
+            temperature=self.temperature if self.temperature > 0 else 0.7,
+            top_k=self.top_k,
+            top_p=self.top_p if self.top_p < 1.0 else 0.95,
+            seed=(base + 1 + index) & 0xFFFF_FFFF_FFFF_FFFF,
+            repetition_penalty=self.repetition_penalty,
+            max_tokens=self.reasoning_budget,
+        )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RequestConfig:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return cls(**json.loads(text))
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_inputs(
+        cls, get: Callable[[str], np.ndarray | None], limits: Limits | None = None
+    ) -> RequestConfig:
+        """Builds and validates a request from ``get(name) -> array | None`` (absent = None).
+
+        Raises :class:`RequestError`. Batch size must be 1: the decode loop streams one
+        session per request, and Triton's responses of a decoupled request cannot be split
+        back into per-row streams, so a batch of several rows is refused with a clear error.
+        """
+        limits = limits or Limits()
+        reader = _Reader(get)
+        text = reader.string("text_input", required=True)
+        if not text.strip():
+            raise RequestError("text_input must not be blank")
+        max_tokens = reader.int("max_tokens", None, required=True)
+        if not 1 <= max_tokens <= limits.max_tokens_limit:
+            raise RequestError(f"max_tokens must be in 1..{limits.max_tokens_limit}, got {max_tokens}")
+        cfg = cls(text=text, max_tokens=max_tokens, arrival=time.time())
+        cfg.stream = reader.bool("stream", False)
+        cfg.temperature = reader.float("temperature", 0.0)
+        if not math.isfinite(cfg.temperature) or cfg.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {cfg.temperature}")
+        cfg.top_p = reader.float("top_p", 1.0)
+        if not 0.0 < cfg.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {cfg.top_p}")
+        cfg.top_k = reader.int("top_k", 0)
+        if cfg.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {cfg.top_k}")
+        seed = reader.int("seed", None)
+        random_seed = reader.int("random_seed", None)
+        cfg.seed = seed if seed is not None else random_seed
+        if cfg.seed is not None and cfg.seed < 0:
+            raise RequestError(f"seed must be >= 0, got {cfg.seed}")
+        cfg.repetition_penalty = reader.float("repetition_penalty", 1.0)
+        if not cfg.repetition_penalty > 0:
+            raise RequestError(f"repetition_penalty must be > 0, got {cfg.repetition_penalty}")
+        cfg.end_id = reader.int("end_id", None)
+        cfg.pad_id = reader.int("pad_id", None)
+        cfg.stop = [s for s in reader.strings("stop_words") if s]
+        if [s for s in reader.strings("bad_words") if s]:
+            raise RequestError("bad_words is not supported by this server; leave it empty")
+        for name in ("beam_width", "num_return_sequences"):
+            value = reader.int(name, 1)
+            if value != 1:
+                raise RequestError(
+                    f"{name} must be 1 (beam search / several sequences are not supported), got {value}"
+                )
+        for name in ("return_log_probs", "return_context_logits", "return_generation_logits"):
+            if reader.bool(name, False):
+                raise RequestError(f"{name} is not supported by this server; send false or leave it out")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = reader.float(name, 0.0)
+            if value != 0.0:
+                raise RequestError(f"{name} is not supported (use repetition_penalty), got {value}")
+        if reader.int("min_length", 0) > 1:
+            raise RequestError("min_length is not supported by this server; leave it out")
+        cfg.exclude_input_in_output = reader.bool("exclude_input_in_output", True)
+        cfg.reasoning_streams = reader.int("reasoning_streams", 0)
+        if not 0 <= cfg.reasoning_streams <= limits.max_reasoning_streams:
+            raise RequestError(
+                f"reasoning_streams must be in 0..{limits.max_reasoning_streams}, got {cfg.reasoning_streams}"
+            )
+        cfg.reasoning_budget = reader.int("reasoning_budget", 256)
+        if not 1 <= cfg.reasoning_budget <= limits.max_reasoning_budget:
+            raise RequestError(
+                f"reasoning_budget must be in 1..{limits.max_reasoning_budget}, got {cfg.reasoning_budget}"
+            )
+        cfg.attention_mode = reader.string("attention_mode", default="isolated") or "isolated"
+        if cfg.attention_mode not in ATTENTION_MODES:
+            raise RequestError(f"attention_mode must be one of {ATTENTION_MODES}, got {cfg.attention_mode!r}")
+        cfg.sync = reader.string("sync", default="none") or "none"
+        if cfg.sync not in SYNC_MODES:
+            raise RequestError(f"sync must be one of {SYNC_MODES}, got {cfg.sync!r}")
+        if cfg.sync == "revise" and cfg.reasoning_streams == 0:
+            raise RequestError("sync 'revise' needs reasoning_streams >= 1")
+        cfg.session_id = reader.string("session_id", default="") or uuid.uuid4().hex
+        if not _valid_session_id(cfg.session_id):
+            raise RequestError(
+                "session_id must be 1..128 characters of letters, digits, '-', '_' or '.', "
+                f"got {cfg.session_id[:40]!r}"
+            )
+        return cfg
+
+    def check_context(self, prompt_tokens: int, max_context: int, preamble_tokens: int = 16) -> None:
+        """Refuses a request whose rows cannot fit the engine's context (before any work).
+
+        The shared KV of a session holds the prompt, the answer and, in ``cross`` mode, the
+        reasoning tokens injected into it; reasoning runs in its own session (prompt +
+        streams x (preamble + budget)).
+        """
+        self.prompt_tokens = prompt_tokens
+        answer = prompt_tokens + self.max_tokens
+        if self.attention_mode == "cross":
+            answer += self.reasoning_streams * self.reasoning_budget
+        if answer > max_context:
+            raise RequestError(
+                f"max_tokens: the prompt ({prompt_tokens} tokens) plus max_tokens ({self.max_tokens})"
+                + (
+                    " plus injected reasoning"
+                    if self.attention_mode == "cross" and self.reasoning_streams
+                    else ""
+                )
+                + f" needs {answer} positions, the context limit is {max_context}"
+            )
+        think = prompt_tokens + self.reasoning_streams * (preamble_tokens + self.reasoning_budget)
+        if self.reasoning_streams and think > max_context:
+            raise RequestError(
+                f"reasoning_budget: {self.reasoning_streams} streams x {self.reasoning_budget} tokens after a "
+                f"{prompt_tokens}-token prompt need {think} positions, the context limit is {max_context}"
+            )
+
+
+def _valid_session_id(sid: str) -> bool:
+    return 0 < len(sid) <= 128 and all(c.isalnum() or c in "-_." for c in sid) and sid not in (".", "..")
+
+
+def _stable_seed(text: str) -> int:
+    return int(uuid.uuid5(uuid.NAMESPACE_OID, text or "multistream").int & 0xFFFF_FFFF)
+
+
+class _Reader:
+    """Reads one row of ``[batch, n]`` inputs, checking batch size and types."""
+
+    def __init__(self, get: Callable[[str], np.ndarray | None]):
+        self._get = get
+
+    def _array(self, name: str, required: bool) -> np.ndarray | None:
+        arr = self._get(name)
+        if arr is None:
+            if required:
+                raise RequestError(f"{name} is required")
+            return None
+        arr = np.asarray(arr)
+        if arr.ndim >= 2 and arr.shape[0] != 1:
+            raise RequestError(
+                f"{name}: batch size {arr.shape[0]} is not supported; send one request per prompt "
+                "(each request streams its own session)"
+            )
+        return arr.reshape(-1)
+
+    def _scalar(self, name: str, required: bool = False) -> Any:
+        arr = self._array(name, required)
+        if arr is None:
+            return None
+        if arr.size != 1:
+            raise RequestError(f"{name} must hold one value per request, got {arr.size}")
+        return arr[0]
+
+    def string(self, name: str, required: bool = False, default: str | None = None) -> str:
+        value = self._scalar(name, required)
+        if value is None:
+            return default if default is not None else ""
+        return _to_text(name, value)
+
+    def strings(self, name: str) -> list[str]:
+        arr = self._array(name, False)
+        if arr is None:
+            return []
+        out = []
+        for v in arr.tolist():
+            # TensorRT-LLM clients may send one comma-free string per word or a list.
+            out.append(_to_text(name, v))
+        return out
+
+    def int(self, name: str, default: int | None, required: bool = False) -> int | None:
+        value = self._scalar(name, required)
+        if value is None:
+            return default
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise RequestError(f"{name} must be an integer, got {value!r}") from None
+        if not math.isfinite(f) or f != int(f):
+            raise RequestError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+
+    def float(self, name: str, default: float) -> float:
+        value = self._scalar(name)
+        if value is None:
+            return default
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RequestError(f"{name} must be a number, got {value!r}") from None
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._scalar(name)
+        if value is None:
+            return default
+        if isinstance(value, bytes | str):
+            text = _to_text(name, value).strip().lower()
+            if text in ("true", "1", "yes"):
+                return True
+            if text in ("false", "0", "no", ""):
+                return False
+            raise RequestError(f"{name} must be a boolean, got {text!r}")
+        return bool(value)
+
+
+def _to_text(name: str, value: Any) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"{name} must be UTF-8 text") from None
+    return str(value)

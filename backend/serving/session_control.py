@@ -1,0 +1,166 @@
+"""Input and cancel for a running session, from any connection (CONTRACTS §4).
+
+Why a mailbox directory: the session lives in one ``decode`` instance (a process of its
+own), and Triton may route a ``session_control`` request to any process. A directory per
+live session (``<root>/<session_id>/``) is visible to all of them without a broker:
+``session_control`` drops one file per message (written under a dot-name, then renamed,
+so a reader never sees half a message) and the owning decode instance polls its directory
+every step. The directory exists exactly while the session runs, so an unknown or ended
+session is an immediate, clear error.
+
+Root: ``$MULTISTREAM_RUN_DIR/sessions`` when set, else a per-repository directory under
+the system temp dir, so two servers on one host never share sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:  # only inside the Triton python stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover
+    pb_utils = None
+
+ACTIONS = ("input", "cancel")
+
+
+class SessionNotFound(KeyError):
+    """No live session with that id (never started, or ended)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "session not found"
+
+
+def mailbox_root(model_repository: str | None = None) -> Path:
+    """Where session directories live (shared by every model of one repository)."""
+    run_dir = os.environ.get("MULTISTREAM_RUN_DIR")
+    if run_dir:
+        return Path(run_dir) / "sessions"
+    repo = Path(model_repository).resolve().parent if model_repository else Path.cwd()
+    digest = hashlib.sha1(str(repo).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"multistream-sessions-{digest}"
+
+
+class Mailbox:
+    """Session directories: register / post / poll / unregister, plus a reasoning-cancel flag."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / ".cancel").mkdir(exist_ok=True)
+
+    @classmethod
+    def for_args(cls, args: dict[str, Any]) -> Mailbox:
+        return cls(mailbox_root(args.get("model_repository")))
+
+    def _dir(self, session_id: str) -> Path:
+        if not session_id or "/" in session_id or session_id.startswith("."):
+            raise SessionNotFound(f"session_id {session_id!r} is not a valid session id")
+        return self.root / session_id
+
+    # -- owner side (decode) ---------------------------------------------------------------
+    def register(self, session_id: str) -> None:
+        """Claims the id; ``ValueError`` if a live session already uses it."""
+        path = self._dir(session_id)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise ValueError(f"session_id {session_id!r} is already in use by a running session") from None
+        (path / ".owner").write_text(json.dumps({"pid": os.getpid(), "t": time.time()}))
+
+    def unregister(self, session_id: str) -> None:
+        shutil.rmtree(self._dir(session_id), ignore_errors=True)
+
+    def poll(self, session_id: str) -> list[tuple[str, str]]:
+        """Messages ``(action, text)`` posted since the last poll, oldest first; each read once."""
+        path = self._dir(session_id)
+        try:
+            names = sorted(e.name for e in os.scandir(path) if not e.name.startswith("."))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            f = path / name
+            try:
+                text = f.read_text(encoding="utf-8")
+                f.unlink()
+            except FileNotFoundError:
+                continue
+            out.append((name.rsplit(".", 1)[-1], text))
+        return out
+
+    # -- client side (session_control) -----------------------------------------------------
+    def post(self, session_id: str, action: str, text: str = "") -> None:
+        """Drops a message for the owner; ``SessionNotFound`` if the session is not live."""
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        path = self._dir(session_id)
+        if not path.is_dir():
+            raise SessionNotFound(f"session_id {session_id!r} is not a running session (unknown or ended)")
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.{action}"
+        tmp = path / f".{name}.tmp"
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            tmp.rename(path / name)
+        except FileNotFoundError:
+            raise SessionNotFound(f"session_id {session_id!r} ended while the message was posted") from None
+
+    # -- reasoning cancel flag (decode -> reasoning, which BLS cannot cancel in 2.51) --------
+    def cancel_reasoning(self, session_id: str) -> None:
+        (self.root / ".cancel" / session_id).touch()
+
+    def reasoning_cancelled(self, session_id: str) -> bool:
+        return (self.root / ".cancel" / session_id).exists()
+
+    def clear_reasoning_cancel(self, session_id: str) -> None:
+        (self.root / ".cancel" / session_id).unlink(missing_ok=True)
+
+
+def _first_text(request: Any, name: str, required: bool = True) -> str:
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        if required:
+            raise ValueError(f"{name} is required")
+        return ""
+    arr = t.as_numpy().reshape(-1)
+    if arr.size != 1:
+        raise ValueError(
+            f"{name}: batch size {arr.size} is not supported; send one control request at a time"
+        )
+    v = arr[0]
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+class SessionControlModel:
+    """Triton model ``session_control``: ``action`` "input" (with ``text_input``) or "cancel"."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        self.mailbox = Mailbox.for_args(args)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for request in requests:
+            try:
+                session_id = _first_text(request, "session_id")
+                action = _first_text(request, "action").strip().lower()
+                if action not in ACTIONS:
+                    raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+                text = _first_text(request, "text_input", required=action == "input")
+                if action == "input" and not text:
+                    raise ValueError("text_input must not be empty for action 'input'")
+                self.mailbox.post(session_id, action, text)
+                accepted = np.array([[True]], dtype=bool)
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("accepted", accepted)]))
+            except (ValueError, SessionNotFound) as e:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+        return responses

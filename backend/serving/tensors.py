@@ -1,0 +1,159 @@
+"""Small helpers between Triton tensors and Python values, shared by the models.
+
+Why: every model strips the ensemble's batch dimension the same way and every decode /
+reasoning response carries the same outputs; one place keeps the shapes consistent with
+the config.pbtxt files (``max_batch_size: 8``, so every tensor has a leading batch of 1).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+try:  # only inside the Triton python stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover
+    pb_utils = None
+
+#: Outputs of a ``decode`` response (CONTRACTS §3), always all present.
+CLIENT_OUTPUTS = (
+    "text_output",
+    "stream_name",
+    "reasoning_output",
+    "output_ids",
+    "finish_reason",
+    "session_id",
+    "timing_ms",
+)
+#: Outputs of a ``reasoning`` response (CONTRACTS §4).
+REASONING_OUTPUTS = ("stream_name", "reasoning_output", "output_ids", "finish_reason", "timing_ms")
+
+
+def input_array(request: Any, name: str) -> np.ndarray | None:
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+def input_ids(request: Any) -> list[int]:
+    arr = input_array(request, "input_ids")
+    if arr is None:
+        raise ValueError("input_ids is missing")
+    return [int(x) for x in arr.reshape(-1)]
+
+
+def request_json(request: Any) -> bytes:
+    arr = input_array(request, "request_json")
+    if arr is None:
+        raise ValueError("request_json is missing")
+    return arr.reshape(-1)[0]
+
+
+def prompt_state(request: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kv [layers, 2, kv_heads, P, head_dim], logits [vocab])`` from prefill, as owned tensors."""
+    kv = input_array(request, "prompt_kv")
+    logits = input_array(request, "prompt_logits")
+    if kv is None or logits is None:
+        raise ValueError("prompt_kv / prompt_logits are missing")
+    # Copy: the request's shared-memory buffers are not ours once execute() returns.
+    kv_t = torch.from_numpy(np.ascontiguousarray(kv.reshape(kv.shape[-5:]), dtype=np.float32).copy())
+    logits_t = torch.from_numpy(np.ascontiguousarray(logits.reshape(-1), dtype=np.float32).copy())
+    return kv_t, logits_t
+
+
+def text_tensor(name: str, text: str) -> Any:
+    return pb_utils.Tensor(name, np.array([[text.encode("utf-8")]], dtype=np.object_))
+
+
+def delta_tensors(
+    *,
+    stream: str,
+    text: str = "",
+    reasoning: str = "",
+    ids: list[int] | tuple[int, ...] = (),
+    finish_reason: str | None = None,
+    session_id: str | None = None,
+    timing: tuple[float, float] = (0.0, 0.0),
+    names: tuple[str, ...] = CLIENT_OUTPUTS,
+) -> list[Any]:
+    values = {
+        "text_output": text,
+        "stream_name": stream,
+        "reasoning_output": reasoning,
+        "finish_reason": finish_reason or "",
+        "session_id": session_id or "",
+    }
+    out = []
+    for name in names:
+        if name == "output_ids":
+            out.append(pb_utils.Tensor(name, np.array([list(ids)], dtype=np.int32).reshape(1, -1)))
+        elif name == "timing_ms":
+            out.append(pb_utils.Tensor(name, np.array([list(timing)], dtype=np.float32)))
+        else:
+            out.append(text_tensor(name, values[name]))
+    return out
+
+
+class StreamClock:
+    """Per-stream timing: ms since arrival (wall clock) and ms since this stream's last delta."""
+
+    def __init__(self, arrival_wall: float):
+        self.arrival = arrival_wall or time.time()
+        self._last: dict[str, float] = {}
+
+    def stamp(self, stream: str) -> tuple[float, float]:
+        now = time.time()
+        prev = self._last.get(stream, self.arrival)
+        self._last[stream] = now
+        return ((now - self.arrival) * 1000.0, (now - prev) * 1000.0)
+
+
+class Responder:
+    """Thread-safe wrapper of a decoupled response sender; the final flag goes out once.
+
+    Two threads send (the engine-event loop and the BLS reasoning consumer), and a send
+    after the final flag is an error in Triton, hence the lock and the ``closed`` state.
+    """
+
+    def __init__(self, request: Any):
+        self.sender = request.get_response_sender()
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def cancelled(self) -> bool:
+        try:
+            return bool(self.sender.is_cancelled())
+        except Exception:  # noqa: BLE001 - older stubs: treat as not cancelled
+            return False
+
+    def send(self, tensors: list[Any]) -> bool:
+        with self.lock:
+            if self.closed:
+                return False
+            try:
+                self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+                return True
+            except Exception:  # noqa: BLE001 - the client went away; the loop will notice
+                return False
+
+    def finish(self, tensors: list[Any] | None = None, error: str | None = None) -> None:
+        """Sends the last response (data, error or flags only) with the final flag."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            try:
+                if error is not None:
+                    self.sender.send(
+                        pb_utils.InferenceResponse(error=pb_utils.TritonError(error)), flags=flags
+                    )
+                elif tensors is not None:
+                    self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+                else:
+                    self.sender.send(flags=flags)
+            except Exception:  # noqa: BLE001 - nothing more we can tell a gone client
+                pass
