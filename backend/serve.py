@@ -204,6 +204,41 @@ def _stop_all() -> None:
         handle.stop(timeout=10)
 
 
+def build_config(
+    *,
+    config: DeployConfig | None = None,
+    config_file: str | Path | None = None,
+    decode_instances: int | None = None,
+    reasoning_instances: int | None = None,
+    prefill_instances: int | None = None,
+    preprocessing_instances: int | None = None,
+    instances: dict[str, int] | None = None,
+    threads: dict[str, int] | None = None,
+    parameters: dict[str, dict[str, str]] | None = None,
+    **overrides: object,
+) -> DeployConfig:
+    """DeployConfig defaults, then ``config``/``config_file``, then the keyword arguments (None = keep)."""
+    cfg = DeployConfig.from_file(config_file) if config_file else (config or DeployConfig())
+    inst = dict(instances or {})
+    for name, value in (
+        ("decode", decode_instances),
+        ("reasoning", reasoning_instances),
+        ("prefill", prefill_instances),
+        ("preprocessing", preprocessing_instances),
+    ):
+        if value is not None:
+            inst[name] = value
+    cfg = cfg.merged(
+        {
+            **overrides,
+            "instances": inst,
+            "threads": threads or {},
+            "parameters": parameters or {},
+        }
+    )
+    return cfg
+
+
 def start_server(
     repository: str | Path = DEFAULT_REPOSITORY,
     *,
@@ -240,28 +275,22 @@ def start_server(
     t0 = time.monotonic()
     install = find_triton()
     check_numpy()
-    cfg = DeployConfig.from_file(config_file) if config_file else (config or DeployConfig())
-    inst = dict(instances or {})
-    for name, value in (
-        ("decode", decode_instances),
-        ("reasoning", reasoning_instances),
-        ("prefill", prefill_instances),
-        ("preprocessing", preprocessing_instances),
-    ):
-        if value is not None:
-            inst[name] = value
-    cfg = cfg.merged(
-        {
-            "model_dir": model_dir,
-            "dtype": dtype,
-            "kind": kind,
-            "max_sessions": max_sessions,
-            "max_context": max_context,
-            "log_level": log_level,
-            "instances": inst,
-            "threads": threads or {},
-            "parameters": parameters or {},
-        }
+    cfg = build_config(
+        config=config,
+        config_file=config_file,
+        model_dir=model_dir,
+        dtype=dtype,
+        kind=kind,
+        decode_instances=decode_instances,
+        reasoning_instances=reasoning_instances,
+        prefill_instances=prefill_instances,
+        preprocessing_instances=preprocessing_instances,
+        instances=instances,
+        threads=threads,
+        parameters=parameters,
+        max_sessions=max_sessions,
+        max_context=max_context,
+        log_level=log_level,
     )
     if cfg.log_level not in _LOG_FLAGS:
         raise ValueError(f"log_level must be one of {sorted(_LOG_FLAGS)}, not {cfg.log_level!r}")
@@ -346,7 +375,45 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="TOML or JSON file with DeployConfig fields")
     p.add_argument("--run-dir", default=None, help="where to render the repository (default: a temp dir)")
     p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--demo",
+        nargs="?",
+        const=DEMO_PROMPT,
+        default=None,
+        metavar="PROMPT",
+        help="once ready, stream one request (answer + a reasoning stream) to this terminal",
+    )
+    p.add_argument("--exit-after-demo", action="store_true", help="stop the server after the demo request")
+    p.add_argument(
+        "--render-only",
+        metavar="DIR",
+        default=None,
+        help="write the rendered model repository to DIR and exit (for a container's own tritonserver)",
+    )
     return p.parse_args(argv)
+
+
+DEMO_PROMPT = "Why do leaves change colour in autumn? Answer in three sentences."
+
+
+def run_demo(handle: ServerHandle, prompt: str) -> int:
+    """Streams one multi-stream request through the client CLI (live answer + reasoning panes)."""
+    from client.cli import main as client_main
+
+    port = handle.grpc_url.rsplit(":", 1)[1]
+    argv = [
+        prompt,
+        "--url",
+        f"127.0.0.1:{port}",
+        "--reasoning-streams",
+        "1",
+        "--reasoning-budget",
+        "96",
+        "--max-tokens",
+        "96",
+    ]
+    print(f"demo: multistream {' '.join(repr(a) if ' ' in a else a for a in argv)}", flush=True)
+    return client_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +430,26 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_signal)
+    if args.render_only:
+        cfg = build_config(
+            config_file=args.config,
+            model_dir=args.model_dir,
+            dtype=args.dtype,
+            kind=args.kind,
+            decode_instances=args.decode_instances,
+            reasoning_instances=args.reasoning_instances,
+            prefill_instances=args.prefill_instances,
+            preprocessing_instances=args.preprocessing_instances,
+            threads=threads,
+            max_sessions=args.max_sessions,
+            max_context=args.max_context,
+        )
+        cfg.model_dir = resolve_model_dir(cfg.model_dir)
+        models = render_repository(
+            Path(args.model_repository), Path(args.render_only), cfg, cfg.resolved_kind()
+        )
+        print(f"rendered {', '.join(models)} into {args.render_only} ({cfg.resolved_kind()})")
+        return 0
     try:
         handle = start_server(
             args.model_repository,
@@ -397,8 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  HTTP     http://{handle.http_url}")
     print(f"  metrics  {handle.metrics_url}")
     print(f"  log      {handle.log_path}")
-    print("Ctrl-C to stop", flush=True)
     try:
+        if args.demo:
+            code = run_demo(handle, args.demo)
+            if args.exit_after_demo:
+                return code
+        print("Ctrl-C to stop", flush=True)
         while handle.alive():
             time.sleep(0.5)
         print(
