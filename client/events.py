@@ -16,6 +16,9 @@ from .errors import IncompleteStreamError, MultiStreamError
 
 StreamKind = Literal["output", "reasoning"]
 OUTPUT_STREAM = "output"
+# Echo of the User channel (the tokens of pushed input, on the row that read them): the
+# server sends it without a finish_reason, since the model never generates on that channel.
+ECHO_STREAMS = frozenset({"user"})
 
 
 def kind_of(stream: str) -> StreamKind:
@@ -135,7 +138,9 @@ class StreamTracker:
         """
         if not self.streams:
             raise IncompleteStreamError("server ended the request without any response")
-        open_streams = [s for s, st in self.streams.items() if st.finish_reason is None]
+        open_streams = [
+            s for s, st in self.streams.items() if st.finish_reason is None and s not in ECHO_STREAMS
+        ]
         if open_streams:
             raise IncompleteStreamError(
                 f"stream(s) {', '.join(open_streams)} ended without a finish_reason (final delta missing)"
