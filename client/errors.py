@@ -59,6 +59,8 @@ def from_exception(exc: BaseException, url: str) -> MultiStreamError:
     status_fn = getattr(exc, "status", None)
     status = status_fn() if callable(status_fn) else None
     low = f"{status or ''} {message}".lower()
+    if "stream removed" in low or "socket closed" in low or "connection reset" in low:
+        return MultiStreamConnectionError(f"lost connection to server at {url}: {message}", status=status)
     if isinstance(exc, ConnectionError | OSError) or any(h in low for h in _CONNECT_HINTS):
         return MultiStreamConnectionError(f"cannot reach server at {url}: {message}", status=status)
     return MultiStreamError(message, status=None if status is None else str(status))
