@@ -69,6 +69,22 @@ print("\n".join(bad))
 PYEOF
 }
 
+# Debian's chromium for the web playground's browser test (tests/test_web.py drives it through
+# Playwright). Never `playwright install`: it downloads its own browser, which fails here.
+# Before the pip check below, because that one exits early once the Python side is complete.
+if [[ $MODE == all && ! -e /usr/bin/chromium ]]; then
+  SUDO=()
+  if [[ $(id -u) != 0 ]] && command -v sudo >/dev/null; then SUDO=(sudo); fi
+  if command -v apt-get >/dev/null && { [[ $(id -u) == 0 ]] || [[ ${#SUDO[@]} -gt 0 ]]; }; then
+    echo "setup.sh: installing Debian's chromium (browser test of the web playground)"
+    if ! { "${SUDO[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq chromium >/dev/null; }; then
+      echo "setup.sh: WARNING: could not install chromium; tests/test_web.py will skip its browser tests" >&2
+    fi
+  else
+    echo "setup.sh: WARNING: /usr/bin/chromium missing and no apt-get as root; browser tests will skip" >&2
+  fi
+fi
+
 if ! "$PY" -c "import packaging" 2>/dev/null; then
   "$PY" -m pip install -q packaging
 fi
