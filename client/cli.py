@@ -153,7 +153,7 @@ def _render(texts: dict[str, str], pusher: _Pusher | None, full: bool, console: 
         text = texts.get(n, "")
         if not full and len(text) > width * lines:
             text = "…" + text[-width * lines :]
-        title = "answer" if n == "output" else n
+        title = {"output": "answer", "user": "user (as read by the model)"}.get(n, n)
         style = "bold green" if n == "output" else "cyan"
         cells.append(Panel(Text(text), title=title, border_style=style))
     grid.add_row(*cells)

@@ -14,7 +14,7 @@ from typing import Literal
 
 from .errors import IncompleteStreamError, MultiStreamError
 
-StreamKind = Literal["output", "reasoning"]
+StreamKind = Literal["output", "reasoning", "input"]
 OUTPUT_STREAM = "output"
 # Echo of the User channel (the tokens of pushed input, on the row that read them): the
 # server sends it without a finish_reason, since the model never generates on that channel.
@@ -22,8 +22,11 @@ ECHO_STREAMS = frozenset({"user"})
 
 
 def kind_of(stream: str) -> StreamKind:
-    """``reasoning/*`` streams are background thinking; anything else (``output``, a
-    ``revision`` of the answer) is user-facing text carried in ``text_output``."""
+    """``reasoning/*`` streams are background thinking; the ``user`` echo is ``"input"``
+    (pushed input as the model read it, not generated text); anything else (``output``,
+    a ``revision`` of the answer) is user-facing text carried in ``text_output``."""
+    if stream in ECHO_STREAMS:
+        return "input"
     return "reasoning" if stream.startswith("reasoning") else "output"
 
 
@@ -103,7 +106,7 @@ class StreamTracker:
             return None
         stream = fields.get("stream_name") or OUTPUT_STREAM
         kind = kind_of(stream)
-        if kind == "output":
+        if kind != "reasoning":
             text = fields.get("text_output") or fields.get("reasoning_output") or ""
         else:
             text = fields.get("reasoning_output") or fields.get("text_output") or ""
@@ -155,7 +158,7 @@ class StreamTracker:
         ttft: dict[str, float] = {}
         rate: dict[str, float] = {}
         for name, st in self.streams.items():
-            if st.first_t is None:
+            if st.first_t is None or name in ECHO_STREAMS:  # echo: not generated, no TTFT/rate
                 continue
             ttft[name] = st.first_t - self.t0
             span = (st.last_t or st.first_t) - st.first_t

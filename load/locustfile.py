@@ -96,13 +96,15 @@ class MultiStreamUser(User):
                     done = ev
                     continue
                 assert isinstance(ev, StreamDelta)
-                if not (ev.text or ev.token_ids):
+                if not (ev.text or ev.token_ids) or ev.kind == "input":
                     continue
+                is_answer = ev.stream == "output"
                 if ev.stream not in first:
                     first[ev.stream] = ev.t_received
-                    name = "ttft_output" if ev.kind == "output" else "ttft_reasoning"
-                    self._fire(name, ev.t_received - t0, len(ev.token_ids))
-                if ev.kind == "output":
+                    if is_answer or ev.kind == "reasoning":
+                        name = "ttft_output" if is_answer else "ttft_reasoning"
+                        self._fire(name, ev.t_received - t0, len(ev.token_ids))
+                if is_answer:
                     if last_output_t is not None:
                         self._fire("inter_token", ev.t_received - last_output_t, len(ev.token_ids))
                     last_output_t = ev.t_received

@@ -209,6 +209,17 @@ def test_revision_stream_is_user_facing():
     assert tr.done().texts == {"revision": "better"} and tr.done().reasoning_texts == {}
 
 
+def test_user_echo_stream_is_input_and_needs_no_finish_reason():
+    tr = StreamTracker(t0=0.0)
+    tr.feed({"stream_name": "output", "text_output": "a", "output_ids": [1]}, 0.1)
+    echo = tr.feed({"stream_name": "user", "text_output": "more", "output_ids": [7, 8]}, 0.2)
+    tr.feed({"stream_name": "output", "text_output": "b", "output_ids": [2], "finish_reason": "stop"}, 0.3)
+    assert echo.kind == "input" and echo.text == "more"
+    tr.check_complete()
+    d = tr.done()
+    assert d.output_text == "ab" and d.texts["user"] == "more" and "user" not in d.ttft_s
+
+
 def test_plain_trtllm_style_response_defaults_to_output_stream():
     tr = StreamTracker(t0=0.0)
     d = tr.feed({"text_output": "hi"}, 0.1)
