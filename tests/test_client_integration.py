@@ -172,3 +172,20 @@ def test_cli_server_error_exit_1(triton_server):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and "max_tokens" in proc.stderr
+
+
+def test_pushed_input_is_echoed_and_request_completes(triton_server):
+    """Regression: the 'user' echo stream has no finish_reason and must not fail the request."""
+    sid = "echo-" + uuid.uuid4().hex
+    with MultiStreamClient(triton_server.grpc_url) as c, MultiStreamClient(triton_server.grpc_url) as ctl:
+        events = []
+        pushed = None
+        for ev in c.generate(PROMPT, max_tokens=24, session_id=sid):
+            events.append(ev)
+            if pushed is None and isinstance(ev, StreamDelta) and ev.stream == "output":
+                pushed = ctl.push_input(sid, " Paris?")
+    assert pushed is True
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reasons["output"] in ("stop", "length")
+    echo = [e for e in events[:-1] if e.stream == "user"]
+    assert all(e.kind == "input" for e in echo)
