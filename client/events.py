@@ -148,7 +148,12 @@ class StreamTracker:
             raise IncompleteStreamError(
                 f"stream(s) {', '.join(open_streams)} ended without a finish_reason (final delta missing)"
             )
-        errored = [s for s, st in self.streams.items() if st.finish_reason == "error"]
+        # A failed reasoning stream is background work lost, not a failed request: the server
+        # ends it with finish_reason "error" (its last delta says why) and the answer goes on,
+        # so it shows in Done.finish_reasons. Only a user-facing stream's error fails the call.
+        errored = [
+            s for s, st in self.streams.items() if st.finish_reason == "error" and kind_of(s) == "output"
+        ]
         if errored:
             raise MultiStreamError(f"server reported finish_reason 'error' on stream(s) {', '.join(errored)}")
 

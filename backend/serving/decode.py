@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.engine import Engine, StreamEvent, StreamSpec
+from backend.engine import Engine, EngineBusyError, StreamEvent, StreamSpec
 from backend.serving.instance import StatsPoller, build_engine, instance_parameters
 from backend.serving.metrics import ServingMetrics
 from backend.serving.request import RequestConfig
@@ -51,6 +51,9 @@ except ImportError:  # pragma: no cover
 POLL_S = 0.02
 #: After a cancel, how long to wait for the engine and reasoning to confirm (s).
 CANCEL_GRACE_S = 5.0
+#: Default of the ``reasoning_timeout_s`` parameter: a live BLS call to ``reasoning`` that
+#: sends nothing for this long is given up (its streams end with ``finish_reason: error``).
+REASONING_TIMEOUT_S = 120.0
 
 
 def revision_prompt(tokenizer: Tokenizer, question: str, notes: dict[str, str]) -> list[int]:
@@ -111,6 +114,9 @@ class _Session:
         self.cancel_deadline = 0.0
         self.error: str | None = None
         self.reasoning_live = False
+        #: Reasoning streams that sent their final delta (or were ended with an error here).
+        self.reasoning_finished: set[str] = set()
+        self.reasoning_seen = time.monotonic()
 
     # ------------------------------------------------------------------ setup
     def _submit(self, prompt: list[int], name: str, engine_sid: str, prefix: Any = None) -> None:
@@ -175,6 +181,7 @@ class _Session:
         mailbox.register(self.sid)
         try:
             self._submit(self.ids, "output", self.sid, prefix=(self.kv, self.logits))
+            self.model.poller.poll_now()  # the gauges show the session at once, not a period later
             self.kv = self.logits = None  # the engine holds them until admission
             self.reasoning_live = cfg.reasoning_streams > 0
             if self.reasoning_live:
@@ -191,6 +198,7 @@ class _Session:
                         continue
                     break
                 if self.cancelled and time.monotonic() > self.cancel_deadline:
+                    self._reasoning_failed("cancelled", reason="cancelled")
                     break
                 try:
                     kind, item = self.q.get(timeout=POLL_S)
@@ -203,15 +211,23 @@ class _Session:
                         self._cancel()
                     if not self.cancelled:
                         self._poll_mailbox()
+                    timeout = self.model.reasoning_timeout_s
+                    if self.reasoning_live and now - self.reasoning_seen > timeout:
+                        self._reasoning_failed(f"reasoning timed out: no response for {timeout:g}s")
                 if kind == "engine":
                     self._on_engine(item)
                 elif kind == "reasoning":
+                    self.reasoning_seen = now
                     self._on_reasoning(*item)
                 elif kind == "reasoning_error":
-                    self.error = self.error or item
-                    self._cancel()
+                    self._reasoning_failed(item)
                 elif kind == "reasoning_done":
-                    self.reasoning_live = False
+                    # Every stream the client saw gets its final delta, even if the BLS call
+                    # ended without one (an instance that died, a cancel it never confirmed).
+                    if self.cancelled:
+                        self._reasoning_failed("cancelled", reason="cancelled")
+                    else:
+                        self._reasoning_failed("reasoning ended without a final delta")
         finally:
             mailbox.unregister(self.sid)
             for esid in self.engine_sids:
@@ -229,6 +245,34 @@ class _Session:
             self.engine.cancel(esid)
         if self.cfg.reasoning_streams:
             self.model.mailbox.cancel_reasoning(self.sid)
+
+    def _reasoning_failed(self, message: str, reason: str = "error") -> None:
+        """Ends every open reasoning stream with ``finish_reason`` ``reason``; the answer goes on.
+
+        Why not fail the request: reasoning is background work. A reasoning instance that
+        crashed, timed out or was too busy must not take the user-facing answer with it; the
+        client sees which streams failed (and why, in that delta's ``reasoning_output``).
+        Also used with ``reason="cancelled"`` when a cancelled reasoning call did not confirm
+        in time, so every stream the client saw still gets its final delta.
+        """
+        self.reasoning_live = False
+        names = [f"reasoning/{i}" for i in range(self.cfg.reasoning_streams)]
+        open_streams = [n for n in names if n not in self.reasoning_finished]
+        if not open_streams:
+            return
+        self.model.mailbox.cancel_reasoning(self.sid)  # stops a reasoning session still running
+        for name in open_streams:
+            self.reasoning_finished.add(name)
+            if self.cfg.stream:
+                self.out.send(
+                    delta_tensors(
+                        stream=name,
+                        reasoning=f"[{message}]" if reason == "error" else "",
+                        finish_reason=reason,
+                        session_id=self.sid,
+                        timing=self.clock.stamp(name),
+                    )
+                )
 
     def _poll_mailbox(self) -> None:
         for action, text in self.model.mailbox.poll(self.sid):
@@ -292,11 +336,20 @@ class _Session:
             st.pending_text, st.pending_ids = "", []
 
     def _on_reasoning(self, stream: str, text: str, ids: list[int], finish_reason: str) -> None:
+        if stream in self.reasoning_finished:
+            return  # already ended here (failed / timed out): late deltas are dropped
+        if finish_reason:
+            self.reasoning_finished.add(stream)
         self.reasoning_text[stream] = self.reasoning_text.get(stream, "") + text
         self.reasoning_ids[stream] = self.reasoning_ids.get(stream, 0) + len(ids)
-        if self.cancelled:
-            return
-        if self.cfg.attention_mode == "cross" and ids and self.streams["output"].finish_reason is None:
+        if self.cancelled and not finish_reason:
+            return  # after a cancel only the final ("cancelled") delta still goes out
+        if (
+            not self.cancelled
+            and self.cfg.attention_mode == "cross"
+            and ids
+            and self.streams["output"].finish_reason is None
+        ):
             try:
                 self.engine.inject(self.sid, ids, stream)
             except KeyError:
@@ -351,6 +404,7 @@ class DecodeModel:
         self.tokenizer = self.engine.tokenizer
         self.group_tokens = max(1, int(params.get("response_group_tokens", "1")))
         self.reasoning_model = params.get("reasoning_model", "reasoning")
+        self.reasoning_timeout_s = float(params.get("reasoning_timeout_s", str(REASONING_TIMEOUT_S)))
         self.mailbox = Mailbox.for_args(args)
         self.metrics = ServingMetrics("decode", args.get("model_instance_name", "decode"))
         self.poller = StatsPoller(self.engine, self.metrics.engine_stats)
@@ -365,8 +419,9 @@ class DecodeModel:
         try:
             _Session(self, request, out).run()
         except Exception as e:  # noqa: BLE001 - every failure reaches the client as an error
-            msg = str(e) if isinstance(e, ValueError | KeyError) else f"decode failed: {e!r}"
-            if not isinstance(e, ValueError | KeyError):
+            clean = isinstance(e, ValueError | KeyError | EngineBusyError)
+            msg = str(e) if clean else f"decode failed: {e!r}"
+            if not clean:
                 traceback.print_exc()
             out.finish(error=msg)
         finally:

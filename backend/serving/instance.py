@@ -42,6 +42,9 @@ def engine_config(params: dict[str, str], device: str, **overrides: Any) -> Engi
         threads=int(params.get("threads", "0") or 0) or None,
         max_sessions=int(params.get("max_sessions", "16")),
         max_context=int(params.get("max_context", "2048")),
+        # Sessions an instance lets wait for a KV slot before answering "server busy": this
+        # bounds the memory of queued requests (each holds its prompt KV). README, Reliability.
+        max_queued=int(params.get("max_queued", "16")),
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)

@@ -46,6 +46,9 @@ FAMILIES = {
         "GAUGE",
     ),
     "kv_util": ("multistream_kv_cache_utilization", "Fraction of KV-cache positions in use (0..1)", "GAUGE"),
+    # Why: a session that leaks its thread (decode loop, BLS consumer) shows nowhere else;
+    # after a cancellation storm this must return to its idle value.
+    "threads": ("multistream_threads", "Python threads alive in this instance's stub process", "GAUGE"),
 }
 
 
@@ -156,5 +159,6 @@ class ServingMetrics:
             ("kv_used", used),
             ("kv_capacity", cap),
             ("kv_util", used / cap if cap else 0.0),
+            ("threads", threading.active_count()),
         ):
             self._apply(key, labels, "set", value)

@@ -39,6 +39,21 @@ from backend.serving.tensors import (
 )
 
 POLL_S = 0.02
+#: Values of the ``fault_injection`` parameter (tests only; empty in every shipped config).
+FAULTS = ("", "error_after", "hang_after")
+
+
+def parse_fault(spec: str) -> tuple[str, int]:
+    """``"error_after:N"`` / ``"hang_after:N"`` -> (kind, N); ``""`` -> no fault.
+
+    Why a deploy parameter and not a request input: a client must never be able to make
+    the server misbehave. Only whoever renders the repository (a test's ``start_server``)
+    can set it, to prove that decode survives a reasoning call that fails or goes silent.
+    """
+    kind, _, n = spec.strip().partition(":")
+    if kind not in FAULTS:
+        raise ValueError(f"fault_injection must be one of {FAULTS} with ':N', got {spec!r}")
+    return kind, int(n or 0)
 
 
 class ReasoningModel:
@@ -53,6 +68,7 @@ class ReasoningModel:
         self.metrics = ServingMetrics("reasoning", args.get("model_instance_name", "reasoning"))
         self.poller = StatsPoller(self.engine, self.metrics.engine_stats)
         self.preambles = [self.tokenizer.encode(p + "\n") for p in REASONING_PREAMBLES]
+        self.fault = parse_fault(params.get("fault_injection", ""))
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -100,14 +116,20 @@ class ReasoningModel:
             session_id=esid,
             prefix_kv=(kv, logits),
         )
+        self.poller.poll_now()
         clock = StreamClock(cfg.arrival)
         live = cfg.reasoning_streams
         cancelled = False
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         pending: dict[str, tuple[str, list[int]]] = {}
+        fault, fault_after = self.fault
+        sent_tokens = 0
         try:
             while live:
+                if fault and sent_tokens >= fault_after:
+                    self._inject_fault(fault, esid, cfg.session_id, out)
+                    return
                 try:
                     ev = q.get(timeout=POLL_S)
                 except queue.Empty:
@@ -147,11 +169,21 @@ class ReasoningModel:
                             names=REASONING_OUTPUTS,
                         )
                     )
+                    sent_tokens += len(pend_ids)
                     text, pend_ids = "", []
                 pending[ev.stream] = (text, pend_ids)
         finally:
             self.engine.cancel(esid)  # no-op once ended; frees the slot on any error path
             self.mailbox.clear_reasoning_cancel(cfg.session_id)
+        out.finish()
+
+    def _inject_fault(self, fault: str, esid: str, session_id: str, out: Responder) -> None:
+        """The configured fault: fail with an error, or go silent until the caller cancels."""
+        self.engine.cancel(esid)
+        if fault == "error_after":
+            raise RuntimeError("injected fault (fault_injection=error_after)")
+        while not (out.cancelled() or self.mailbox.reasoning_cancelled(session_id)):
+            time.sleep(POLL_S)  # hang_after: sends nothing more; decode's watchdog must notice
         out.finish()
 
     def finalize(self) -> None:
