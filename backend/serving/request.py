@@ -193,7 +193,7 @@ class RequestConfig:
         if cfg.seed is not None and cfg.seed < 0:
             raise RequestError(f"seed must be >= 0, got {cfg.seed}")
         cfg.repetition_penalty = reader.float("repetition_penalty", 1.0)
-        if not cfg.repetition_penalty > 0:
+        if not (math.isfinite(cfg.repetition_penalty) and cfg.repetition_penalty > 0):
             raise RequestError(f"repetition_penalty must be > 0, got {cfg.repetition_penalty}")
         cfg.end_id = reader.int("end_id", None)
         cfg.pad_id = reader.int("pad_id", None)
@@ -250,6 +250,11 @@ class RequestConfig:
         streams x (preamble + budget)).
         """
         self.prompt_tokens = prompt_tokens
+        if prompt_tokens >= max_context:
+            raise RequestError(
+                f"text_input is too long: {prompt_tokens} tokens (with the chat template), "
+                f"the context limit is {max_context} tokens including max_tokens"
+            )
         answer = prompt_tokens + self.max_tokens
         if self.attention_mode == "cross":
             answer += self.reasoning_streams * self.reasoning_budget
