@@ -368,6 +368,22 @@ def _active(server: Any, model: str) -> float:
     return metric(scrape(server.metrics_url), "multistream_active_sessions", model=model)
 
 
+def wait_busy(server: Any, timeout: float = 3.0) -> None:
+    """Waits until the gauges show a decode and a reasoning session holding KV (they lag a little)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = scrape(server.metrics_url)
+        seen = (
+            metric(busy, "multistream_active_sessions", model="decode"),
+            metric(busy, "multistream_active_sessions", model="reasoning"),
+            metric(busy, "multistream_kv_cache_used_tokens", model="decode"),
+        )
+        if min(seen) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert min(seen) > 0, f"metrics do not show the running session: {seen}"
+
+
 def _long_call(server: Any, sid: str, on_delta=None) -> StreamCall:
     values = {
         "text_input": STORY,
@@ -393,10 +409,7 @@ def test_cancel_frees_session(triton_server) -> None:
         triton_server, sid, lambda c, d: started.set() if d.stream.startswith("reasoning") else None
     )
     assert started.wait(60), "no reasoning delta"
-    busy = scrape(triton_server.metrics_url)
-    assert metric(busy, "multistream_active_sessions", model="decode") >= 1
-    assert metric(busy, "multistream_active_sessions", model="reasoning") >= 1
-    assert metric(busy, "multistream_kv_cache_used_tokens", model="decode") > 0
+    wait_busy(triton_server)
     t_cancel = time.monotonic()
     assert control(triton_server.grpc_url, sid, "cancel") is True
     res = call.wait(30)
@@ -421,6 +434,7 @@ def test_grpc_client_cancel_reaches_decode(triton_server) -> None:
     sid = f"test-grpc-cancel-{os.getpid()}"
     call = _long_call(triton_server, sid, lambda c, d: started.set() if len(c.result.deltas) >= 5 else None)
     assert started.wait(60)
+    wait_busy(triton_server)
     t_cancel = time.monotonic()
     call.close(cancel=True)
     try:
