@@ -45,6 +45,8 @@ def engine_config(params: dict[str, str], device: str, **overrides: Any) -> Engi
         # Sessions an instance lets wait for a KV slot before answering "server busy": this
         # bounds the memory of queued requests (each holds its prompt KV). README, Reliability.
         max_queued=int(params.get("max_queued", "16")),
+        # auto = int4 decode weights where the kernel exists (CPU + bf16), dense otherwise.
+        quantization=params.get("quantization", "auto") or "auto",
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)
