@@ -43,17 +43,21 @@ POLL_S = 0.02
 FAULTS = ("", "error_after", "hang_after")
 
 
-def parse_fault(spec: str) -> tuple[str, int]:
-    """``"error_after:N"`` / ``"hang_after:N"`` -> (kind, N); ``""`` -> no fault.
+def parse_fault(spec: str) -> tuple[str, int, str]:
+    """``"error_after:N[:PREFIX]"`` / ``"hang_after:N[:PREFIX]"`` -> (kind, N, prefix); ``""`` -> none.
 
-    Why a deploy parameter and not a request input: a client must never be able to make
-    the server misbehave. Only whoever renders the repository (a test's ``start_server``)
-    can set it, to prove that decode survives a reasoning call that fails or goes silent.
+    After N reasoning tokens, requests whose session id starts with PREFIX (all when empty)
+    fail with an error, or go silent until cancelled. Why a deploy parameter and not a
+    request input: a client must never be able to make the server misbehave. Only whoever
+    renders the repository (a test's ``start_server``) can set it, to prove that decode
+    survives a reasoning call that fails or times out; the prefix lets one test server
+    serve faulty and healthy sessions side by side.
     """
-    kind, _, n = spec.strip().partition(":")
+    kind, _, rest = spec.strip().partition(":")
+    n, _, prefix = rest.partition(":")
     if kind not in FAULTS:
-        raise ValueError(f"fault_injection must be one of {FAULTS} with ':N', got {spec!r}")
-    return kind, int(n or 0)
+        raise ValueError(f"fault_injection must be one of {FAULTS} with ':N[:PREFIX]', got {spec!r}")
+    return kind, int(n or 0), prefix
 
 
 class ReasoningModel:
@@ -68,7 +72,8 @@ class ReasoningModel:
         self.metrics = ServingMetrics("reasoning", args.get("model_instance_name", "reasoning"))
         self.poller = StatsPoller(self.engine, self.metrics.engine_stats)
         self.preambles = [self.tokenizer.encode(p + "\n") for p in REASONING_PREAMBLES]
-        self.fault = parse_fault(params.get("fault_injection", ""))
+        # Comma-separated specs, the first whose prefix matches applies (tests only).
+        self.faults = [parse_fault(f) for f in params.get("fault_injection", "").split(",") if f.strip()]
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -123,7 +128,9 @@ class ReasoningModel:
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         pending: dict[str, tuple[str, list[int]]] = {}
-        fault, fault_after = self.fault
+        fault, fault_after = next(
+            ((k, n) for k, n, prefix in self.faults if cfg.session_id.startswith(prefix)), ("", 0)
+        )
         sent_tokens = 0
         try:
             while live:
