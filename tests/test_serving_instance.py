@@ -1,0 +1,74 @@
+"""The engine-instance helper: parameters -> EngineConfig, device placement, own CUDA stream."""
+
+from __future__ import annotations
+
+import json
+import queue
+
+import pytest
+import torch
+
+from backend.serving.instance import engine_config, instance_device, instance_parameters
+
+
+def _args(kind: str = "CPU", device_id: str = "0", **params: str) -> dict:
+    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+    return {
+        "model_config": json.dumps(config),
+        "model_instance_kind": kind,
+        "model_instance_device_id": device_id,
+    }
+
+
+def test_parameters_to_engine_config() -> None:
+    params = instance_parameters(
+        _args(dtype="float32", threads="3", max_sessions="5", max_context="512", quantization="none")
+    )
+    cfg = engine_config(params, "cpu", prefill_chunk=64)
+    assert (
+        cfg.dtype,
+        cfg.threads,
+        cfg.max_sessions,
+        cfg.max_context,
+        cfg.quantization,
+        cfg.prefill_chunk,
+    ) == (
+        "float32",
+        3,
+        5,
+        512,
+        "none",
+        64,
+    )
+    assert engine_config({}, "cpu").threads is None  # no parameter: torch decides
+
+
+def test_device_placement() -> None:
+    assert instance_device(_args("CPU")) == "cpu"
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"  # KIND_GPU without CUDA falls back
+    assert instance_device(_args("GPU", "0")) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_own_cuda_stream_gives_the_same_tokens(default_model_dir) -> None:  # pragma: no cover - GPU only
+    from backend.engine import Engine, EngineConfig, SamplingParams, StreamSpec
+    from backend.serving.instance import use_own_cuda_stream
+
+    def run(own_stream: bool) -> list[int]:
+        engine = Engine.from_model_dir(
+            default_model_dir, EngineConfig(device="cuda:0", max_sessions=1, max_context=256)
+        )
+        if own_stream:
+            use_own_cuda_stream(engine, torch.cuda.Stream())
+        q: queue.Queue = queue.Queue()
+        prompt = engine.tokenizer.encode("The capital of France is")
+        engine.submit(prompt, [StreamSpec("output", sampling=SamplingParams(max_tokens=12))], on_event=q.put)
+        ids = []
+        while True:
+            ev = q.get(timeout=60)
+            ids += ev.token_ids
+            if ev.finished:
+                engine.shutdown()
+                return ids
+
+    assert run(True) == run(False)
