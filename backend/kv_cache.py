@@ -18,7 +18,24 @@ import heapq
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros whose pages the OS maps only when first written (CPU).
+
+    ``torch.zeros`` writes every byte, so a pool sized for 32 sessions x 2048 tokens costs
+    its full size in RSS at start-up in every model instance (1.5 GB each for the default
+    model, enough to get stubs OOM-killed on a 24 GB machine running a few servers).
+    NumPy's zeros come from calloc: untouched pages stay virtual, and still read as 0, so
+    masked-out keys are never garbage.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    np_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
+    return torch.from_numpy(np.zeros(shape, dtype=np_dtype)).view(dtype)
 
 
 class CacheFullError(RuntimeError):
@@ -54,8 +71,8 @@ class KVPool:
         self.max_sessions = max_sessions
         self.max_context = max_context
         shape = (max_sessions, num_kv_heads, max_context, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [_lazy_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [_lazy_zeros(shape, dtype, device) for _ in range(num_layers)]
         # Grid coordinates of every cached token, read to build each step's mask. They stay
         # on the CPU whatever the device: the mask is built there and sent once per step.
         self.rows = torch.zeros((max_sessions, max_context), dtype=torch.int32)

@@ -35,6 +35,9 @@ def triton_server() -> Iterator[ServerHandle]:
         max_context=1024,
         log_level="warning",
         ready_timeout=float(os.environ.get("MULTISTREAM_TEST_READY_TIMEOUT", "600")),
+        # Set MULTISTREAM_TEST_RUN_DIR to keep the rendered repository and server.log for debugging.
+        run_dir=os.environ.get("MULTISTREAM_TEST_RUN_DIR") or None,
+        keep_run_dir=bool(os.environ.get("MULTISTREAM_TEST_RUN_DIR")),
     )
     try:
         yield handle
