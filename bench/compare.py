@@ -326,6 +326,7 @@ def print_table(report: dict[str, Any], file: Any) -> None:
 def write_chart(report: dict[str, Any], path: Path) -> None:
     """Left: aggregate tok/s by concurrency per system. Right: TTFT bars (log scale)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -368,6 +369,9 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
                 )
     ax2.set_xticks(range(len(groups)), [g for g, _ in groups])
     ax2.set_yscale("log")
+    ax2.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax2.set_ylabel("seconds (log)")
     ax2.set_title(f"TTFT (long prompt: {report['workload']['long_prompt_tokens']} tokens)")
     ax2.legend(fontsize=8)
