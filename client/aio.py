@@ -20,7 +20,7 @@ from typing import Any
 from .errors import IncompleteStreamError, MultiStreamCancelled, MultiStreamError, from_exception
 from .events import Done, Event, StreamTracker
 from .parse import fields_from_json, fields_from_result, http_error_message, is_final_grpc, iter_sse_json
-from .request import GenerateRequest, control_tensors, grpc_inputs
+from .request import GenerateRequest, control_tensors, ensure_session_id, grpc_inputs
 from .sync import CONTROL_MODEL, MODEL_NAME, make_request, normalize_url
 
 
@@ -29,7 +29,7 @@ class AsyncGeneration:
 
     def __init__(self, client: AsyncMultiStreamClient, request: GenerateRequest) -> None:
         self._client = client
-        self.request = request
+        self.request = request = ensure_session_id(request)
         self.session_id: str | None = request.session_id
         self.done: Done | None = None
         self._cancelled = False
@@ -51,6 +51,13 @@ class AsyncGeneration:
                 yield ev
         finally:
             await inner.aclose()  # caller stopped early: cancel the call now
+            if self.done is None and self.session_id:
+                # Triton 2.51 does not pass a call's cancellation on to a running ensemble
+                # step: cancel the session through session_control too (best effort).
+                try:
+                    await self._client.cancel(self.session_id)
+                except Exception:  # noqa: BLE001 - the session may have ended already
+                    pass
 
     async def result(self) -> Done:
         """Consume the whole stream and return the summary."""

@@ -9,6 +9,8 @@ what the caller set (plus the always-present ``text_input``, ``max_tokens``,
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -121,3 +123,14 @@ def control_tensors(session_id: str, action: str, text: str | None, batched: boo
     if text is not None:
         vals["text_input"] = text
     return {k: np.array([v.encode("utf-8")], dtype=np.object_).reshape(shape) for k, v in vals.items()}
+
+
+def ensure_session_id(request: GenerateRequest) -> GenerateRequest:
+    """The request, with a client-chosen session id when it has none.
+
+    With the id known before the first response, a cancel can reach the session through
+    ``session_control`` at any time (Triton 2.51 drops a stream cancel at the ensemble).
+    """
+    if request.session_id:
+        return request
+    return dataclasses.replace(request, session_id=f"client-{uuid.uuid4().hex}")

@@ -19,7 +19,7 @@ from typing import Any
 from .errors import IncompleteStreamError, MultiStreamCancelled, MultiStreamError, from_exception
 from .events import Done, Event, StreamTracker
 from .parse import fields_from_json, fields_from_result, http_error_message, is_final_grpc, iter_sse_json
-from .request import GenerateRequest, control_tensors, grpc_inputs
+from .request import GenerateRequest, control_tensors, ensure_session_id, grpc_inputs
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 MODEL_NAME = "multistream"
@@ -58,8 +58,9 @@ class Generation:
 
     def __init__(self, client: MultiStreamClient, request: GenerateRequest) -> None:
         self._client = client
-        self.request = request
+        self.request = request = ensure_session_id(request)
         self.session_id: str | None = request.session_id
+        self._server_cancelled = False
         self.done: Done | None = None
         self._cancelled = threading.Event()
         self._cancel_hook: Any = None
@@ -80,6 +81,8 @@ class Generation:
                 yield ev
         finally:
             it.close()  # caller stopped early: cancel the server request now, not at GC
+            if self.done is None:
+                self._cancel_on_server()
 
     def result(self) -> Done:
         """Consume the whole stream and return the summary."""
@@ -97,6 +100,21 @@ class Generation:
                 hook()
             except Exception:  # noqa: BLE001 - cancelling an already-dead stream is fine
                 pass
+        self._cancel_on_server()
+
+    def _cancel_on_server(self) -> None:
+        """Cancels the session through ``session_control`` too (best effort, once).
+
+        Triton 2.51 does not pass a stream's cancellation on to the running step of an
+        ensemble, so without this the server would generate on until ``max_tokens``.
+        """
+        if self._server_cancelled or not self.session_id:
+            return
+        self._server_cancelled = True
+        try:
+            self._client.cancel(self.session_id)
+        except Exception:  # noqa: BLE001 - the session may have ended already
+            pass
 
     # -- gRPC -------------------------------------------------------------
     def _iter_grpc(self) -> Iterator[Event]:
@@ -389,7 +407,9 @@ class MultiStreamClient:
                     self._unary = m.InferenceServerClient(self.url, verbose=self.verbose)
                 else:
                     self._unary = m.InferenceServerClient(
-                        self.url, verbose=self.verbose, connection_timeout=10.0,
+                        self.url,
+                        verbose=self.verbose,
+                        connection_timeout=10.0,
                         network_timeout=self.idle_timeout_s,
                     )
             return self._unary
@@ -409,9 +429,7 @@ class MultiStreamClient:
                 self._control_batched = int(mbs) > 0
             tensors = control_tensors(session_id, action, text, self._control_batched)
             inputs = grpc_inputs(tensors, m)
-            result = c.infer(
-                self.control_model, inputs, outputs=[m.InferRequestedOutput("accepted")]
-            )
+            result = c.infer(self.control_model, inputs, outputs=[m.InferRequestedOutput("accepted")])
             arr = result.as_numpy("accepted")
         except Exception as exc:
             raise from_exception(exc, self.url) from exc

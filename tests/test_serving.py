@@ -447,6 +447,34 @@ def test_grpc_client_cancel_reaches_decode(triton_server) -> None:
             control(triton_server.grpc_url, sid, "cancel")
 
 
+def test_client_library_cancel_stops_decode_and_reasoning(triton_server) -> None:
+    """The client library's cancel reaches the running steps (via session_control as well)."""
+    from client import MultiStreamCancelled, MultiStreamClient, StreamDelta
+
+    wait_idle(triton_server)
+    with MultiStreamClient(triton_server.grpc_url) as c:
+        gen = c.generate(
+            "Tell me a very long story about a dragon.",
+            max_tokens=400,
+            reasoning_streams=1,
+            reasoning_budget=400,
+            temperature=0.0,
+        )
+        seen = 0
+        with pytest.raises(MultiStreamCancelled):
+            for ev in gen:
+                if isinstance(ev, StreamDelta) and ev.stream == "output":
+                    seen += 1
+                    if seen == 3:
+                        wait_busy(triton_server)
+                        t_cancel = time.monotonic()
+                        gen.cancel()
+    samples = wait_idle(triton_server, timeout=10)
+    assert metric(samples, "multistream_active_sessions") == 0, "sessions still alive after cancel"
+    assert metric(samples, "multistream_kv_cache_used_tokens") == 0
+    assert time.monotonic() - t_cancel < 10
+
+
 def test_eight_concurrent_streaming_clients(triton_server) -> None:
     from backend.model_store import resolve_model_dir
     from backend.tokenizer import Tokenizer
