@@ -108,6 +108,7 @@ class ServerHandle:
     config: DeployConfig
     keep_run_dir: bool = False
     startup_s: float = 0.0
+    initial_stubs: dict[str, int] = field(default_factory=dict)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -127,6 +128,21 @@ class ServerHandle:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def stubs(self) -> dict[str, int]:
+        """``{instance name: pid}`` of this server's live Python stubs (e.g. ``decode_0_0``)."""
+        return python_stubs(self.process.pid)
+
+    def dead_stubs(self) -> list[str]:
+        """Instances whose stub died since start-up.
+
+        Why: tritonserver 2.51 neither restarts a dead stub of a decoupled model nor reports
+        the model unready (``/v2/health/ready`` stays 200); its requests fail with "Stub
+        process ... is not healthy" from then on. The launcher watches this and exits, so
+        an orchestrator restarts the server (README, Reliability).
+        """
+        live = self.stubs()
+        return sorted(name for name, pid in self.initial_stubs.items() if live.get(name) != pid)
 
     def log_tail(self, lines: int = 60) -> str:
         try:
@@ -162,6 +178,30 @@ class ServerHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def python_stubs(server_pid: int) -> dict[str, int]:
+    """``{instance name: pid}`` of the live ``triton_python_backend_stub`` children of a server.
+
+    Reads /proc (no psutil on the server side); the instance name is the stub's
+    second-to-last argument (``... decode_0_0 DEFAULT``).
+    """
+    out: dict[str, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) != server_pid or fields[0] == "Z":
+                continue
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        args = [a.decode(errors="replace") for a in args if a]
+        if args and args[0].endswith("triton_python_backend_stub") and len(args) >= 2:
+            out[args[-2]] = int(proc.name)
+    return out
 
 
 def _get(url: str, timeout: float = 2.0) -> int:
@@ -349,6 +389,7 @@ def start_server(
         _RUNNING.remove(handle)
         raise
     handle.startup_s = time.monotonic() - t0
+    handle.initial_stubs = handle.stubs()
     return handle
 
 
@@ -492,6 +533,17 @@ def main(argv: list[str] | None = None) -> int:
         print("Ctrl-C to stop", flush=True)
         while handle.alive():
             time.sleep(0.5)
+            dead = handle.dead_stubs()
+            if dead:
+                # Triton 2.51 keeps reporting ready with a dead stub; exit so a supervisor
+                # (Kubernetes, systemd, docker --restart) starts a healthy server.
+                print(
+                    f"error: Python stub(s) {', '.join(dead)} died; tritonserver cannot restart them. "
+                    "Stopping (exit code 1) so the server gets restarted.",
+                    file=sys.stderr,
+                )
+                handle.stop(timeout=10)
+                return 1
         print(
             f"tritonserver exited with code {handle.process.returncode}:\n{handle.log_tail()}",
             file=sys.stderr,

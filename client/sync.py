@@ -24,6 +24,9 @@ from .request import GenerateRequest, control_tensors, ensure_session_id, grpc_i
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 MODEL_NAME = "multistream"
 CONTROL_MODEL = "session_control"
+#: After this long without a response, ask ``session_control`` whether the session still
+#: has a live decode instance (tritonserver 2.51 never ends the requests of a dead stub).
+STALL_CHECK_S = 5.0
 
 
 def normalize_url(url: str | None, protocol: str) -> str:
@@ -156,12 +159,16 @@ class Generation:
                     cb_error = None
                 raise from_exception(cb_error or exc, c.url) from exc
             deadline = time.monotonic() + c.idle_timeout_s
+            next_check = time.monotonic() + STALL_CHECK_S
             while True:
                 try:
                     result, error, t = q.get(timeout=0.25)
                 except queue.Empty:
                     if self._cancelled.is_set():
                         raise MultiStreamCancelled("stream cancelled by the client") from None
+                    if tracker.session_id and time.monotonic() >= next_check:
+                        next_check = time.monotonic() + STALL_CHECK_S
+                        c._check_session_alive(tracker.session_id)
                     handler = getattr(getattr(triton, "_stream", None), "_handler", None)
                     if handler is not None and not handler.is_alive() and q.empty():
                         raise IncompleteStreamError(
@@ -173,6 +180,7 @@ class Generation:
                         ) from None
                     continue
                 deadline = time.monotonic() + c.idle_timeout_s
+                next_check = time.monotonic() + STALL_CHECK_S
                 if error is not None:
                     if self._cancelled.is_set():
                         raise MultiStreamCancelled("stream cancelled by the client")
@@ -341,6 +349,18 @@ class MultiStreamClient:
     def cancel(self, session_id: str) -> bool:
         """Ask the server to cancel a session (works from any connection)."""
         return self._control(session_id, "cancel", None)
+
+    def _check_session_alive(self, session_id: str) -> None:
+        """Raises if the server says the session was lost (its decode instance died).
+
+        Any other answer (running, already ended, an older server without ``status``) means
+        "keep waiting": the idle timeout still bounds the wait.
+        """
+        try:
+            self._control(session_id, "status", None)
+        except MultiStreamError as exc:
+            if "was lost" in str(exc):
+                raise MultiStreamError(f"request lost on the server: {exc}") from None
 
     def is_ready(self) -> bool:
         """True when the server is live and the ensemble is ready."""

@@ -23,7 +23,7 @@ import time
 import traceback
 from typing import Any
 
-from backend.engine import StreamEvent, StreamSpec
+from backend.engine import EngineBusyError, StreamEvent, StreamSpec
 from backend.serving.instance import StatsPoller, build_engine, instance_parameters
 from backend.serving.metrics import ServingMetrics
 from backend.serving.request import REASONING_PREAMBLES, RequestConfig
@@ -95,16 +95,41 @@ class ReasoningModel:
 
     def _serve(self, request: Any) -> None:
         out = Responder(request)
+        finished: set[str] = set()
         try:
-            self._run(request, out)
+            self._run(request, out, finished)
         except Exception as e:  # noqa: BLE001 - every failure reaches the caller as an error
-            if not isinstance(e, ValueError | KeyError):
+            if not isinstance(e, ValueError | KeyError | EngineBusyError):
                 traceback.print_exc()
-            out.finish(error=f"reasoning: {e}")
+            self._fail_streams(request, out, finished, f"reasoning failed: {e}")
         finally:
             self.poller.poll_now()
 
-    def _run(self, request: Any, out: Responder) -> None:
+    def _fail_streams(self, request: Any, out: Responder, finished: set[str], message: str) -> None:
+        """Ends every open stream with a ``finish_reason: error`` delta carrying ``message``.
+
+        Why data deltas and not an error response: on tritonserver 2.51 the error response
+        (with the final flag) of a decoupled model called through BLS did not reach the
+        caller's response iterator (measured: decode only noticed through its watchdog).
+        Deltas always arrive, and decode forwards them as the stream's last delta.
+        """
+        try:
+            n = RequestConfig.from_json(request_json(request)).reasoning_streams
+        except Exception:  # noqa: BLE001 - an unreadable request: the plain error is all we have
+            n = 0
+        if n == 0:
+            out.finish(error=message)
+            return
+        for name in (f"reasoning/{i}" for i in range(n)):
+            if name not in finished:
+                out.send(
+                    delta_tensors(
+                        stream=name, reasoning=f"[{message}]", finish_reason="error", names=REASONING_OUTPUTS
+                    )
+                )
+        out.finish()
+
+    def _run(self, request: Any, out: Responder, finished: set[str]) -> None:
         cfg = RequestConfig.from_json(request_json(request))
         if cfg.reasoning_streams == 0:
             out.finish()
@@ -178,6 +203,8 @@ class ReasoningModel:
                     )
                     sent_tokens += len(pend_ids)
                     text, pend_ids = "", []
+                    if ev.finished:
+                        finished.add(ev.stream)
                 pending[ev.stream] = (text, pend_ids)
         finally:
             self.engine.cancel(esid)  # no-op once ended; frees the slot on any error path

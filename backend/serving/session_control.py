@@ -31,7 +31,7 @@ try:  # only inside the Triton python stub
 except ImportError:  # pragma: no cover
     pb_utils = None
 
-ACTIONS = ("input", "cancel")
+ACTIONS = ("input", "cancel", "status")
 
 
 class SessionNotFound(KeyError):
@@ -39,6 +39,16 @@ class SessionNotFound(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else "session not found"
+
+
+class SessionLost(SessionNotFound):
+    """The session's decode instance died: its request will never get another response.
+
+    Why this exists: tritonserver 2.51 never completes the in-flight requests of a Python
+    stub that died (no error, no final flag; the model even stays "ready"), so a client
+    would wait until its own timeout. The mailbox knows the owner's pid, so any
+    ``session_control`` call (``action: "status"`` when the stream stalls) can tell.
+    """
 
 
 def mailbox_root(model_repository: str | None = None) -> Path:
@@ -100,13 +110,37 @@ class Mailbox:
         return out
 
     # -- client side (session_control) -----------------------------------------------------
-    def post(self, session_id: str, action: str, text: str = "") -> None:
-        """Drops a message for the owner; ``SessionNotFound`` if the session is not live."""
-        if action not in ACTIONS:
-            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+    def owner_pid(self, session_id: str) -> int | None:
+        """Pid of the decode process serving the session (None while it registers)."""
+        try:
+            return int(json.loads((self._dir(session_id) / ".owner").read_text())["pid"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def check(self, session_id: str) -> None:
+        """``SessionNotFound`` unless live; ``SessionLost`` (and cleans up) if its owner died."""
         path = self._dir(session_id)
         if not path.is_dir():
             raise SessionNotFound(f"session_id {session_id!r} is not a running session (unknown or ended)")
+        pid = self.owner_pid(session_id)
+        if pid is not None and not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            raise SessionLost(
+                f"session_id {session_id!r} was lost: the decode instance serving it (pid {pid}) died; "
+                "retry the request"
+            )
+
+    def post(self, session_id: str, action: str, text: str = "") -> None:
+        """Drops a message for the owner; ``SessionNotFound`` if the session is not live.
+
+        ``status`` only checks (``SessionLost`` when its decode instance died).
+        """
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        path = self._dir(session_id)
+        self.check(session_id)
+        if action == "status":
+            return
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.{action}"
         tmp = path / f".{name}.tmp"
         try:
@@ -126,6 +160,21 @@ class Mailbox:
         (self.root / ".cancel" / session_id).unlink(missing_ok=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    """False for a gone process and for a zombie (a killed stub tritonserver never reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+    except (OSError, ValueError, IndexError):
+        return True  # no /proc: trust kill(0)
+
+
 def _first_text(request: Any, name: str, required: bool = True) -> str:
     t = pb_utils.get_input_tensor_by_name(request, name)
     if t is None:
@@ -142,7 +191,8 @@ def _first_text(request: Any, name: str, required: bool = True) -> str:
 
 
 class SessionControlModel:
-    """Triton model ``session_control``: ``action`` "input" (with ``text_input``) or "cancel"."""
+    """Triton model ``session_control``: ``action`` "input" (with ``text_input``), "cancel" or
+    "status" (is the session still running: the client asks when its stream stalls)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         self.mailbox = Mailbox.for_args(args)

@@ -1,0 +1,345 @@
+"""Overload, cancellation storm and faults, on a small server of this module's own.
+
+Why an own server: these tests fill every KV slot, cancel fifty requests and kill a stub;
+doing that to the shared session fixture would hurt every test after them. Settings:
+one decode instance with ``max_sessions`` 2 and ``max_queued`` 1 (so 4x capacity is only 8
+requests), a 4 s reasoning watchdog, and the ``fault_injection`` deploy parameter that
+makes reasoning fail (or go silent) for session ids with a test-only prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from backend.serve import DEFAULT_REPOSITORY, ServerHandle, start_server
+from backend.serving.session_control import mailbox_root
+from client import Done, MultiStreamCancelled, MultiStreamClient, MultiStreamError
+from tests.reliability_helpers import (
+    assert_serves_normally,
+    gauge_sum,
+    gauges_by_instance,
+    http_status,
+    scrape,
+    stub_pids,
+    tree_rss_mb,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+MAX_SESSIONS = 2
+MAX_QUEUED = 1
+REASONING_TIMEOUT_S = 4.0
+PROMPT = "Write a short story about a lighthouse keeper."
+
+
+@pytest.fixture(scope="module")
+def small_server() -> Iterator[ServerHandle]:
+    handle = start_server(
+        DEFAULT_REPOSITORY,
+        model_dir=os.environ.get("MULTISTREAM_TEST_MODEL_DIR", "default"),
+        decode_instances=1,
+        reasoning_instances=1,
+        prefill_instances=1,
+        preprocessing_instances=1,
+        threads={"decode": 1, "reasoning": 1, "prefill": 1},
+        max_sessions=MAX_SESSIONS,
+        max_context=512,
+        parameters={
+            "decode": {"max_queued": str(MAX_QUEUED), "reasoning_timeout_s": str(REASONING_TIMEOUT_S)},
+            "reasoning": {"fault_injection": "error_after:3:fault-err-,hang_after:3:fault-hang-"},
+        },
+        log_level="warning",
+        extra_args=["--exit-timeout-secs", "5"],  # the kill test leaves requests Triton would wait for
+        ready_timeout=float(os.environ.get("MULTISTREAM_TEST_READY_TIMEOUT", "600")),
+    )
+    try:
+        # Warm-up (first forwards allocate torch's buffers) so "idle" below means idle.
+        with MultiStreamClient(handle.grpc_url, idle_timeout_s=60) as c:
+            c.generate("Hello!", max_tokens=8, reasoning_streams=1, reasoning_budget=8).result()
+        yield handle
+    finally:
+        handle.stop()
+
+
+def _idle(srv: ServerHandle, timeout: float = 20.0) -> dict:
+    """Waits until no model holds a session or KV position (gauges flush every 0.25 s)."""
+    last: dict = {}
+
+    def check() -> bool:
+        nonlocal last
+        last = scrape(srv.metrics_url)
+        return gauge_sum(last, "multistream_active_sessions") == 0 and gauge_sum(last, "multistream_kv_cache_used_tokens") == 0
+
+    assert wait_for(check, timeout), (
+        "sessions or KV still held: active="
+        f"{last.get('multistream_active_sessions')} kv_used={last.get('multistream_kv_cache_used_tokens')}"
+    )
+    return last
+
+
+def _all_stubs(srv: ServerHandle) -> dict[str, list[int]]:
+    return {m: sorted(stub_pids(srv.process.pid, m)) for m in ("preprocessing", "prefill", "decode", "reasoning", "session_control")}
+
+
+def _assert_no_crash(srv: ServerHandle, stubs_before: dict[str, list[int]]) -> None:
+    assert srv.alive(), f"tritonserver died:\n{srv.log_tail()}"
+    assert _all_stubs(srv) == stubs_before, "a stub was restarted (it crashed)"
+    log = srv.log_path.read_text(errors="replace")
+    for bad in ("is not healthy", "Segmentation fault", "Signal (11)", "bad_alloc"):
+        assert bad not in log, f"{bad!r} in the server log:\n{srv.log_tail()}"
+
+
+def _run(client: MultiStreamClient, **kw) -> Done | MultiStreamError:
+    try:
+        return client.generate(PROMPT, **kw).result()
+    except MultiStreamError as e:
+        return e
+
+
+def test_overload_4x_capacity_completes_or_says_busy(small_server) -> None:
+    """8 requests at once on 2 KV slots (+1 queued): each completes or gets "server busy";
+    no stub crashes, and memory returns to its idle level."""
+    srv = small_server
+    _idle(srv)
+    stubs = _all_stubs(srv)
+    rss_idle = tree_rss_mb(srv.process.pid)
+    n = 4 * MAX_SESSIONS
+    with MultiStreamClient(srv.grpc_url, idle_timeout_s=120) as client, ThreadPoolExecutor(n) as pool:
+        barrier = threading.Barrier(n)
+
+        def one(i: int) -> Done | MultiStreamError:
+            barrier.wait()
+            return _run(client, max_tokens=48, reasoning_streams=i % 2, reasoning_budget=16 if i % 2 else None)
+
+        outcomes = list(pool.map(one, range(n)))
+    done = [o for o in outcomes if isinstance(o, Done)]
+    errors = [o for o in outcomes if not isinstance(o, Done)]
+    for e in errors:
+        assert "server busy" in str(e) and f"max_sessions={MAX_SESSIONS}" in str(e), f"not a busy error: {e}"
+    for d in done:
+        assert d.output_text.strip(), d
+        assert all(r in ("stop", "length") for r in d.finish_reasons.values()), d.finish_reasons
+    assert errors, "4x the capacity at once, yet nobody was told the server is busy"
+    assert len(done) >= MAX_SESSIONS, f"only {len(done)} of {n} completed: {errors}"
+    _idle(srv)
+    _assert_no_crash(srv, stubs)
+    rss_after = tree_rss_mb(srv.process.pid)
+    assert rss_after <= rss_idle * 1.10 + 100, f"RSS {rss_idle:.0f} MiB idle -> {rss_after:.0f} MiB after the overload"
+    assert_serves_normally(srv.grpc_url)
+
+
+def test_cancellation_storm_leaves_nothing_behind(small_server) -> None:
+    """50 streaming requests cancelled at random points (stream cancel or session_control),
+    with and without reasoning: afterwards no session, no KV, no extra thread, no mailbox."""
+    srv = small_server
+    before = _idle(srv)
+    threads_before = gauges_by_instance(before, "multistream_threads")
+    assert threads_before, "the multistream_threads gauge is missing from /metrics"
+    stubs = _all_stubs(srv)
+    rng = random.Random(1234)
+    plans = [
+        {
+            "via": rng.choice(["stream", "control"]),
+            "after_s": rng.uniform(0.0, 0.8),
+            "reasoning": rng.choice([0, 1, 2]),
+            "attention": rng.choice(["isolated", "isolated", "cross"]),
+        }
+        for _ in range(50)
+    ]
+    unexpected: list[str] = []
+    counts = {"stream-cancelled": 0, "control-cancelled": 0, "finished-first": 0, "busy": 0}
+    lock = threading.Lock()
+
+    def attempt(i: int, client: MultiStreamClient) -> str:
+        plan = plans[i]
+        sid = f"storm-{i}-{uuid.uuid4().hex[:6]}"
+        gen = client.generate(
+            PROMPT,
+            max_tokens=96,
+            session_id=sid,
+            reasoning_streams=plan["reasoning"] or None,
+            reasoning_budget=96 if plan["reasoning"] else None,
+            attention_mode=plan["attention"],
+        )
+        stop = threading.Event()
+
+        def cancel_later() -> None:
+            if stop.wait(plan["after_s"]):
+                return
+            if plan["via"] == "stream":
+                gen.cancel()
+                return
+            while not stop.is_set():  # the session registers once decode starts it
+                try:
+                    client.cancel(sid)
+                    return
+                except MultiStreamError:
+                    stop.wait(0.05)
+
+        t = threading.Thread(target=cancel_later, daemon=True)
+        t.start()
+        try:
+            done = gen.result()
+            bad = {s: r for s, r in done.finish_reasons.items() if r not in ("cancelled", "stop", "length")}
+            if bad:
+                return f"bad finish reasons {bad}"
+            return "control-cancelled" if done.finish_reasons.get("output") == "cancelled" else "finished-first"
+        except MultiStreamCancelled:
+            return "stream-cancelled"
+        except MultiStreamError as e:
+            return "busy" if "server busy" in str(e) else f"{type(e).__name__}: {e}"
+        finally:
+            stop.set()
+            t.join()
+
+    def one(i: int) -> None:
+        # A cancelled session frees its slot a step after the client let go, so a client that
+        # starts the next request at once may hear "server busy": it retries, as told to.
+        with MultiStreamClient(srv.grpc_url, idle_timeout_s=60) as client:
+            for _ in range(50):
+                outcome = attempt(i, client)
+                if outcome != "busy":
+                    break
+                with lock:
+                    counts["busy"] += 1
+                time.sleep(0.2)
+        with lock:
+            if outcome in counts and outcome != "busy":
+                counts[outcome] += 1
+            else:
+                unexpected.append(f"request {i} {plans[i]}: {outcome}")
+
+    with ThreadPoolExecutor(MAX_SESSIONS + MAX_QUEUED) as pool:
+        list(pool.map(one, range(len(plans))))
+    assert not unexpected, "\n".join(unexpected)
+    assert counts["stream-cancelled"] >= 10 and counts["control-cancelled"] >= 10, counts
+    after = _idle(srv)
+
+    def threads_back() -> bool:
+        # prefill's worker pool (8 threads, started on demand) is bounded, not a leak.
+        now = gauges_by_instance(scrape(srv.metrics_url), "multistream_threads")
+        return all(now.get(k, 0) <= v + (8 if k.startswith("prefill") else 1) for k, v in threads_before.items())
+
+    assert wait_for(threads_back, 15), (
+        f"threads grew: before {threads_before}, after {gauges_by_instance(scrape(srv.metrics_url), 'multistream_threads')}"
+    )
+    assert gauge_sum(after, "multistream_kv_cache_used_tokens") == 0
+    # Triton gives each model its own folder as ``model_repository``; the root hangs off its parent.
+    root = mailbox_root(str(srv.run_dir / "model_repository" / "decode"))
+    assert root.is_dir(), root
+    left = [p.name for p in root.iterdir() if p.name != ".cancel"] + [p.name for p in (root / ".cancel").iterdir()]
+    assert not left, f"mailbox entries left behind: {left}"
+    _assert_no_crash(srv, stubs)
+    with MultiStreamClient(srv.grpc_url, idle_timeout_s=60) as client:
+        done = client.generate(PROMPT, max_tokens=16, reasoning_streams=1, reasoning_budget=16).result()
+    assert done.output_text.strip() and set(done.finish_reasons.values()) <= {"stop", "length"}, done
+
+
+def test_reasoning_failure_ends_only_the_reasoning_stream(small_server) -> None:
+    """A BLS call to reasoning that errors ends reasoning/0 with finish_reason "error" (the delta
+    says why) while the answer completes normally."""
+    with MultiStreamClient(small_server.grpc_url, idle_timeout_s=60) as client:
+        gen = client.generate(
+            PROMPT, max_tokens=24, reasoning_streams=1, reasoning_budget=64, session_id=f"fault-err-{uuid.uuid4().hex[:6]}"
+        )
+        events = list(gen)
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert done.finish_reasons["output"] in ("stop", "length") and done.output_text.strip(), done
+    assert done.finish_reasons["reasoning/0"] == "error", done.finish_reasons
+    last = [e for e in events[:-1] if e.stream == "reasoning/0"][-1]
+    assert "injected fault" in last.text, last
+    _idle(small_server)
+
+
+def test_reasoning_timeout_ends_the_reasoning_stream(small_server) -> None:
+    """A reasoning call that goes silent is given up after ``reasoning_timeout_s``; the answer
+    completes, the reasoning stream ends with an error naming the timeout, nothing leaks."""
+    t0 = time.monotonic()
+    with MultiStreamClient(small_server.grpc_url, idle_timeout_s=60) as client:
+        gen = client.generate(
+            PROMPT, max_tokens=24, reasoning_streams=2, reasoning_budget=64, session_id=f"fault-hang-{uuid.uuid4().hex[:6]}"
+        )
+        events = list(gen)
+    seconds = time.monotonic() - t0
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert done.finish_reasons["output"] in ("stop", "length") and done.output_text.strip(), done
+    assert done.finish_reasons["reasoning/0"] == done.finish_reasons["reasoning/1"] == "error", done.finish_reasons
+    last = [e for e in events[:-1] if e.stream == "reasoning/1"][-1]
+    assert "timed out" in last.text, last
+    assert seconds < REASONING_TIMEOUT_S + 20, seconds
+    _idle(small_server)
+
+
+def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None:
+    """SIGKILL the decode stub while two requests stream.
+
+    Measured on tritonserver 2.51: Triton never ends the dead stub's in-flight requests (no
+    error, no final flag), does not restart the stub of this decoupled model, and keeps
+    ``/v2/health/ready`` and the model's ready endpoint at 200; later requests fail at once
+    with "Stub process 'decode_0_0' is not healthy". So: the client library notices the
+    stall and asks ``session_control`` (``action: "status"``), which sees that the session's
+    owner pid is gone -> an error within seconds, not a hang; and the launcher
+    (``ServerHandle.dead_stubs``, watched by ``python -m backend.serve``) sees the dead stub
+    and exits so an orchestrator restarts the server. If a later Triton restarts the stub
+    or reports unready, that is accepted too. Runs last: it breaks this module's server.
+    """
+    srv = small_server
+    base = f"http://{srv.http_url}"
+    decode_pid = srv.stubs()["decode_0_0"]
+    started = threading.Barrier(3)
+    outcomes: list[tuple[object, float]] = []
+    t_kill = 0.0
+
+    def one() -> None:
+        with MultiStreamClient(srv.grpc_url, idle_timeout_s=120) as client:
+            gen = client.generate(PROMPT, max_tokens=300, reasoning_streams=1, reasoning_budget=300)
+            try:
+                n = 0
+                for _ in gen:
+                    n += 1
+                    if n == 3:
+                        started.wait(timeout=60)
+                outcomes.append(("completed", time.monotonic() - t_kill))
+            except MultiStreamError as e:
+                outcomes.append((e, time.monotonic() - t_kill))
+
+    workers = [threading.Thread(target=one, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    started.wait(timeout=60)
+    t_kill = time.monotonic()
+    os.kill(decode_pid, signal.SIGKILL)
+    for w in workers:
+        w.join(timeout=60)
+    assert not any(w.is_alive() for w in workers), "a client hangs after its decode stub died"
+    for outcome, seconds in outcomes:
+        assert isinstance(outcome, MultiStreamError), f"a request on the killed stub did not fail: {outcome}"
+        assert "was lost" in str(outcome) and "died" in str(outcome), outcome
+        assert seconds < 30, f"the client learnt of the dead stub only after {seconds:.0f}s"
+    assert wait_for(lambda: srv.dead_stubs() == ["decode_0_0"], 10), srv.dead_stubs()
+
+    t0 = time.monotonic()
+    try:
+        with MultiStreamClient(srv.grpc_url, idle_timeout_s=30) as client:
+            text = client.generate("Say hi.", max_tokens=4).result().output_text
+        state = "recovered" if text else "empty answer"
+    except MultiStreamError as e:
+        state = f"refused: {e}"
+    ready = (http_status(f"{base}/v2/health/ready"), http_status(f"{base}/v2/models/decode/ready"))
+    print(f"after killing decode: clients {[str(o)[:100] for o, _ in outcomes]}; new request {state}; ready {ready}")
+    if state.startswith("refused"):
+        assert "not healthy" in state and time.monotonic() - t0 < 15, state
+    else:
+        assert state == "recovered" or ready != (200, 200), (state, ready)
