@@ -84,11 +84,13 @@ def machine_info(threads: int, dtype: str) -> dict[str, Any]:
     except OSError:
         pass
     versions: dict[str, str] = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("transformers", "llama_cpp", "tritonclient"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - absent or broken: just not listed
-            versions[mod] = "not installed"
+    from importlib import metadata
+
+    for dist in ("transformers", "llama-cpp-python", "tritonclient", "nvidia-pytriton"):
+        try:  # distribution metadata: tritonclient has no __version__, and nothing gets imported
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
     return {
         "cores": cpu_count(),
         "logical_cpus": os.cpu_count(),
