@@ -31,7 +31,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from locust import User, constant, task  # noqa: E402
+from locust import User, constant, constant_pacing, task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust -f from anywhere
 
@@ -53,7 +53,13 @@ def _env_float(name: str) -> float | None:
 class MultiStreamUser(User):
     """One simulated user: sends a random bundled prompt, reads the whole stream, repeats."""
 
-    wait_time = constant(0)
+    # MULTISTREAM_PACING_S: one request per user every that many seconds (a steady arrival
+    # rate for soak runs, bench.soak); unset: back to back (maximum load).
+    wait_time = (
+        constant_pacing(float(os.environ["MULTISTREAM_PACING_S"]))
+        if os.environ.get("MULTISTREAM_PACING_S")
+        else constant(0)
+    )
 
     def on_start(self) -> None:
         url = self.host or os.environ.get("MULTISTREAM_URL") or "localhost:8001"
