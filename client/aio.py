@@ -21,7 +21,7 @@ from .errors import IncompleteStreamError, MultiStreamCancelled, MultiStreamErro
 from .events import Done, Event, StreamTracker
 from .parse import fields_from_json, fields_from_result, http_error_message, is_final_grpc, iter_sse_json
 from .request import GenerateRequest, control_tensors, ensure_session_id, grpc_inputs
-from .sync import CONTROL_MODEL, MODEL_NAME, make_request, normalize_url
+from .sync import CONTROL_MODEL, MODEL_NAME, STALL_CHECK_S, make_request, normalize_url
 
 
 class AsyncGeneration:
@@ -72,6 +72,27 @@ class AsyncGeneration:
         if self._call is not None:
             self._call.cancel()
 
+    async def _next_or_stall_check(self, responses: Any, tracker: StreamTracker) -> Any:
+        """The next response; every ``STALL_CHECK_S`` without one, asks ``session_control``
+        whether the session was lost (tritonserver 2.51 never ends the requests of a dead
+        stub); ``asyncio.TimeoutError`` after ``idle_timeout_s`` of silence."""
+        c = self._client
+        nxt = asyncio.ensure_future(responses.__anext__())
+        deadline = time.monotonic() + c.idle_timeout_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                done, _ = await asyncio.wait({nxt}, timeout=min(STALL_CHECK_S, left))
+                if done:
+                    return nxt.result()
+                if tracker.session_id:
+                    await c._check_session_alive(tracker.session_id)
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+
     async def _iter_grpc(self) -> AsyncIterator[Event]:
         import grpc
         import tritonclient.grpc as grpcclient
@@ -108,7 +129,7 @@ class AsyncGeneration:
             responses = call.__aiter__()
             while True:
                 try:
-                    response = await asyncio.wait_for(responses.__anext__(), c.idle_timeout_s)
+                    response = await self._next_or_stall_check(responses, tracker)
                 except StopAsyncIteration:
                     raise IncompleteStreamError("server closed the stream without a final response") from None
                 except asyncio.TimeoutError:
@@ -289,6 +310,14 @@ class AsyncMultiStreamClient:
     async def cancel(self, session_id: str) -> bool:
         """Ask the server to cancel a session."""
         return await self._control(session_id, "cancel", None)
+
+    async def _check_session_alive(self, session_id: str) -> None:
+        """Raises if the server says the session was lost (see ``MultiStreamClient``)."""
+        try:
+            await self._control(session_id, "status", None)
+        except MultiStreamError as exc:
+            if "was lost" in str(exc):
+                raise MultiStreamError(f"request lost on the server: {exc}") from None
 
     async def close(self) -> None:
         if self._unary is not None:

@@ -9,6 +9,7 @@ makes reasoning fail (or go silent) for session ids with a test-only prefix.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -22,7 +23,7 @@ import pytest
 
 from backend.serve import DEFAULT_REPOSITORY, ServerHandle, start_server
 from backend.serving.session_control import mailbox_root
-from client import Done, MultiStreamCancelled, MultiStreamClient, MultiStreamError
+from client import AsyncMultiStreamClient, Done, MultiStreamCancelled, MultiStreamClient, MultiStreamError
 from tests.reliability_helpers import (
     assert_serves_normally,
     gauge_sum,
@@ -283,7 +284,7 @@ def test_reasoning_timeout_ends_the_reasoning_stream(small_server) -> None:
 
 
 def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None:
-    """SIGKILL the decode stub while two requests stream.
+    """SIGKILL the decode stub while two requests stream (sync and asyncio client).
 
     Measured on tritonserver 2.51: Triton never ends the dead stub's in-flight requests (no
     error, no final flag), does not restart the stub of this decoupled model, and keeps
@@ -302,7 +303,7 @@ def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None
     outcomes: list[tuple[object, float]] = []
     t_kill = 0.0
 
-    def one() -> None:
+    def sync_client() -> None:
         with MultiStreamClient(srv.grpc_url, idle_timeout_s=120) as client:
             gen = client.generate(PROMPT, max_tokens=300, reasoning_streams=1, reasoning_budget=300)
             try:
@@ -315,7 +316,23 @@ def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None
             except MultiStreamError as e:
                 outcomes.append((e, time.monotonic() - t_kill))
 
-    workers = [threading.Thread(target=one, daemon=True) for _ in range(2)]
+    async def async_client() -> None:
+        async with AsyncMultiStreamClient(srv.grpc_url, idle_timeout_s=120) as client:
+            gen = client.generate(PROMPT, max_tokens=300, reasoning_streams=1, reasoning_budget=300)
+            try:
+                n = 0
+                async for _ in gen:
+                    n += 1
+                    if n == 3:
+                        await asyncio.to_thread(started.wait, 60)
+                outcomes.append(("completed", time.monotonic() - t_kill))
+            except MultiStreamError as e:
+                outcomes.append((e, time.monotonic() - t_kill))
+
+    workers = [
+        threading.Thread(target=sync_client, daemon=True),
+        threading.Thread(target=lambda: asyncio.run(async_client()), daemon=True),
+    ]
     for w in workers:
         w.start()
     started.wait(timeout=60)
