@@ -55,6 +55,21 @@ def tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
+def rss_by_process_mb(pid: int) -> dict[str, float]:
+    """RSS (MiB) of tritonserver and of each stub (by instance name): who grows, if anything."""
+    from backend.serve import python_stubs
+
+    out: dict[str, float] = {}
+    for name, p in {"tritonserver": pid, **python_stubs(pid)}.items():
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out[name] = round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+    return out
+
+
 def percentiles(csv_path: Path, name: str) -> dict[str, float]:
     """p50/p99 (ms) and count of one locust request name from locust_stats.csv."""
     with csv_path.open(newline="") as f:
@@ -117,6 +132,7 @@ def run(args: argparse.Namespace, url: str, server_pid: int | None) -> dict[str,
             stop.wait(args.sample_s)
 
     rss_start = tree_rss_mb(server_pid) if server_pid else math.nan
+    by_process_start = rss_by_process_mb(server_pid) if server_pid else {}
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.monotonic()
@@ -126,6 +142,7 @@ def run(args: argparse.Namespace, url: str, server_pid: int | None) -> dict[str,
     sampler.join()
     time.sleep(2)  # let the last sessions end before the final RSS
     rss_end = tree_rss_mb(server_pid) if server_pid else math.nan
+    by_process_end = rss_by_process_mb(server_pid) if server_pid else {}
     counts = read_final_counts(out / "locust_stats.json")
     full = counts.get("full_response", (0, 0))
     ttft = percentiles(out / "locust_stats.csv", "ttft_output")
@@ -157,6 +174,9 @@ def run(args: argparse.Namespace, url: str, server_pid: int | None) -> dict[str,
         "rss_growth_first_to_last_quarter": round(steady_growth, 4),
         # Flat: the last quarter of the run holds no more than max_growth over the first.
         "memory_flat": bool(steady_growth <= args.max_growth) if server_pid else None,
+        "rss_by_process_start_mb": by_process_start,
+        "rss_by_process_end_mb": by_process_end,
+        "rss_series_mb": [[round(t), round(r)] for t, r in samples],
         "locust_rc": rc,
         "out": str(out),
     }

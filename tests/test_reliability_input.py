@@ -167,18 +167,50 @@ def _values(dtype: str, name: str) -> st.SearchStrategy:
     return st.one_of(st.integers(max(lo, -3), 6), st.integers(lo, hi))
 
 
+_VALID = {
+    "stream": ("BOOL", st.booleans()),
+    "temperature": ("FP32", st.floats(0, 2)),
+    "top_p": ("FP32", st.floats(0.05, 1)),
+    "top_k": ("INT32", st.integers(0, 50)),
+    "seed": ("UINT64", st.integers(0, 2**63)),
+    "repetition_penalty": ("FP32", st.floats(0.5, 2)),
+    "stop_words": ("BYTES", st.text(min_size=1, max_size=4)),
+    "reasoning_streams": ("INT32", st.integers(0, 4)),
+    "reasoning_budget": ("INT32", st.integers(1, 6)),
+    "attention_mode": ("BYTES", st.sampled_from(["isolated", "cross"])),
+}
+
+
+@st.composite
+def valid_request(draw: st.DrawFn) -> list[tuple[str, str, tuple[int, ...], list[Any]]]:
+    """Random but valid: a non-blank prompt, 1..6 tokens, a random subset of valid options."""
+    text = draw(st.text(min_size=1, max_size=80).filter(lambda t: t.strip()))
+    spec = [("text_input", "BYTES", (1, 1), [text]), ("max_tokens", "INT32", (1, 1), [draw(st.integers(1, 6))])]
+    for name in draw(st.lists(st.sampled_from(sorted(_VALID)), max_size=6, unique=True)):
+        dtype, values = _VALID[name]
+        spec.append((name, dtype, (1, 1), [draw(values)]))
+    return spec
+
+
 @st.composite
 def random_request(draw: st.DrawFn) -> list[tuple[str, str, tuple[int, ...], list[Any]]]:
-    """A random subset of the inputs, each with a mostly-right (sometimes wrong) type and shape."""
+    """A random subset of the inputs with random values; in about a third of the requests one
+    input also gets a random type and shape (Triton's own checks), the rest reach
+    ``preprocessing`` (and, when valid, generate a few tokens)."""
+    if draw(st.integers(0, 2)) == 0:  # a third: valid values, so generation paths run too
+        return draw(valid_request())
     names = draw(st.lists(st.sampled_from(sorted(INPUTS)), max_size=8, unique=True))
     for required in ("text_input", "max_tokens"):
         if required not in names and draw(st.integers(0, 9)) > 0:
             names.append(required)
+    broken = draw(st.sampled_from(names)) if names and draw(st.integers(0, 2)) == 0 else None
     spec = []
     for name in names:
-        right = TRITON_TYPE[INPUTS[name]]
-        dtype = right if draw(st.integers(0, 5)) > 0 else draw(st.sampled_from(_TYPES))
-        shape = draw(st.sampled_from(_SHAPES))
+        dtype = TRITON_TYPE[INPUTS[name]]
+        shape: tuple[int, ...] = (1, draw(st.integers(0, 3))) if name in LIST_INPUTS else (1, 1)
+        if name == broken:
+            dtype = draw(st.sampled_from(_TYPES))
+            shape = draw(st.sampled_from(_SHAPES))
         n = 1
         for d in shape:
             n *= d
