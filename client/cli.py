@@ -28,8 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="multistream",
         description="Stream an answer and background reasoning from the multistream Triton model.",
     )
-    p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted (not with --interactive)")
-    p.add_argument("--url", default=None, help="server host:port (default localhost:8001 for grpc, :8000 for http)")
+    p.add_argument(
+        "prompt", nargs="?", help="the prompt; read from stdin when omitted (not with --interactive)"
+    )
+    p.add_argument(
+        "--url", default=None, help="server host:port (default localhost:8001 for grpc, :8000 for http)"
+    )
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     p.add_argument("--max-tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=_non_negative_float, default=None)
@@ -40,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-streams", type=_non_negative_int, default=None)
     p.add_argument("--reasoning-budget", type=_positive_int, default=None)
     p.add_argument("--attention-mode", choices=ATTENTION_MODES, default=None)
-    p.add_argument("--sync", choices=("none", "revise"), default=None,
-                   help="revise: the answer is revised once reasoning is done (a 'revision' stream)")
+    p.add_argument(
+        "--sync",
+        choices=("none", "revise"),
+        default=None,
+        help="revise: the answer is revised once reasoning is done (a 'revision' stream)",
+    )
     p.add_argument("--session-id", default=None)
     p.add_argument("--no-stream", action="store_true", help="one final response instead of deltas")
     p.add_argument("--json", action="store_true", help="print one JSON object (no live view)")
@@ -50,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="lines typed while the answer streams are pushed into the session (User channel)",
     )
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds without any response before giving up")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds without any response before giving up"
+    )
     return p
 
 
@@ -161,7 +171,10 @@ def _render(texts: dict[str, str], pusher: _Pusher | None, full: bool, console: 
         return grid
     outer = Table.grid(expand=True)
     outer.add_row(grid)
-    you = "\n".join(f"> {t}" for t in pusher.pushed[-5:] + pusher.notes[-2:]) or "(type and press Enter to add input)"
+    you = (
+        "\n".join(f"> {t}" for t in pusher.pushed[-5:] + pusher.notes[-2:])
+        or "(type and press Enter to add input)"
+    )
     outer.add_row(Panel(Text(you), title="you", border_style="magenta"))
     return outer
 

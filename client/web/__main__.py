@@ -11,7 +11,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m client.web",
         description="Live web playground: answer and reasoning streams side by side, input while it runs.",
     )
-    p.add_argument("--triton", default="localhost:8001", help="Triton gRPC address host:port (default %(default)s)")
+    p.add_argument(
+        "--triton", default="localhost:8001", help="Triton gRPC address host:port (default %(default)s)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to serve the page on (default %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="port to serve the page on (default %(default)s)")
     p.add_argument("--model", default="multistream", help="ensemble name (default %(default)s)")
@@ -24,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
     except ImportError:
-        print("error: the playground needs uvicorn and starlette (scripts/setup.sh installs them)", file=sys.stderr)
+        print(
+            "error: the playground needs uvicorn and starlette (scripts/setup.sh installs them)",
+            file=sys.stderr,
+        )
         return 1
     from .app import create_app
 

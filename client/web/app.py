@@ -104,7 +104,9 @@ def parse_params(raw: dict[str, Any] | None) -> dict[str, Any]:
             else:
                 out[name] = typ(value.strip() if isinstance(value, str) else value)
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be {'an integer' if typ is int else 'a number'}, got {value!r}") from None
+            raise ValueError(
+                f"{name} must be {'an integer' if typ is int else 'a number'}, got {value!r}"
+            ) from None
     out.setdefault("max_tokens", 128)
     return out
 
@@ -155,10 +157,16 @@ class _Session:
 
         Streams that finished keep their own reason; the others were cut by the stop.
         """
-        reasons = {n: st.finish_reason or "cancelled" for n, st in self.stats.items() if n not in ECHO_STREAMS}
-        return {"type": "done", "outcome": "cancelled", "session_id": self.session_id,
-                "finish_reasons": reasons or {"output": "cancelled"},
-                "stats": {n: st.as_dict(self.t0) for n, st in self.stats.items()}}
+        reasons = {
+            n: st.finish_reason or "cancelled" for n, st in self.stats.items() if n not in ECHO_STREAMS
+        }
+        return {
+            "type": "done",
+            "outcome": "cancelled",
+            "session_id": self.session_id,
+            "finish_reasons": reasons or {"output": "cancelled"},
+            "stats": {n: st.as_dict(self.t0) for n, st in self.stats.items()},
+        }
 
 
 class Playground:
@@ -180,13 +188,17 @@ class Playground:
 
         triton = grpcaio.InferenceServerClient(self.client.url)
         try:
+
             async def probe() -> dict[str, Any]:
                 if not await triton.is_server_live():
                     return {"ok": False, "message": f"Triton at {self.triton_url} is not live"}
                 missing = [m for m in (self.model_name, CONTROL_MODEL) if not await triton.is_model_ready(m)]
                 if missing:
-                    return {"ok": False, "message": f"Triton at {self.triton_url} is up but model(s) "
-                            f"{', '.join(missing)} are not ready"}
+                    return {
+                        "ok": False,
+                        "message": f"Triton at {self.triton_url} is up but model(s) "
+                        f"{', '.join(missing)} are not ready",
+                    }
                 limits: dict[str, int] = {}
                 with contextlib.suppress(Exception):  # limits are a UI nicety, never fatal
                     cfg = await triton.get_model_config("preprocessing")
@@ -197,8 +209,10 @@ class Playground:
 
             return await asyncio.wait_for(probe(), HEALTH_TIMEOUT_S)
         except asyncio.TimeoutError:
-            return {"ok": False, "message": f"Triton at {self.triton_url} did not answer within "
-                    f"{HEALTH_TIMEOUT_S:.0f}s"}
+            return {
+                "ok": False,
+                "message": f"Triton at {self.triton_url} did not answer within {HEALTH_TIMEOUT_S:.0f}s",
+            }
         except Exception as exc:  # tritonclient raises InferenceServerException for refused connections
             detail = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
             return {"ok": False, "message": f"cannot reach Triton at {self.triton_url}: {detail}"}
@@ -266,15 +280,18 @@ class _Tab:
             elif kind == "ping":
                 self._spawn(self._send_status())
             else:
-                await self.send({"type": "error", "kind": "request", "message": f"unknown message type {kind!r}"})
+                await self.send(
+                    {"type": "error", "kind": "request", "message": f"unknown message type {kind!r}"}
+                )
 
     async def _send_status(self) -> None:
         await self.send({"type": "status", **(await self.pg.health())})
 
     async def start(self, prompt: str, raw_params: dict[str, Any]) -> None:
         if self.session is not None:
-            await self.send({"type": "error", "kind": "request",
-                             "message": "a session is already running: stop it first"})
+            await self.send(
+                {"type": "error", "kind": "request", "message": "a session is already running: stop it first"}
+            )
             return
         try:
             params = parse_params(raw_params)
@@ -299,9 +316,18 @@ class _Tab:
                     st = s.stats.setdefault(ev.stream, _StreamStats())
                     st.feed(ev)
                     kind = "user" if ev.stream in ECHO_STREAMS else ev.kind
-                    await self.send({"type": "delta", "stream": ev.stream, "kind": kind, "text": ev.text,
-                                     "n_tokens": len(ev.token_ids), "finish_reason": ev.finish_reason,
-                                     "server_ms": ev.timing_ms, **st.as_dict(s.t0)})
+                    await self.send(
+                        {
+                            "type": "delta",
+                            "stream": ev.stream,
+                            "kind": kind,
+                            "text": ev.text,
+                            "n_tokens": len(ev.token_ids),
+                            "finish_reason": ev.finish_reason,
+                            "server_ms": ev.timing_ms,
+                            **st.as_dict(s.t0),
+                        }
+                    )
                     if not s.live:
                         s.live = True
                         for text in s.pending_inputs:
@@ -317,7 +343,9 @@ class _Tab:
             await self.send({**s.cancelled_summary(), "local": True})
         except IncompleteStreamError as exc:
             if not s.stopping:
-                await self.send({"type": "error", "kind": "server", "message": f"Triton returned an error: {exc}"})
+                await self.send(
+                    {"type": "error", "kind": "server", "message": f"Triton returned an error: {exc}"}
+                )
                 return
             # The user asked to stop and the server ended the request, but some stream had no
             # final "cancelled" delta: still a cancelled session; say which streams were cut.
@@ -325,9 +353,13 @@ class _Tab:
             log.warning("session %s stopped: %s", s.session_id, exc)
             await self.send({**s.cancelled_summary(), "incomplete": str(exc)})
         except MultiStreamConnectionError as exc:
-            await self.send({"type": "error", "kind": "connection", "message": f"Triton is down or unreachable: {exc}"})
+            await self.send(
+                {"type": "error", "kind": "connection", "message": f"Triton is down or unreachable: {exc}"}
+            )
         except MultiStreamError as exc:
-            await self.send({"type": "error", "kind": "server", "message": f"Triton returned an error: {exc}"})
+            await self.send(
+                {"type": "error", "kind": "server", "message": f"Triton returned an error: {exc}"}
+            )
         except Exception as exc:  # never leave the page spinning on an unexpected failure
             log.exception("session %s failed", s.session_id)
             await self.send({"type": "error", "kind": "server", "message": f"{type(exc).__name__}: {exc}"})
@@ -341,16 +373,35 @@ class _Tab:
         if not text.strip():
             await self.send({"type": "input_ack", "text": text, "accepted": False, "message": "empty input"})
         elif s is None:
-            await self.send({"type": "input_ack", "text": text, "accepted": False,
-                             "message": "no session is running: start one with the prompt box"})
+            await self.send(
+                {
+                    "type": "input_ack",
+                    "text": text,
+                    "accepted": False,
+                    "message": "no session is running: start one with the prompt box",
+                }
+            )
         elif not s.live:
             if len(s.pending_inputs) >= MAX_PENDING_INPUTS:
-                await self.send({"type": "input_ack", "text": text, "accepted": False,
-                                 "message": "too many inputs queued before the first token"})
+                await self.send(
+                    {
+                        "type": "input_ack",
+                        "text": text,
+                        "accepted": False,
+                        "message": "too many inputs queued before the first token",
+                    }
+                )
                 return
             s.pending_inputs.append(text)
-            await self.send({"type": "input_ack", "text": text, "accepted": None, "queued": True,
-                             "session_id": s.session_id})
+            await self.send(
+                {
+                    "type": "input_ack",
+                    "text": text,
+                    "accepted": None,
+                    "queued": True,
+                    "session_id": s.session_id,
+                }
+            )
         else:
             self._spawn(self._push(s, text))
 
@@ -358,10 +409,19 @@ class _Tab:
         """``session_control`` action "input"; the page shows the server's ``accepted`` answer."""
         try:
             accepted = await self.pg.client.push_input(s.session_id, text)
-            await self.send({"type": "input_ack", "text": text, "accepted": accepted, "session_id": s.session_id})
+            await self.send(
+                {"type": "input_ack", "text": text, "accepted": accepted, "session_id": s.session_id}
+            )
         except MultiStreamError as exc:
-            await self.send({"type": "input_ack", "text": text, "accepted": False, "session_id": s.session_id,
-                             "message": str(exc)})
+            await self.send(
+                {
+                    "type": "input_ack",
+                    "text": text,
+                    "accepted": False,
+                    "session_id": s.session_id,
+                    "message": str(exc),
+                }
+            )
 
     async def stop(self) -> None:
         s = self.session
@@ -388,10 +448,14 @@ class _Tab:
         """
         try:
             accepted = await self.pg.client.cancel(s.session_id)
-            await self.send({"type": "stop_ack", "via": "server", "accepted": accepted, "session_id": s.session_id})
+            await self.send(
+                {"type": "stop_ack", "via": "server", "accepted": accepted, "session_id": s.session_id}
+            )
         except MultiStreamError as exc:
             # Usually the session ended on its own in the meantime; cut the stream if it has not.
-            await self.send({"type": "stop_ack", "via": "local", "session_id": s.session_id, "message": str(exc)})
+            await self.send(
+                {"type": "stop_ack", "via": "local", "session_id": s.session_id, "message": str(exc)}
+            )
             s.gen.cancel()
             return
         await self._local_cancel_later(s, STOP_GRACE_S)
