@@ -471,20 +471,22 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_signal)
+    # The deployment settings both paths share (rendering only, or rendering and serving).
+    settings = dict(
+        config_file=args.config,
+        model_dir=args.model_dir,
+        dtype=args.dtype,
+        kind=args.kind,
+        decode_instances=args.decode_instances,
+        reasoning_instances=args.reasoning_instances,
+        prefill_instances=args.prefill_instances,
+        preprocessing_instances=args.preprocessing_instances,
+        threads=threads,
+        max_sessions=args.max_sessions,
+        max_context=args.max_context,
+    )
     if args.render_only:
-        cfg = build_config(
-            config_file=args.config,
-            model_dir=args.model_dir,
-            dtype=args.dtype,
-            kind=args.kind,
-            decode_instances=args.decode_instances,
-            reasoning_instances=args.reasoning_instances,
-            prefill_instances=args.prefill_instances,
-            preprocessing_instances=args.preprocessing_instances,
-            threads=threads,
-            max_sessions=args.max_sessions,
-            max_context=args.max_context,
-        )
+        cfg = build_config(**settings)
         cfg.model_dir = resolve_model_dir(cfg.model_dir)
         models = render_repository(
             Path(args.model_repository), Path(args.render_only), cfg, cfg.resolved_kind()
@@ -494,21 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handle = start_server(
             args.model_repository,
-            config_file=args.config,
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             metrics_port=args.metrics_port,
             address=args.address,
-            model_dir=args.model_dir,
-            dtype=args.dtype,
-            kind=args.kind,
-            decode_instances=args.decode_instances,
-            reasoning_instances=args.reasoning_instances,
-            prefill_instances=args.prefill_instances,
-            preprocessing_instances=args.preprocessing_instances,
-            threads=threads,
-            max_sessions=args.max_sessions,
-            max_context=args.max_context,
+            **settings,
             log_level=args.log_level,
             run_dir=args.run_dir,
             keep_run_dir=args.run_dir is not None,

@@ -429,4 +429,5 @@ class DecodeModel:
 
     def finalize(self) -> None:
         self.poller.stop()
+        self.metrics.close()
         self.engine.shutdown()

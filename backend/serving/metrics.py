@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 TTFT_BUCKETS_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 #: How often the flusher thread pushes recorded values to Triton (s): /metrics lags by this.
-FLUSH_PERIOD_S = 0.25
+FLUSH_PERIOD_S = 0.5
 ITL_BUCKETS_MS = [5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 5000]
 
 FAMILIES = {
@@ -70,6 +70,7 @@ class ServingMetrics:
         self._pending: dict[tuple, tuple[str, list[float] | None, list[float]]] = {}
         self._flush_wake = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._closed = False
         if pb_utils is None:
             return
         try:
@@ -107,17 +108,32 @@ class ServingMetrics:
                 values[:] = [float(value)]
             else:
                 values.append(float(value))
-            start = self._flusher is None
+            start = self._flusher is None and not self._closed
             if start:
                 self._flusher = threading.Thread(target=self._flush_loop, name="metrics-flush", daemon=True)
         if start:
             self._flusher.start()
 
     def _flush_loop(self) -> None:
-        while True:
+        while not self._closed:
             self._flush_wake.wait(FLUSH_PERIOD_S)
             self._flush_wake.clear()
-            self.flush()
+            if not self._closed:
+                self.flush()
+
+    def close(self) -> None:
+        """Stops metric IPC for good; call from the model's ``finalize``.
+
+        A metric call while the stub tears down dereferences its freed shared-memory pool
+        (SIGSEGV in ``Metric::SaveToSharedMemory``, seen in the kernel log of this machine),
+        so the flusher must be stopped and joined before the stub finalizes.
+        """
+        with self._lock:
+            self._closed = True
+            flusher = self._flusher
+        self._flush_wake.set()
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(timeout=5)
 
     def flush(self) -> None:
         """Sends what was recorded since the last flush (the flusher thread calls this)."""

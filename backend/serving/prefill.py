@@ -56,5 +56,6 @@ class PrefillModel:
 
     def finalize(self) -> None:
         self.poller.stop()
+        self.metrics.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()

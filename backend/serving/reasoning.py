@@ -222,6 +222,7 @@ class ReasoningModel:
 
     def finalize(self) -> None:
         self.poller.stop()
+        self.metrics.close()
         self.engine.shutdown()
 
 
