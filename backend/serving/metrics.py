@@ -134,6 +134,12 @@ class ServingMetrics:
         self._flush_wake.set()
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join(timeout=5)
+        # Drop the metric objects now, while the stub's shared memory still exists: their
+        # destructors make IPC, and run at interpreter teardown they crash in
+        # ``MetricFamily::SaveToSharedMemory`` and leave the stub's /dev/shm region behind.
+        with self._lock:
+            self._metrics.clear()
+            self._families.clear()
 
     def flush(self) -> None:
         """Sends what was recorded since the last flush (the flusher thread calls this)."""
