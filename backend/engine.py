@@ -193,9 +193,6 @@ class _Session:
     def in_prefill(self) -> bool:
         return self.prefilled < len(self.prompt)
 
-    def live_streams(self) -> list[_Stream]:
-        return [s for s in self.streams if not s.finished]
-
     def done(self) -> bool:
         if self.export is not None:
             return not self.in_prefill

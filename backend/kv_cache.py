@@ -132,16 +132,6 @@ class KVPool:
             [torch.stack([self.k[li][slot, :, :n], self.v[li][slot, :, :n]]) for li in range(len(self.k))]
         )
 
-    def copy_prefix(self, src: int, dst: int, length: int) -> None:
-        """Fork: a new session starts from another's first ``length`` tokens without recomputing them."""
-        start = self.reserve(dst, length)
-        assert start == 0, "fork target must be empty"
-        for li in range(len(self.k)):
-            self.k[li][dst, :, :length] = self.k[li][src, :, :length]
-            self.v[li][dst, :, :length] = self.v[li][src, :, :length]
-        self.rows[dst, :length] = self.rows[src, :length]
-        self.chans[dst, :length] = self.chans[src, :length]
-
     def stats(self) -> KVStats:
         used = self.max_sessions - len(self._free)
         return KVStats(
