@@ -574,7 +574,7 @@ class Engine:
         if not tokens:
             return
         batch = self._pack(tokens, positions, chans, embeds, per_session, logit_index)
-        logits = self.model.forward(batch, self.pool.k, self.pool.v) if logit_index or tokens else None
+        logits = self.model.forward(batch, self.pool.k, self.pool.v)
         self._steps += 1
         self._tokens_processed += len(tokens)
         self._consume(per_session, logit_owner, logits)
@@ -639,14 +639,14 @@ class Engine:
         )
 
     def _consume(self, per_session, logit_owner, logits) -> None:
-        logits = logits.cpu() if logits is not None else None
-        by_owner: dict[int, torch.Tensor] = {}
-        for i, (_, owner) in enumerate(logit_owner):
-            by_owner[id(owner)] = logits[i]
-        prefill_done: dict[str, torch.Tensor] = {}
+        logits = logits.cpu()
+        by_owner: dict[int, torch.Tensor] = {}  # a stream's logits
+        prefill_done: dict[str, torch.Tensor] = {}  # a prompt's last logits, by session
         for i, (session, owner) in enumerate(logit_owner):
             if owner == "prefill":
                 prefill_done[session.id] = logits[i]
+            else:
+                by_owner[id(owner)] = logits[i]
         for session, _, _ in per_session:
             if session.id not in self._active:
                 continue
