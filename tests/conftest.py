@@ -7,15 +7,53 @@ Why session-scoped: starting the server loads every Python stub and the model
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sysconfig
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from backend.serve import DEFAULT_REPOSITORY, ServerHandle, list_models, start_server
 
 
+def build_gil_check(out_dir: Path) -> Path | None:
+    """Builds tests/support/gil_check.c; ``None`` (no check) where there is no C compiler."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        warnings.warn("no C compiler: the stubs run without the off-GIL allocation check", stacklevel=2)
+        return None
+    out = out_dir / "gil_check.so"
+    src = Path(__file__).parent / "support" / "gil_check.c"
+    include = sysconfig.get_paths()["include"]
+    subprocess.run([cc, "-O1", "-shared", "-fPIC", f"-I{include}", str(src), "-o", str(out)], check=True)
+    return out
+
+
 @pytest.fixture(scope="session")
-def triton_server() -> Iterator[ServerHandle]:
+def gil_check(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every stub started by the tests aborts at the first Python allocation made off the GIL.
+
+    Why: that is how Triton 2.51's python backend crashes a stub (backend/serving/
+    reasoning_wire.py); the corruption otherwise surfaces minutes later, anywhere.
+    """
+    so = os.environ.get("MULTISTREAM_GIL_CHECK") or build_gil_check(tmp_path_factory.mktemp("gil_check"))
+    if so is None:
+        yield
+        return
+    old = os.environ.get("MULTISTREAM_GIL_CHECK")
+    os.environ["MULTISTREAM_GIL_CHECK"] = str(so)  # inherited by tritonserver and its stubs
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MULTISTREAM_GIL_CHECK", None)
+
+
+@pytest.fixture(scope="session")
+def triton_server(gil_check: None) -> Iterator[ServerHandle]:
     """The real repository on free ports, small settings (2 decode instances, 1 thread each).
 
     Skips (not fails) while ``model_repository/`` has no models yet. Set
@@ -41,6 +79,9 @@ def triton_server() -> Iterator[ServerHandle]:
     )
     try:
         yield handle
+        # No test of this server kills a stub: one that died, crashed (e.g. the off-GIL check).
+        dead = handle.dead_stubs()
+        assert not dead, f"stubs died during the tests: {dead}\n{handle.log_tail(80)}"
     finally:
         handle.stop()
 

@@ -28,3 +28,5 @@ def test_load_runner(triton_server, tmp_path):
     assert int(rows["Aggregated"]["Request Count"]) > 0
     assert int(rows["Aggregated"]["Failure Count"]) == 0
     assert int(rows["full_response"]["Request Count"]) > 0 and int(rows["ttft_output"]["Request Count"]) > 0
+    # Concurrent reasoning through BLS is what crashed decode stubs (reasoning_wire.py).
+    assert not triton_server.dead_stubs(), triton_server.log_tail(80)

@@ -44,7 +44,7 @@ PROMPT = "Write a short story about a lighthouse keeper."
 
 
 @pytest.fixture(scope="module")
-def small_server() -> Iterator[ServerHandle]:
+def small_server(gil_check: None) -> Iterator[ServerHandle]:
     handle = start_server(
         DEFAULT_REPOSITORY,
         model_dir=os.environ.get("MULTISTREAM_TEST_MODEL_DIR", "default"),

@@ -26,13 +26,15 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from backend.engine import Engine, EngineBusyError, StreamEvent, StreamSpec
-from backend.serving.instance import StatsPoller, build_engine, instance_parameters
+from backend.serving.instance import StatsPoller, build_engine, enable_crash_traces, instance_parameters
 from backend.serving.metrics import ServingMetrics
+from backend.serving.reasoning_wire import PACKET, DeferredRelease, ReasoningDelta
 from backend.serving.request import RequestConfig
 from backend.serving.session_control import Mailbox
 from backend.serving.tensors import (
-    REASONING_OUTPUTS,
     Responder,
     StreamClock,
     delta_tensors,
@@ -72,11 +74,6 @@ def revision_prompt(tokenizer: Tokenizer, question: str, notes: dict[str, str]) 
         {"role": "user", "content": question},
     ]
     return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-
-
-def _text_output(response: Any, name: str) -> str:
-    v = pb_utils.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)[0]
-    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
 @dataclass
@@ -146,30 +143,33 @@ class _Session:
         ]
 
         def consume() -> None:
+            responses = None
             try:
+                # Only the BF16 packet: any other output tensor of a decoupled BLS response
+                # crashes this stub (backend/serving/reasoning_wire.py).
                 bls = pb_utils.InferenceRequest(
                     model_name=self.model.reasoning_model,
-                    requested_output_names=list(REASONING_OUTPUTS),
+                    requested_output_names=[PACKET],
                     inputs=inputs,
                 )
-                for resp in bls.exec(decoupled=True):
+                responses = bls.exec(decoupled=True)
+                for resp in responses:
                     if resp.has_error():
                         self.q.put(("reasoning_error", resp.error().message()))
                         continue
-                    name_t = pb_utils.get_output_tensor_by_name(resp, "stream_name")
-                    if name_t is None:  # the flags-only final response
+                    packet = pb_utils.get_output_tensor_by_name(resp, PACKET)
+                    if packet is None:  # the flags-only final response
                         continue
-
-                    ids = (
-                        pb_utils.get_output_tensor_by_name(resp, "output_ids").as_numpy().reshape(-1).tolist()
-                    )
-                    fields = tuple(
-                        _text_output(resp, n) for n in ("stream_name", "reasoning_output", "finish_reason")
-                    )
-                    self.q.put(("reasoning", (fields[0], fields[1], ids, fields[2])))
+                    delta = ReasoningDelta.from_packet(torch.from_dlpack(packet.to_dlpack()))
+                    self.q.put(("reasoning", (delta.stream, delta.text, delta.ids, delta.finish_reason)))
             except Exception as e:  # noqa: BLE001 - reported to the client, never a hang
                 self.q.put(("reasoning_error", f"reasoning failed: {e}"))
             finally:
+                if responses is not None:
+                    # Python must drop the finished iterator last, with the GIL, after the
+                    # stub's cleanup thread has dropped its own: reasoning_wire.DeferredRelease.
+                    self.model.release_later.keep(responses)
+                    responses = None
                 self.q.put(("reasoning_done", None))
 
         threading.Thread(target=consume, name=f"bls-{self.sid[:8]}", daemon=True).start()
@@ -399,6 +399,7 @@ class DecodeModel:
     """Triton model ``decode``: one thread per request, one shared engine per instance."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        enable_crash_traces()
         params = instance_parameters(args)
         self.engine = build_engine(args)
         self.tokenizer = self.engine.tokenizer
@@ -408,6 +409,7 @@ class DecodeModel:
         self.mailbox = Mailbox.for_args(args)
         self.metrics = ServingMetrics("decode", args.get("model_instance_name", "decode"))
         self.poller = StatsPoller(self.engine, self.metrics.engine_stats)
+        self.release_later = DeferredRelease()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -431,3 +433,4 @@ class DecodeModel:
         self.poller.stop()
         self.metrics.close()
         self.engine.shutdown()
+        self.release_later.clear()

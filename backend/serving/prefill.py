@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.serving.instance import StatsPoller, build_engine
+from backend.serving.instance import StatsPoller, build_engine, enable_crash_traces
 from backend.serving.metrics import ServingMetrics
 from backend.serving.tensors import input_ids
 
@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover
 
 class PrefillModel:
     def initialize(self, args: dict[str, Any]) -> None:
+        enable_crash_traces()
         self.engine = build_engine(args)
         self.metrics = ServingMetrics("prefill", args.get("model_instance_name", "prefill"))
         self.poller = StatsPoller(self.engine, self.metrics.engine_stats, period=1.0)

@@ -23,9 +23,13 @@ import time
 import traceback
 from typing import Any
 
+import torch
+import torch.utils.dlpack
+
 from backend.engine import EngineBusyError, StreamEvent, StreamSpec
-from backend.serving.instance import StatsPoller, build_engine, instance_parameters
+from backend.serving.instance import StatsPoller, build_engine, enable_crash_traces, instance_parameters
 from backend.serving.metrics import ServingMetrics
+from backend.serving.reasoning_wire import PACKET, ReasoningDelta, wants_packet
 from backend.serving.request import REASONING_PREAMBLES, RequestConfig
 from backend.serving.session_control import Mailbox
 from backend.serving.tensors import (
@@ -37,6 +41,11 @@ from backend.serving.tensors import (
     prompt_state,
     request_json,
 )
+
+try:  # only inside the Triton python stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover
+    pb_utils = None
 
 POLL_S = 0.02
 #: Values of the ``fault_injection`` parameter (tests only; empty in every shipped config).
@@ -60,10 +69,34 @@ def parse_fault(spec: str) -> tuple[str, int, str]:
     return kind, int(n or 0), prefix
 
 
+def send_delta(
+    out: Responder, request: Any, delta: ReasoningDelta, timing: tuple[float, float] = (0.0, 0.0)
+) -> None:
+    """Sends one delta: as the BF16 packet to decode's BLS call, as tensors to anyone else.
+
+    Why two forms: see ``backend.serving.reasoning_wire`` (ordinary output tensors of a
+    decoupled BLS response crash the caller's stub in Triton 2.51).
+    """
+    if wants_packet(request):
+        out.send([pb_utils.Tensor.from_dlpack(PACKET, torch.utils.dlpack.to_dlpack(delta.to_packet()))])
+        return
+    out.send(
+        delta_tensors(
+            stream=delta.stream,
+            reasoning=delta.text,
+            ids=delta.ids,
+            finish_reason=delta.finish_reason or None,
+            timing=timing,
+            names=REASONING_OUTPUTS,
+        )
+    )
+
+
 class ReasoningModel:
     """One engine per instance; one thread per request feeding its responses."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        enable_crash_traces()
         params = instance_parameters(args)
         self.engine = build_engine(args)
         self.tokenizer = self.engine.tokenizer
@@ -122,11 +155,7 @@ class ReasoningModel:
             return
         for name in (f"reasoning/{i}" for i in range(n)):
             if name not in finished:
-                out.send(
-                    delta_tensors(
-                        stream=name, reasoning=f"[{message}]", finish_reason="error", names=REASONING_OUTPUTS
-                    )
-                )
+                send_delta(out, request, ReasoningDelta(name, f"[{message}]", [], "error"))
         out.finish()
 
     def _run(self, request: Any, out: Responder, finished: set[str]) -> None:
@@ -191,16 +220,10 @@ class ReasoningModel:
                 if ev.finished and ev.finish_reason == "error":
                     raise RuntimeError(ev.error or f"{ev.stream} failed")
                 if ev.finished or len(pend_ids) >= self.group_tokens:
-                    out.send(
-                        delta_tensors(
-                            stream=ev.stream,
-                            reasoning=text,
-                            ids=pend_ids,
-                            finish_reason=ev.finish_reason if ev.finished else None,
-                            timing=clock.stamp(ev.stream),
-                            names=REASONING_OUTPUTS,
-                        )
+                    delta = ReasoningDelta(
+                        ev.stream, text, pend_ids, (ev.finish_reason or "") if ev.finished else ""
                     )
+                    send_delta(out, request, delta, clock.stamp(ev.stream))
                     sent_tokens += len(pend_ids)
                     text, pend_ids = "", []
                     if ev.finished:
