@@ -452,6 +452,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch/llama.cpp threads (default: all cores)")
     p.add_argument("--server-threads", default=None, help="e.g. decode=2,prefill=2,reasoning=1")
     p.add_argument("--dtype", default="auto", help="server and HF dtype (auto = the engine's choice)")
+    p.add_argument(
+        "--requests-per-worker",
+        type=int,
+        default=None,
+        help="closed-loop requests per worker at each concurrency level (default 3; quick 1)",
+    )
     p.add_argument("--url", default=None, help="gRPC host:port of a running server (else one is started)")
     args = p.parse_args(argv)
     q = args.quick
@@ -464,6 +470,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.reasoning_prompts is None:
         args.reasoning_prompts = 1 if q else 3
     args.long_repeats = args.long_repeats or (1 if q else 3)
+    args.requests_per_worker = args.requests_per_worker or (1 if q else 3)
     args.threads = args.threads or cpu_count()
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = set(args.systems) - set(ALL_SYSTEMS)
@@ -496,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         long_repeats=args.long_repeats,
         threads=args.threads,
         dtype=args.dtype,
+        requests_per_worker=args.requests_per_worker,
     )
     # Reasoning questions: the longer, question-like half of the set.
     questions = (

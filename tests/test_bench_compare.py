@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from backend.serve import DEFAULT_REPOSITORY, list_models
-from bench.compare_common import percentile
+from bench.compare_common import Workload, percentile
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +25,16 @@ def test_percentile_interpolates_like_numpy() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 95) == 5.0
     assert percentile([], 50) is None
+
+
+def test_each_worker_runs_several_requests_per_level() -> None:
+    """A level is closed-loop steady state, not one wave of ``concurrency`` requests."""
+    prompts = [f"prompt {i}" for i in range(12)]
+    w = Workload(prompts=prompts, long_prompt="x", requests_per_worker=3)
+    assert len(w.requests_at(16)) == 48
+    assert len(w.requests_at(1)) == 12  # never fewer than the whole prompt set
+    assert w.requests_at(16)[:12] == prompts and w.requests_at(16)[12] == prompts[0]
+    assert len(Workload(prompts=prompts, long_prompt="x", requests_per_worker=1).requests_at(16)) == 16
 
 
 def _positive(value: object) -> bool:
