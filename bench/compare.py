@@ -151,7 +151,7 @@ def run_server_systems(
         handle = start_server(
             model_dir="default",
             dtype=workload.dtype,
-            decode_instances=1,
+            decode_instances=args.decode_instances,
             reasoning_instances=1,
             prefill_instances=1,
             preprocessing_instances=1,
@@ -164,7 +164,12 @@ def run_server_systems(
         reason = f"server did not start: {str(e).splitlines()[0]}"
         return {s: _skipped(s, reason) for s in systems if s in ("multistream", "think_then_answer")}
     with handle:
-        info = {"started_here": True, "startup_s": handle.startup_s, "threads": threads, "instances": 1}
+        info = {
+            "started_here": True,
+            "startup_s": handle.startup_s,
+            "threads": threads,
+            "decode_instances": args.decode_instances,
+        }
         try:
             measure(handle.grpc_url, handle.process.pid, info)
         except Exception as e:  # noqa: BLE001 - recorded; the local baselines still run
@@ -452,6 +457,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch/llama.cpp threads (default: all cores)")
     p.add_argument("--server-threads", default=None, help="e.g. decode=2,prefill=2,reasoning=1")
     p.add_argument("--dtype", default="auto", help="server and HF dtype (auto = the engine's choice)")
+    p.add_argument(
+        "--decode-instances",
+        type=int,
+        default=1,
+        help="decode instances of the server it starts (default 1; each gets the decode threads)",
+    )
     p.add_argument(
         "--requests-per-worker",
         type=int,

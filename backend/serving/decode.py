@@ -51,6 +51,8 @@ except ImportError:  # pragma: no cover
 
 #: How often the loop wakes without events to poll cancellation and the mailbox (s).
 POLL_S = 0.02
+#: Cancel / mailbox checks run once per engine step, but at least this often (s).
+MAX_POLL_S = 0.25
 #: After a cancel, how long to wait for the engine and reasoning to confirm (s).
 CANCEL_GRACE_S = 5.0
 #: Default of the ``reasoning_timeout_s`` parameter: a live BLS call to ``reasoning`` that
@@ -206,7 +208,8 @@ class _Session:
                     kind, item = "", None
                 now = time.monotonic()
                 if now >= next_poll:
-                    next_poll = now + POLL_S
+                    # Once per engine step: cancellation still lands within one step.
+                    next_poll = now + min(max(POLL_S, self.engine.step_time_s), MAX_POLL_S)
                     if not self.cancelled and self.out.cancelled():
                         self._cancel()
                     if not self.cancelled:

@@ -48,6 +48,8 @@ except ImportError:  # pragma: no cover
     pb_utils = None
 
 POLL_S = 0.02
+#: Cancel / mailbox checks run once per engine step, but at least this often (s).
+MAX_POLL_S = 0.25
 #: Values of the ``fault_injection`` parameter (tests only; empty in every shipped config).
 FAULTS = ("", "error_after", "hang_after")
 
@@ -186,6 +188,7 @@ class ReasoningModel:
             ((k, n) for k, n, prefix in self.faults if cfg.session_id.startswith(prefix)), ("", 0)
         )
         sent_tokens = 0
+        next_check = 0.0
         try:
             while live:
                 if fault and sent_tokens >= fault_after:
@@ -195,9 +198,13 @@ class ReasoningModel:
                     ev = q.get(timeout=POLL_S)
                 except queue.Empty:
                     ev = None
-                if not cancelled and (out.cancelled() or self.mailbox.reasoning_cancelled(cfg.session_id)):
-                    cancelled = True
-                    self.engine.cancel(esid)
+                now_m = time.monotonic()
+                if not cancelled and now_m >= next_check:
+                    # Once per engine step: each check is IPC (is_cancelled) plus a file stat.
+                    next_check = now_m + min(max(POLL_S, self.engine.step_time_s), MAX_POLL_S)
+                    if out.cancelled() or self.mailbox.reasoning_cancelled(cfg.session_id):
+                        cancelled = True
+                        self.engine.cancel(esid)
                 if ev is None:
                     continue
                 if ev.finished:
