@@ -282,3 +282,10 @@ def test_checkpoint_variants_match_transformers(tmp_path, default_model_dir, arc
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0, -1]
     assert torch.allclose(last, ref, atol=1e-4), (last - ref).abs().max()
+
+
+def test_step_time_is_measured(tiny_engine):
+    """Serving loops pace their cancel checks by it; 0 would mean "poll as fast as possible"."""
+    run(tiny_engine, [1, 2, 3, 4], [StreamSpec("output", sampling=SamplingParams(max_tokens=4, ignore_eos=True))])
+    t = tiny_engine.step_time_s
+    assert 0.0 < t < 5.0, t
