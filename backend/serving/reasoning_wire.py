@@ -14,19 +14,13 @@ under load), are worked around here:
    ``SendCleanupId``). Hence :class:`DeferredRelease`: decode keeps each finished iterator
    for a while, so that Python's reference is the last one and is dropped with the GIL.
 
-The packet:
+Bug 1 is what failed CI's load test on 2026-11-24 (reproduced in the first 30-second run
+of 6 users) and, before that, the unexplained soak crash: ``ParentToStubMQMonitor`` builds
+the numpy array of every CPU output tensor (``PbTensor`` constructor;
+``deserialize_bytes_tensor`` for strings) without the GIL, while the decode stub's other
+Python threads (sessions, the engine, metrics) allocate.
 
-Why not the ordinary output tensors: in tritonserver 2.51 (python backend r24.10) the
-responses of a *decoupled* BLS call are unpacked on the stub's ``ParentToStubMQMonitor``
-C++ thread, and for every CPU output tensor it builds the numpy array right there
-(``PbTensor`` constructor; ``deserialize_bytes_tensor`` for strings) without holding the
-GIL. When another Python thread of the decode stub (sessions, the engine, metrics: there
-are always several) allocates at the same moment, pymalloc's free lists get corrupted and
-the stub dies of SIGSEGV in ``pymalloc_alloc``. Seen in a core dump of the decode stub
-(CI's load test on 2026-11-24, reproduced in the first 30-second run of 6 users) and, before
-that, as the unexplained soak crash.
-
-The one CPU dtype for which that constructor builds no Python object is BF16 ("no numpy
+The packet. The one CPU dtype for which that constructor builds no Python object is BF16 ("no numpy
 representation"), and a response without tensors builds none at all. So the BLS call asks
 for the single output ``delta_packet``: the delta as UTF-8 JSON, space-padded to an even
 length and viewed as BF16. Decode reads it back through DLPack on its own thread, holding
