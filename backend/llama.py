@@ -484,9 +484,10 @@ class PackedSplit:
     def from_flags(cls, is_prompt: list[bool], int4_max_rows: int | None = None) -> PackedSplit:
         """``int4_max_rows``: above that many decode tokens, dense matmuls are faster.
 
-        Measured on 2 cores: an int4 matmul costs 66 us for 1 row, 431 us for 16 and
-        1410 us for 64, dense bf16 469, 627 and 766 us. So large steps go dense, like any
-        serving stack picks its GEMM kernel by batch size.
+        Measured on 2 cores, one layer's four matmuls: int4 costs 161 / 231 / 422 / 628 us
+        for 2 / 4 / 8 / 10 rows (the kernel works in blocks of 4 rows), dense bf16 369 /
+        390 / 466 / 500 us; at 16 rows 950 vs 567. So large steps go dense, like any
+        serving stack picks its GEMM kernel by batch size (``EngineConfig.int4_max_rows``).
         """
         if int4_max_rows is not None and len(is_prompt) - sum(is_prompt) > int4_max_rows:
             is_prompt = [True] * len(is_prompt)
