@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,14 @@ def test_load_runner(triton_server, tmp_path):
     assert int(rows["full_response"]["Request Count"]) > 0 and int(rows["ttft_output"]["Request Count"]) > 0
     # Concurrent reasoning through BLS is what crashed decode stubs (reasoning_wire.py).
     assert not triton_server.dead_stubs(), triton_server.log_tail(80)
+
+
+def test_engine_stubs_run_the_off_gil_check(triton_server):
+    """The guard against Triton's off-GIL allocations (tests/support/gil_check.c) is really on."""
+    so = os.environ.get("MULTISTREAM_GIL_CHECK")
+    if not so:
+        pytest.skip("no C compiler here: the stubs run without the off-GIL check")
+    stubs = {n: p for n, p in triton_server.stubs().items() if n.startswith(("decode", "reasoning", "prefill"))}
+    assert stubs
+    for name, pid in stubs.items():
+        assert so in Path(f"/proc/{pid}/maps").read_text(), f"{name} has not loaded {so}"
