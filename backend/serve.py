@@ -109,6 +109,8 @@ class ServerHandle:
     keep_run_dir: bool = False
     startup_s: float = 0.0
     initial_stubs: dict[str, int] = field(default_factory=dict)
+    #: /dev/shm regions of the stubs at start-up (``stop`` removes any a killed stub left).
+    initial_shm_regions: list[str] = field(default_factory=list)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -153,10 +155,14 @@ class ServerHandle:
             return "(no server log)"
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGINT (Triton unloads models and waits for in-flight requests), then SIGKILL the group."""
+        """SIGINT (Triton unloads models and waits for in-flight requests), then SIGKILL the group.
+
+        Any /dev/shm region of its stubs still there afterwards (a stub that was killed) is removed.
+        """
         if self._stopped:
             return self.process.returncode
         self._stopped = True
+        regions = set(self.initial_shm_regions) | set(stub_shm_regions(self.process.pid))
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGINT)
@@ -169,6 +175,9 @@ class ServerHandle:
         # Stubs are in the server's process group; reap any straggler of THIS server only.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        for name in regions:  # what a killed stub left behind; a clean stop leaves none
+            with contextlib.suppress(OSError):
+                (Path("/dev/shm") / name).unlink()
         if not self.keep_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.process.returncode
@@ -180,13 +189,9 @@ class ServerHandle:
         self.stop()
 
 
-def python_stubs(server_pid: int) -> dict[str, int]:
-    """``{instance name: pid}`` of the live ``triton_python_backend_stub`` children of a server.
-
-    Reads /proc (no psutil on the server side); the instance name is the stub's
-    second-to-last argument (``... decode_0_0 DEFAULT``).
-    """
-    out: dict[str, int] = {}
+def _stub_cmdlines(server_pid: int) -> dict[int, list[str]]:
+    """``{pid: argv}`` of the live ``triton_python_backend_stub`` children of a server (/proc)."""
+    out: dict[int, list[str]] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -195,13 +200,34 @@ def python_stubs(server_pid: int) -> dict[str, int]:
             fields = stat[stat.rindex(")") + 2 :].split()
             if int(fields[1]) != server_pid or fields[0] == "Z":
                 continue
-            args = (proc / "cmdline").read_bytes().split(b"\0")
+            raw = (proc / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        args = [a.decode(errors="replace") for a in args if a]
+        args = [a.decode(errors="replace") for a in raw if a]
         if args and args[0].endswith("triton_python_backend_stub") and len(args) >= 2:
-            out[args[-2]] = int(proc.name)
+            out[int(proc.name)] = args
     return out
+
+
+def python_stubs(server_pid: int) -> dict[str, int]:
+    """``{instance name: pid}`` of the live ``triton_python_backend_stub`` children of a server.
+
+    Reads /proc (no psutil on the server side); the instance name is the stub's
+    second-to-last argument (``... decode_0_0 DEFAULT``).
+    """
+    return {args[-2]: pid for pid, args in _stub_cmdlines(server_pid).items()}
+
+
+def stub_shm_regions(server_pid: int) -> list[str]:
+    """Names of the /dev/shm regions of a server's live stubs (each stub's third argument).
+
+    Why: a stub killed with SIGKILL (a server that did not stop within its timeout, a
+    crash) cannot unlink its region, and /dev/shm is RAM: 16 MiB or more per stub, for good.
+    """
+    prefix = "triton_python_backend_shm_region_"
+    return sorted(
+        {a for args in _stub_cmdlines(server_pid).values() for a in args[1:4] if a.startswith(prefix) and "/" not in a}
+    )
 
 
 def _get(url: str, timeout: float = 2.0) -> int:
@@ -390,6 +416,7 @@ def start_server(
         raise
     handle.startup_s = time.monotonic() - t0
     handle.initial_stubs = handle.stubs()
+    handle.initial_shm_regions = stub_shm_regions(handle.process.pid)
     return handle
 
 

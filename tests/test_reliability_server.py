@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,10 @@ def small_server(gil_check: None) -> Iterator[ServerHandle]:
         yield handle
     finally:
         handle.stop()
+    # This server has a stub SIGKILLed (below): its /dev/shm region (RAM) must not outlive it.
+    assert handle.initial_shm_regions
+    left = [r for r in handle.initial_shm_regions if (Path("/dev/shm") / r).exists()]
+    assert not left, f"/dev/shm regions left behind: {left}"
 
 
 def _idle(srv: ServerHandle, timeout: float = 20.0) -> dict:
