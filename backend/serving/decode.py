@@ -29,7 +29,13 @@ from typing import Any
 import torch
 
 from backend.engine import Engine, EngineBusyError, StreamEvent, StreamSpec
-from backend.serving.instance import StatsPoller, build_engine, enable_crash_traces, instance_parameters
+from backend.serving.instance import (
+    StatsPoller,
+    build_engine,
+    cancel_check_interval,
+    enable_crash_traces,
+    instance_parameters,
+)
 from backend.serving.metrics import ServingMetrics
 from backend.serving.reasoning_wire import PACKET, DeferredRelease, ReasoningDelta
 from backend.serving.request import RequestConfig
@@ -51,8 +57,6 @@ except ImportError:  # pragma: no cover
 
 #: How often the loop wakes without events to poll cancellation and the mailbox (s).
 POLL_S = 0.02
-#: Cancel / mailbox checks run once per engine step, but at least this often (s).
-MAX_POLL_S = 0.25
 #: After a cancel, how long to wait for the engine and reasoning to confirm (s).
 CANCEL_GRACE_S = 5.0
 #: Default of the ``reasoning_timeout_s`` parameter: a live BLS call to ``reasoning`` that
@@ -208,8 +212,7 @@ class _Session:
                     kind, item = "", None
                 now = time.monotonic()
                 if now >= next_poll:
-                    # Once per engine step: cancellation still lands within one step.
-                    next_poll = now + min(max(POLL_S, self.engine.step_time_s), MAX_POLL_S)
+                    next_poll = now + cancel_check_interval(self.engine)
                     if not self.cancelled and self.out.cancelled():
                         self._cancel()
                     if not self.cancelled:
