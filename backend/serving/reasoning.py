@@ -27,7 +27,13 @@ import torch
 import torch.utils.dlpack
 
 from backend.engine import EngineBusyError, StreamEvent, StreamSpec
-from backend.serving.instance import StatsPoller, build_engine, enable_crash_traces, instance_parameters
+from backend.serving.instance import (
+    StatsPoller,
+    build_engine,
+    cancel_check_interval,
+    enable_crash_traces,
+    instance_parameters,
+)
 from backend.serving.metrics import ServingMetrics
 from backend.serving.reasoning_wire import PACKET, ReasoningDelta, wants_packet
 from backend.serving.request import REASONING_PREAMBLES, RequestConfig
@@ -48,8 +54,6 @@ except ImportError:  # pragma: no cover
     pb_utils = None
 
 POLL_S = 0.02
-#: Cancel / mailbox checks run once per engine step, but at least this often (s).
-MAX_POLL_S = 0.25
 #: Values of the ``fault_injection`` parameter (tests only; empty in every shipped config).
 FAULTS = ("", "error_after", "hang_after")
 
@@ -72,14 +76,14 @@ def parse_fault(spec: str) -> tuple[str, int, str]:
 
 
 def send_delta(
-    out: Responder, request: Any, delta: ReasoningDelta, timing: tuple[float, float] = (0.0, 0.0)
+    out: Responder, as_packet: bool, delta: ReasoningDelta, timing: tuple[float, float] = (0.0, 0.0)
 ) -> None:
     """Sends one delta: as the BF16 packet to decode's BLS call, as tensors to anyone else.
 
     Why two forms: see ``backend.serving.reasoning_wire`` (ordinary output tensors of a
     decoupled BLS response crash the caller's stub in Triton 2.51).
     """
-    if wants_packet(request):
+    if as_packet:
         out.send([pb_utils.Tensor.from_dlpack(PACKET, torch.utils.dlpack.to_dlpack(delta.to_packet()))])
         return
     out.send(
@@ -131,16 +135,19 @@ class ReasoningModel:
     def _serve(self, request: Any) -> None:
         out = Responder(request)
         finished: set[str] = set()
+        as_packet = wants_packet(request)  # decode's BLS call; decided once per request
         try:
-            self._run(request, out, finished)
+            self._run(request, out, finished, as_packet)
         except Exception as e:  # noqa: BLE001 - every failure reaches the caller as an error
             if not isinstance(e, ValueError | KeyError | EngineBusyError):
                 traceback.print_exc()
-            self._fail_streams(request, out, finished, f"reasoning failed: {e}")
+            self._fail_streams(request, out, finished, as_packet, f"reasoning failed: {e}")
         finally:
             self.poller.poll_now()
 
-    def _fail_streams(self, request: Any, out: Responder, finished: set[str], message: str) -> None:
+    def _fail_streams(
+        self, request: Any, out: Responder, finished: set[str], as_packet: bool, message: str
+    ) -> None:
         """Ends every open stream with a ``finish_reason: error`` delta carrying ``message``.
 
         Why data deltas and not an error response: on tritonserver 2.51 the error response
@@ -157,10 +164,10 @@ class ReasoningModel:
             return
         for name in (f"reasoning/{i}" for i in range(n)):
             if name not in finished:
-                send_delta(out, request, ReasoningDelta(name, f"[{message}]", [], "error"))
+                send_delta(out, as_packet, ReasoningDelta(name, f"[{message}]", [], "error"))
         out.finish()
 
-    def _run(self, request: Any, out: Responder, finished: set[str]) -> None:
+    def _run(self, request: Any, out: Responder, finished: set[str], as_packet: bool) -> None:
         cfg = RequestConfig.from_json(request_json(request))
         if cfg.reasoning_streams == 0:
             out.finish()
@@ -200,8 +207,7 @@ class ReasoningModel:
                     ev = None
                 now_m = time.monotonic()
                 if not cancelled and now_m >= next_check:
-                    # Once per engine step: each check is IPC (is_cancelled) plus a file stat.
-                    next_check = now_m + min(max(POLL_S, self.engine.step_time_s), MAX_POLL_S)
+                    next_check = now_m + cancel_check_interval(self.engine)
                     if out.cancelled() or self.mailbox.reasoning_cancelled(cfg.session_id):
                         cancelled = True
                         self.engine.cancel(esid)
@@ -230,7 +236,7 @@ class ReasoningModel:
                     delta = ReasoningDelta(
                         ev.stream, text, pend_ids, (ev.finish_reason or "") if ev.finished else ""
                     )
-                    send_delta(out, request, delta, clock.stamp(ev.stream))
+                    send_delta(out, as_packet, delta, clock.stamp(ev.stream))
                     sent_tokens += len(pend_ids)
                     text, pend_ids = "", []
                     if ev.finished:
