@@ -17,6 +17,7 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from backend.serving.reasoning_wire import PACKET, ReasoningDelta
+from tests.reliability_helpers import tensor
 
 pytestmark = pytest.mark.server
 
@@ -25,29 +26,29 @@ BUDGET = 12
 
 def _prompt_state(client: grpcclient.InferenceServerClient, session_id: str) -> list[grpcclient.InferInput]:
     """preprocessing -> prefill by hand: the four inputs the ensemble hands to reasoning."""
-    def inp(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
-        i = grpcclient.InferInput(name, list(value.shape), dtype)
-        i.set_data_from_numpy(value)
-        return i
-
     pre = client.infer(
         "preprocessing",
         [
-            inp("text_input", np.array([[b"Why is the sky blue?"]], dtype=np.object_), "BYTES"),
-            inp("max_tokens", np.array([[4]], dtype=np.int32), "INT32"),
-            inp("reasoning_streams", np.array([[2]], dtype=np.int32), "INT32"),
-            inp("reasoning_budget", np.array([[BUDGET]], dtype=np.int32), "INT32"),
-            inp("seed", np.array([[1234]], dtype=np.uint64), "UINT64"),  # reasoning samples, seeded
-            inp("session_id", np.array([[session_id.encode()]], dtype=np.object_), "BYTES"),
+            tensor("text_input", "Why is the sky blue?", "BYTES"),
+            tensor("max_tokens", 4, "INT32"),
+            tensor("reasoning_streams", 2, "INT32"),
+            tensor("reasoning_budget", BUDGET, "INT32"),
+            tensor("seed", 1234, "UINT64"),  # reasoning samples, seeded
+            tensor("session_id", session_id, "BYTES"),
         ],
     )
     ids, req = pre.as_numpy("input_ids"), pre.as_numpy("request_json")
-    pf = client.infer("prefill", [inp("input_ids", ids, "INT32"), inp("request_json", req, "BYTES")])
+
+    def passed_on(name: str, arr: np.ndarray, datatype: str) -> grpcclient.InferInput:
+        value = arr.reshape(-1).tolist() if datatype == "BYTES" else arr
+        return tensor(name, value, datatype, shape=arr.shape)
+
+    pf = client.infer("prefill", [passed_on("input_ids", ids, "INT32"), passed_on("request_json", req, "BYTES")])
     return [
-        inp("input_ids", ids, "INT32"),
-        inp("request_json", req, "BYTES"),
-        inp("prompt_kv", pf.as_numpy("prompt_kv"), "FP32"),
-        inp("prompt_logits", pf.as_numpy("prompt_logits"), "FP32"),
+        passed_on("input_ids", ids, "INT32"),
+        passed_on("request_json", req, "BYTES"),
+        passed_on("prompt_kv", pf.as_numpy("prompt_kv"), "FP32"),
+        passed_on("prompt_logits", pf.as_numpy("prompt_logits"), "FP32"),
     ]
 
 
