@@ -87,6 +87,21 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     return torch.bfloat16 if has_bf16 and cap in ("AVX512", "AMX") else torch.float32
 
 
+def resolve_kv_dtype(name: str, model: LlamaModel) -> torch.dtype:
+    """``auto``: fp32 on CPU, the model's dtype elsewhere.
+
+    Why fp32 on CPU: attention runs in fp32 there (bf16 SDPA is several times slower for
+    short queries), so a bf16 pool was converted whole, every layer of every step. That copy
+    grows with the keys: one session with 4 streams spent 3.3 ms of a 31 ms step on it
+    against 1.3 ms with one stream. Storing the keys in fp32 costs twice the KV memory
+    (46 KB per token for SmolLM2-135M, paged in as used) and changes no number: a bf16
+    value widens to fp32 exactly.
+    """
+    if name == "auto":
+        return torch.float32 if model.device.type == "cpu" else model.dtype
+    return resolve_dtype(name, str(model.device))
+
+
 def resolve_quantization(name: str, model: LlamaModel) -> str:
     """``auto`` means int4 where its kernel exists for the model's device and dtype."""
     if name == "auto":
@@ -103,10 +118,16 @@ class EngineConfig:
     #: (CPU + bfloat16), dense otherwise.
     quantization: str = "auto"
     #: Steps with more decode tokens than this use the dense weights (faster at large M).
-    #: The CPU int4 kernel works in blocks of 4 rows, each costing about as much as a whole
-    #: dense matmul at small M: per layer 161 / 231 / 422 / 628 us for 2 / 4 / 8 / 10 rows,
-    #: dense 369 / 390 / 466 / 500 us (2 threads, quiet machine). So int4 up to 8 rows.
-    int4_max_rows: int = 8
+    #: The CPU int4 kernel works in blocks of 4 rows, so its cost grows with rows while a
+    #: dense step stays memory-bound. All 30 layers' matmuls of SmolLM2-135M, weights
+    #: streamed from memory as in a real step (2 threads): int4 3.6 / 11.3 / 21.4 / 26.8 /
+    #: 31.6 ms for 1 / 8 / 16 / 20 / 24 rows, dense 16.1 / 21.5 / 25.9 / 28.8 / 30.4 ms.
+    #: (Timing one layer alone keeps its weights in cache and favours dense from ~8 rows:
+    #: that misled an earlier default of 8, which cost 15-25% at 12-16 sessions.)
+    int4_max_rows: int = 20
+    #: KV pool dtype: ``auto`` (fp32 on CPU, where attention runs in fp32; the model dtype
+    #: elsewhere), or any dtype name ``resolve_dtype`` takes.
+    kv_dtype: str = "auto"
     threads: int | None = None
     max_sessions: int = 16
     max_context: int = 2048
@@ -206,6 +227,16 @@ class Engine:
     """Owns a model and a KV pool, and runs the step loop on its own thread."""
 
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        """An engine around an already loaded model (tests, tools).
+
+        Serving uses :meth:`from_model_dir`, which loads the model on the engine's own
+        thread; see there for why that matters on CPU.
+        """
+        self._setup(model, tokenizer, config)
+        self._thread = threading.Thread(target=self._loop, name="multistream-engine", daemon=True)
+        self._thread.start()
+
+    def _setup(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None) -> None:
         self.config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -216,7 +247,7 @@ class Engine:
             cfg.head_dim,
             self.config.max_sessions,
             self.config.max_context,
-            model.dtype,
+            resolve_kv_dtype(self.config.kv_dtype, model),
             model.device,
         )
         self.eos_ids = set(tokenizer.eos_token_ids)
@@ -234,19 +265,43 @@ class Engine:
         #: Debug/test hook: ``hook(session_id, stream_name, row, logits)`` for every sampled
         #: position. None in serving, so it costs nothing there.
         self.logits_hook: Callable[[str, str, int, torch.Tensor], None] | None = None
-        self._thread = threading.Thread(target=self._loop, name="multistream-engine", daemon=True)
-        self._thread.start()
 
     @classmethod
     def from_model_dir(cls, path: Path | str, config: EngineConfig | None = None) -> Engine:
+        """Loads a checkpoint folder and starts the engine; all torch work on one thread.
+
+        Why the engine thread loads the model: torch's CPU ops run on OpenMP, and libgomp
+        stops its workers from spin-waiting between parallel regions as soon as it manages
+        more threads than there are CPUs. A process whose main thread had opened a parallel
+        region (loading, int4 packing) and whose engine thread then stepped had two thread
+        teams: every region paid a futex wake-up. Measured on 2 cores, one session: a
+        14.1 ms step when one thread does all the work against 23.8 ms when the main thread
+        loaded. So the thread that steps is the only one that ever computes.
+        """
         config = config or EngineConfig()
-        if config.threads:
-            torch.set_num_threads(config.threads)
         validate_model_dir(Path(path))  # names the missing or broken file before any loading
-        dtype = resolve_dtype(config.dtype, config.device)
-        model = LlamaModel.from_dir(path, dtype=dtype, device=config.device)
-        model.quantize(resolve_quantization(config.quantization, model))
-        return cls(model, Tokenizer.from_dir(Path(path)), config)
+        engine = cls.__new__(cls)
+        loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def load_then_loop() -> None:
+            try:
+                if config.threads:
+                    torch.set_num_threads(config.threads)
+                model = LlamaModel.from_dir(
+                    path, dtype=resolve_dtype(config.dtype, config.device), device=config.device
+                )
+                model.quantize(resolve_quantization(config.quantization, model))
+                engine._setup(model, Tokenizer.from_dir(Path(path)), config)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                loaded.set_exception(exc)
+                return
+            loaded.set_result(None)
+            engine._loop()
+
+        engine._thread = threading.Thread(target=load_then_loop, name="multistream-engine", daemon=True)
+        engine._thread.start()
+        loaded.result()
+        return engine
 
     # ------------------------------------------------------------------ public API
     def submit(
@@ -336,6 +391,7 @@ class Engine:
             "kv_bytes_reserved": kv.bytes_reserved,
             "quantization": self.model.quantization,
             "dtype": str(self.model.dtype).removeprefix("torch."),
+            "kv_dtype": str(self.pool.k[0].dtype).removeprefix("torch."),
             "steps": self._steps,
             "tokens_processed": self._tokens_processed,
         }

@@ -398,8 +398,8 @@ class LlamaModel:
             q = self._rotate(q, cos, sin)
             k = self._rotate(k, cos, sin)
             pool_k, pool_v = kv_k[li], kv_v[li]
-            pool_k[batch.slot, :, batch.cache_index] = k
-            pool_v[batch.slot, :, batch.cache_index] = v
+            pool_k[batch.slot, :, batch.cache_index] = k.to(pool_k.dtype)
+            pool_v[batch.slot, :, batch.cache_index] = v.to(pool_v.dtype)
             if single:
                 s = batch.slot_list[0]
                 keys = pool_k[s : s + 1, :, : batch.key_len]
@@ -421,6 +421,7 @@ class LlamaModel:
                     qp = qp.view(batch.num_sessions, batch.max_q, nh, hd).transpose(1, 2)
             # Attention in fp32: CPU bf16 SDPA is up to 5x slower for one-token queries
             # (measured: 760 us vs 153 us for 16 sessions x 80 keys), and fp32 is exact-er.
+            # On CPU the pool is fp32 already (``resolve_kv_dtype``), so these are no-ops.
             att = F.scaled_dot_product_attention(
                 qp.float(), keys.float(), vals.float(), attn_mask=batch.mask, enable_gqa=nh != kvh
             ).to(x.dtype)  # [B, nh, T, hd]
@@ -484,10 +485,12 @@ class PackedSplit:
     def from_flags(cls, is_prompt: list[bool], int4_max_rows: int | None = None) -> PackedSplit:
         """``int4_max_rows``: above that many decode tokens, dense matmuls are faster.
 
-        Measured on 2 cores, one layer's four matmuls: int4 costs 161 / 231 / 422 / 628 us
-        for 2 / 4 / 8 / 10 rows (the kernel works in blocks of 4 rows), dense bf16 369 /
-        390 / 466 / 500 us; at 16 rows 950 vs 567. So large steps go dense, like any
-        serving stack picks its GEMM kernel by batch size (``EngineConfig.int4_max_rows``).
+        The int4 kernel works in blocks of 4 rows, so its cost grows with rows while dense
+        bf16 stays memory-bound; they cross at about 20 rows on 2 cores (figures at
+        ``EngineConfig.int4_max_rows``). So large steps go dense, as any serving stack picks
+        its GEMM kernel by batch size. The price: a decode token's numerics depend on
+        whether its step had more than that many rows (int4 and dense weights differ by
+        the 4-bit rounding).
         """
         if int4_max_rows is not None and len(is_prompt) - sum(is_prompt) > int4_max_rows:
             is_prompt = [True] * len(is_prompt)

@@ -9,8 +9,9 @@ re-quantizing its dequantized weights with group 32 recovers the shipped values 
 rounding of the scales.
 
 Large-M matmuls (prefill chunks) are compute-bound and faster in dense bf16, so the model
-keeps both and picks per token kind, never per batch: a token's numerics do not depend on
-what else shares the step.
+keeps both and picks per token kind (prompt tokens dense, decode rows int4) and, above
+``EngineConfig.int4_max_rows`` decode rows in one step, dense for all: past that size the
+int4 kernel is slower. Below it, a token's numerics do not depend on what shares its step.
 """
 
 from __future__ import annotations

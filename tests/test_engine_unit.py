@@ -6,6 +6,7 @@ so the same checkpoint is the reference for the attention policies.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -286,6 +287,80 @@ def test_checkpoint_variants_match_transformers(tmp_path, default_model_dir, arc
 
 def test_step_time_is_measured(tiny_engine):
     """Serving loops pace their cancel checks by it; 0 would mean "poll as fast as possible"."""
-    run(tiny_engine, [1, 2, 3, 4], [StreamSpec("output", sampling=SamplingParams(max_tokens=4, ignore_eos=True))])
+    run(
+        tiny_engine,
+        [1, 2, 3, 4],
+        [StreamSpec("output", sampling=SamplingParams(max_tokens=4, ignore_eos=True))],
+    )
     t = tiny_engine.step_time_s
     assert 0.0 < t < 5.0, t
+
+
+def test_fp32_kv_pool_changes_no_number(tiny_dir, default_model_dir):
+    """CPU engines keep keys in fp32 (attention runs in fp32 there; it saves a whole-cache
+    conversion per layer). A bf16 value widens to fp32 exactly, so a bf16 model must
+    produce bit-identical logits with either pool, and ``auto`` must pick fp32 on CPU."""
+    tok = Tokenizer.from_dir(default_model_dir)
+    streams = [
+        StreamSpec(name, kind=kind, sampling=SamplingParams(max_tokens=6, ignore_eos=True))
+        for name, kind in (("output", "output"), ("reasoning/0", "reasoning"))
+    ]
+    got = {}
+    for kv_dtype in ("auto", "bfloat16"):
+        eng = Engine(
+            LlamaModel.from_dir(tiny_dir, dtype=torch.bfloat16),
+            tok,
+            EngineConfig(max_sessions=2, max_context=64, kv_dtype=kv_dtype),
+        )
+        try:
+            rec = LogitRecorder(eng)
+            run(
+                eng,
+                [5, 6, 7, 8, 9],
+                [StreamSpec(s.name, s.kind, SamplingParams(**vars(s.sampling))) for s in streams],
+            )
+            got[kv_dtype] = (eng.stats()["kv_dtype"], rec.logits)
+        finally:
+            eng.shutdown()
+    assert got["auto"][0] == "float32" and got["bfloat16"][0] == "bfloat16"
+    fp32_logits, bf16_logits = got["auto"][1], got["bfloat16"][1]
+    assert fp32_logits.keys() == bf16_logits.keys() and len(fp32_logits) == 12
+    for key, value in fp32_logits.items():
+        assert torch.equal(value, bf16_logits[key]), key
+
+
+def test_from_model_dir_loads_on_the_engine_thread(tiny_dir, default_model_dir, tmp_path, monkeypatch):
+    """One thread does all the torch work (libgomp stops spinning with two computing
+    threads, ~1.7x slower steps on 2 cores); a load error still reaches the caller."""
+    import shutil
+
+    import backend.engine as engine_module
+
+    for src in [
+        *tiny_dir.iterdir(),
+        *default_model_dir.glob("tokenizer*"),
+        *default_model_dir.glob("special*"),
+    ]:
+        shutil.copy(src, tmp_path / src.name)
+    tiny_dir = tmp_path
+
+    seen = []
+    real = engine_module.LlamaModel.from_dir
+
+    def spy(*a, **kw):
+        seen.append(threading.current_thread())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine_module.LlamaModel, "from_dir", spy)
+    eng = Engine.from_model_dir(tiny_dir, EngineConfig(dtype="float32", max_sessions=1, max_context=64))
+    try:
+        assert seen == [eng._thread] and eng._thread is not threading.current_thread()
+        c = run(
+            eng, [1, 2, 3], [StreamSpec("output", sampling=SamplingParams(max_tokens=3, ignore_eos=True))]
+        )
+        assert len(c.tokens("output")) == 3
+    finally:
+        eng.shutdown()
+    assert not eng._thread.is_alive()
+    with pytest.raises(ValueError, match="quantization must be"):
+        Engine.from_model_dir(tiny_dir, EngineConfig(dtype="float32", quantization="int8"))
