@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ import torch
 
 from backend.engine import Engine, EngineConfig, SamplingParams, StreamSpec, resolve_dtype
 from backend.model_store import resolve_model_dir
+from backend.tokenizer import Tokenizer
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -128,6 +130,61 @@ def bench_hf(model_dir, dtype: torch.dtype, prompt: list[int], tokens: int, repe
     return (tokens - 1) / (tn - t1)
 
 
+def _measure_in_child(args: argparse.Namespace, part: str) -> dict:
+    """Runs one part of the benchmark in a fresh interpreter and returns its JSON.
+
+    Why a process per part: torch's OpenMP workers stop spin-waiting once a process has
+    had more threads computing than CPUs (libgomp counts them, and threads that have
+    exited still count), after which every parallel region pays a wake-up. Measured in
+    one process, whichever of the int4 engine, the dense engine and HF ran later was
+    handicapped by the ones before it; each in its own process, they all start equal.
+    """
+    cmd = [
+        sys.executable, "-m", "bench.engine", "--part", part, "--model-dir", args.model_dir,
+        "--dtype", args.dtype, "--threads", str(args.threads), "--quantization", args.quantization,
+        "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _run_part(args: argparse.Namespace, part: str) -> dict:
+    """``engine``: the engine with ``--quantization``; ``dense``: without; ``hf``: transformers."""
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model_dir(args.model_dir)
+    dtype = resolve_dtype(args.dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if part == "hf":
+        tok = Tokenizer.from_dir(model_dir)
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
+        return {"hf_generate_tok_s": round(bench_hf(model_dir, dtype, prompt, args.tokens, args.repeats), 2)}
+    engine = Engine.from_model_dir(
+        model_dir,
+        EngineConfig(
+            dtype=dtype_name,
+            quantization="none" if part == "dense" else args.quantization,
+            threads=args.threads,
+            max_sessions=16,
+            max_context=1024,
+        ),
+    )
+    tok = engine.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
+    result: dict = {
+        "model": str(model_dir.name),
+        "dtype": dtype_name,
+        "quantization": engine.model.quantization,
+        "kv_dtype": engine.stats()["kv_dtype"],
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.tokens,
+    }
+    result.update(bench_engine(engine, prompt, args.tokens, args.repeats))
+    engine.shutdown()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", default="default")
@@ -138,45 +195,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--part", choices=("engine", "dense", "hf"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model_dir = resolve_model_dir(args.model_dir)
-    dtype = resolve_dtype(args.dtype)
-    dtype_name = str(dtype).removeprefix("torch.")
-
-    def make(quant: str) -> Engine:
-        return Engine.from_model_dir(
-            model_dir,
-            EngineConfig(
-                dtype=dtype_name, quantization=quant, threads=args.threads, max_sessions=16, max_context=1024
-            ),
-        )
-
-    engine = make(args.quantization)
-    tok = engine.tokenizer
-    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
-    result: dict = {
-        "model": str(model_dir.name),
-        "dtype": dtype_name,
-        "quantization": engine.model.quantization,
-        "threads": args.threads,
-        "cpu": platform.processor() or platform.machine(),
-        "prompt_tokens": len(prompt),
-        "new_tokens": args.tokens,
-    }
-    result.update(bench_engine(engine, prompt, args.tokens, args.repeats))
-    engine.shutdown()
+    if args.part:
+        print(json.dumps(_run_part(args, args.part)))
+        return 0
+    result = _measure_in_child(args, "engine")
     modes = [result]
-    if engine.model.quantization != "none":
+    if result["quantization"] != "none":
         # The same weights in the same dtype as HF, dense: the int4 kernel's cost grows with
-        # rows (66 us at 1, 116 us at 4), so its row/batch ratios differ from dense ones.
-        dense_engine = make("none")
-        result["dense"] = bench_engine(dense_engine, prompt, args.tokens, args.repeats)
-        dense_engine.shutdown()
+        # rows (it works in blocks of 4), so its row/batch ratios differ from dense ones.
+        dense = _measure_in_child(args, "dense")
+        shared = ("model", "dtype", "threads", "cpu", "prompt_tokens", "new_tokens")
+        result["dense"] = {k: v for k, v in dense.items() if k not in shared}
         modes.append(result["dense"])
     hf = None
     if not args.no_hf:
-        hf = round(bench_hf(model_dir, dtype, prompt, args.tokens, args.repeats), 2)
+        hf = _measure_in_child(args, "hf")["hf_generate_tok_s"]
         result["hf_generate_tok_s"] = hf
     for r in modes:
         steps = r["row_step_ms"]
