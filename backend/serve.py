@@ -226,7 +226,12 @@ def stub_shm_regions(server_pid: int) -> list[str]:
     """
     prefix = "triton_python_backend_shm_region_"
     return sorted(
-        {a for args in _stub_cmdlines(server_pid).values() for a in args[1:4] if a.startswith(prefix) and "/" not in a}
+        {
+            a
+            for args in _stub_cmdlines(server_pid).values()
+            for a in args[1:4]
+            if a.startswith(prefix) and "/" not in a
+        }
     )
 
 
@@ -393,13 +398,16 @@ def start_server(
         cmd += ["--backend-config", bc]
     cmd += extra_args or []
     log_path = base / "server.log"
+    env = server_env(install)
+    for key, value in cfg.openmp_env().items():
+        env.setdefault(key, value)  # an explicit setting in the caller's environment wins
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=server_env(install),
+            env=env,
             cwd=str(base),
             start_new_session=True,  # own process group: Ctrl-C goes to us, we stop it in order
         )

@@ -130,6 +130,13 @@ def test_render_pbtxt_replaces_instance_group_and_merges_parameters() -> None:
     cfg = DeployConfig(cores=4).merged({"instances": {"decode": 2, "reasoning": 1, "prefill": 1}})
     assert cfg.threads_for("decode") == 1 and cfg.threads_for("preprocessing") == 1
     assert DeployConfig(cores=8).threads_for("decode") == 2
+    # More torch threads than cores: OpenMP workers must not spin (they steal other stubs' cores).
+    two_cores = DeployConfig(cores=2)
+    assert two_cores.openmp_env() == {}  # 1 thread each: no parallel regions
+    assert two_cores.merged({"threads": {"decode": 2, "prefill": 2}}).openmp_env() == {
+        "OMP_WAIT_POLICY": "PASSIVE"
+    }
+    assert DeployConfig(cores=8).openmp_env() == {}  # 2 threads x 3 instances fit in 8 cores
     out = render_pbtxt(src, 2, "KIND_CPU", cfg.model_params("decode"))
     assert "count: 4" not in out and "instance_group [ { count: 2 kind: KIND_CPU } ]" in out
     assert 'key: "keep" value: { string_value: "a\\"b" }' in out
