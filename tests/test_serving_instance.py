@@ -22,7 +22,14 @@ def _args(kind: str = "CPU", device_id: str = "0", **params: str) -> dict:
 
 def test_parameters_to_engine_config() -> None:
     params = instance_parameters(
-        _args(dtype="float32", threads="3", max_sessions="5", max_context="512", quantization="none")
+        _args(
+            dtype="float32",
+            threads="3",
+            max_sessions="5",
+            max_context="512",
+            quantization="none",
+            kv_dtype="bf16",
+        )
     )
     cfg = engine_config(params, "cpu", prefill_chunk=64)
     assert (
@@ -31,6 +38,7 @@ def test_parameters_to_engine_config() -> None:
         cfg.max_sessions,
         cfg.max_context,
         cfg.quantization,
+        cfg.kv_dtype,
         cfg.prefill_chunk,
     ) == (
         "float32",
@@ -38,9 +46,11 @@ def test_parameters_to_engine_config() -> None:
         5,
         512,
         "none",
+        "bf16",
         64,
     )
     assert engine_config({}, "cpu").threads is None  # no parameter: torch decides
+    assert engine_config({}, "cpu").kv_dtype == "auto"
 
 
 def test_device_placement() -> None:

@@ -82,6 +82,8 @@ def engine_config(params: dict[str, str], device: str, **overrides: Any) -> Engi
         max_queued=int(params.get("max_queued", "16")),
         # auto = int4 decode weights where the kernel exists (CPU + bf16), dense otherwise.
         quantization=params.get("quantization", "auto") or "auto",
+        # auto = fp32 on CPU (attention runs in fp32 there), the model dtype on GPU.
+        kv_dtype=params.get("kv_dtype", "auto") or "auto",
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)
