@@ -118,13 +118,15 @@ class EngineConfig:
     #: (CPU + bfloat16), dense otherwise.
     quantization: str = "auto"
     #: Steps with more decode tokens than this use the dense weights (faster at large M).
-    #: The CPU int4 kernel works in blocks of 4 rows, so its cost grows with rows while a
-    #: dense step stays memory-bound. All 30 layers' matmuls of SmolLM2-135M, weights
-    #: streamed from memory as in a real step (2 threads): int4 3.6 / 11.3 / 21.4 / 26.8 /
-    #: 31.6 ms for 1 / 8 / 16 / 20 / 24 rows, dense 16.1 / 21.5 / 25.9 / 28.8 / 30.4 ms.
-    #: (Timing one layer alone keeps its weights in cache and favours dense from ~8 rows:
-    #: that misled an earlier default of 8, which cost 15-25% at 12-16 sessions.)
-    int4_max_rows: int = 20
+    #: An int4 kernel's cost grows with rows while a dense step stays memory-bound. All 30
+    #: layers' matmuls of SmolLM2-135M, weights streamed from memory as in a real step
+    #: (2 threads), in ms for 1 / 4 / 16 / 24 / 32 / 64 / 96 rows:
+    #:   torch's int4 kernel  3.8 / 6.3 / 21.5 / 32.0 / 41.4 /   -  /   -
+    #:   ours (bf16dp)        3.4 / 4.8 / 12.6 / 18.4 / 21.4 / 40.3 / 58.9
+    #:   dense bf16          16.1 / 17.4 / 25.9 / 30.4 / 33.2 / 47.6 / 63.6
+    #: None = by kernel: 96 with ours, 20 with torch's. (Timing one layer alone keeps its
+    #: weights in cache and favours dense from ~8 rows: that misled an earlier default.)
+    int4_max_rows: int | None = None
     #: KV pool dtype: ``auto`` (fp32 on CPU, where attention runs in fp32; the model dtype
     #: elsewhere), or any dtype name ``resolve_dtype`` takes.
     kv_dtype: str = "auto"
@@ -251,6 +253,9 @@ class Engine:
             model.device,
         )
         self.eos_ids = set(tokenizer.eos_token_ids)
+        self._int4_max_rows = self.config.int4_max_rows
+        if self._int4_max_rows is None:
+            self._int4_max_rows = 96 if model.int4_kernel == "bf16dp" else 20
         self._lock = threading.Condition()
         self._commands: collections.deque[tuple] = collections.deque()
         self._queue: collections.deque[_Session] = collections.deque()
@@ -390,6 +395,7 @@ class Engine:
             "kv_capacity_tokens": kv.tokens_capacity,
             "kv_bytes_reserved": kv.bytes_reserved,
             "quantization": self.model.quantization,
+            "int4_kernel": self.model.int4_kernel,
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "kv_dtype": str(self.pool.k[0].dtype).removeprefix("torch."),
             "steps": self._steps,
@@ -708,7 +714,7 @@ class Engine:
             key_len=key_len,
             mask=mask[:, None].to(dev),
             logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
-            split=PackedSplit.from_flags([c == PROMPT_CHANNEL for c in chans], self.config.int4_max_rows)
+            split=PackedSplit.from_flags([c == PROMPT_CHANNEL for c in chans], self._int4_max_rows)
             if self.model.quantization != "none"
             else None,
         )

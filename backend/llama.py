@@ -202,6 +202,9 @@ class LlamaModel:
         self.device = device
         self.dtype = dtype
         self.quantization = "none"
+        #: Which int4 kernel the decode rows use: ``bf16dp`` (``backend.int4_kernel``) or
+        #: ``torch`` (``torch._weight_int4pack_mm_for_cpu``); None when not quantized.
+        self.int4_kernel: str | None = None
         self._inv_freq = rope_inv_freq(cfg).to(device)
         self._rope_cache_len = 0
         self._cos = self._sin = torch.empty(0)
@@ -318,6 +321,8 @@ class LlamaModel:
                 for name in ("qkv", "o", "gate_up", "down")
             }
         self.quantization = mode
+        own = all(w.dp is not None for layer in self.layers for w in (layer.q4 or {}).values())
+        self.int4_kernel = "bf16dp" if own else "torch"
         return self
 
     def _linear(
@@ -485,12 +490,12 @@ class PackedSplit:
     def from_flags(cls, is_prompt: list[bool], int4_max_rows: int | None = None) -> PackedSplit:
         """``int4_max_rows``: above that many decode tokens, dense matmuls are faster.
 
-        The int4 kernel works in blocks of 4 rows, so its cost grows with rows while dense
-        bf16 stays memory-bound; they cross at about 20 rows on 2 cores (figures at
-        ``EngineConfig.int4_max_rows``). So large steps go dense, as any serving stack picks
-        its GEMM kernel by batch size. The price: a decode token's numerics depend on
-        whether its step had more than that many rows (int4 and dense weights differ by
-        the 4-bit rounding).
+        An int4 kernel's cost grows with rows while dense bf16 stays memory-bound, so they
+        cross: at about 20 rows with torch's kernel and about 100 with ours on 2 cores
+        (figures at ``EngineConfig.int4_max_rows``). So large steps go dense, as any serving
+        stack picks its GEMM kernel by batch size. The price: a decode token's numerics
+        depend on whether its step had more than that many rows (int4 and dense weights
+        differ by the 4-bit rounding).
         """
         if int4_max_rows is not None and len(is_prompt) - sum(is_prompt) > int4_max_rows:
             is_prompt = [True] * len(is_prompt)

@@ -20,21 +20,30 @@ from dataclasses import dataclass
 
 import torch
 
+from backend import int4_kernel
+
 GROUP_SIZE = 32
 
 
 @dataclass
 class Int4Weight:
-    """A ``[out, in]`` weight packed for ``torch._weight_int4pack_mm_for_cpu``."""
+    """A ``[out, in]`` int4 weight: packed for torch's CPU kernel and, where it builds, for ours.
+
+    ``dp`` holds the same numbers in the layout of ``backend.int4_kernel`` (bf16 dot
+    products: extra rows nearly free); ``mm`` uses it when present, else torch's kernel.
+    """
 
     packed: torch.Tensor
     scales_zeros: torch.Tensor  # [in / group, out, 2] in the activation dtype
     out_features: int
     group: int
+    dp: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.scales_zeros.dtype:
             x = x.to(self.scales_zeros.dtype)
+        if self.dp is not None:
+            return int4_kernel.mm(x, *self.dp)
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
 
 
@@ -43,8 +52,13 @@ def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
 
 
-def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE) -> Int4Weight:
-    """Min/max asymmetric 4-bit quantization per group of ``group`` input features."""
+def quantize_int4(
+    w: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE, own_kernel: bool = True
+) -> Int4Weight:
+    """Min/max asymmetric 4-bit quantization per group of ``group`` input features.
+
+    ``own_kernel``: also pack for ``backend.int4_kernel`` when it is available here.
+    """
     out_f, in_f = w.shape
     if in_f % group:
         raise ValueError(f"in_features {in_f} is not a multiple of the int4 group size {group}")
@@ -57,7 +71,10 @@ def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE) 
     zero = lo + 8 * scale
     sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [in/g, out, 2]
     packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-    return Int4Weight(packed, sz, out_f, group)
+    dp = None
+    if own_kernel and group == int4_kernel.GROUP and dtype == torch.bfloat16 and int4_kernel.available():
+        dp = int4_kernel.pack(q, sz)
+    return Int4Weight(packed, sz, out_f, group, dp)
 
 
 @dataclass

@@ -369,6 +369,10 @@ def start_server(
     if not list_models(repository):
         raise ServerError(f"no models (no */config.pbtxt) in {repository}")
     cfg.model_dir = resolve_model_dir(cfg.model_dir)
+    if cfg.model_dir and cfg.resolved_kind() == "KIND_CPU":
+        from backend import int4_kernel
+
+        int4_kernel.prebuild(lambda msg: print(msg, file=sys.stderr, flush=True))
 
     base = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="multistream-run-"))
     base.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backend import int4_kernel
 from backend.kv_cache import KVPool
 from backend.llama import LlamaModel, PackedBatch, PackedSplit
 from backend.quant import int4_supported, quantize_int4, quantize_int8
@@ -68,3 +69,64 @@ def test_int4_model_predicts_like_fp32(default_model_dir):
     got = logits(q4, False)  # every token through the int4 path
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.95, agree
+
+
+needs_own_kernel = pytest.mark.skipif(
+    not int4_kernel.available(),
+    reason="the bf16dp int4 kernel cannot be built here (no AVX512-BF16 or compiler)",
+)
+
+
+def _q_and_weight(n: int, k: int) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """A random weight, its int4 form, and the exact dequantized values both kernels stand for."""
+    torch.manual_seed(n + k)
+    w = torch.randn(n, k) * 0.05
+    q4 = quantize_int4(w, torch.bfloat16)
+    sz = q4.scales_zeros.float()  # [k/32, n, 2]
+    scale = sz[..., 0].T.repeat_interleave(32, 1)
+    zero = sz[..., 1].T.repeat_interleave(32, 1)
+    deq = torch._weight_int4pack_mm_for_cpu(
+        torch.eye(k, dtype=torch.bfloat16), q4.packed, 32, q4.scales_zeros
+    )
+    q = torch.round((deq.float().T - zero) / scale + 8).clamp(0, 15)
+    return q4, (q - 8) * scale + zero, q.to(torch.int32)
+
+
+@needs_own_kernel
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
+def test_own_int4_kernel_equals_the_dequantized_weights(rows):
+    """Same numbers as torch's kernel (the packing is derived from its q / scale / zero);
+    both within bf16 rounding of an exact fp32 product with the dequantized weights."""
+    for n, k in ((960, 576), (576, 1536)):
+        q4, exact_w, _ = _q_and_weight(n, k)
+        assert q4.dp is not None
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        exact = x.float() @ exact_w.T
+        ours = q4.mm(x).float()
+        theirs = torch._weight_int4pack_mm_for_cpu(x, q4.packed, 32, q4.scales_zeros).float()
+        tol = 1e-2 * exact.abs().max()
+        assert (ours - exact).abs().max() < tol and (theirs - exact).abs().max() < tol
+        assert (ours - theirs).abs().max() < tol
+
+
+@needs_own_kernel
+def test_own_int4_kernel_rows_do_not_depend_on_the_batch():
+    """A token's result must not change with what shares its step (batching equivalence)."""
+    q4, _, _ = _q_and_weight(576, 576)
+    x = torch.randn(13, 576, dtype=torch.bfloat16)
+    together = q4.mm(x)
+    for i in (0, 5, 8, 12):
+        assert torch.equal(q4.mm(x[i : i + 1])[0], together[i])
+
+
+def test_pack_layout_is_what_the_kernel_reads():
+    """Byte j of pair p of block b holds q[16b + j][2p] (low nibble) and q[16b + j][2p + 1]."""
+    q = torch.randint(0, 16, (32, 64), dtype=torch.int32)
+    sz = torch.randn(2, 32, 2).to(torch.bfloat16)
+    packed, szk = int4_kernel.pack(q, sz)
+    assert packed.shape == (2, 32, 16) and szk.shape == (2, 2, 2, 16)
+    b, p, j = 1, 7, 5
+    assert packed[b, p, j] & 0xF == q[16 * b + j, 2 * p] and packed[b, p, j] >> 4 == q[16 * b + j, 2 * p + 1]
+    assert szk[b, 1, 0, j] == sz[1, 16 * b + j, 0] and szk[b, 1, 1, j] == sz[1, 16 * b + j, 1]
+    with pytest.raises(ValueError, match="N % 16"):
+        int4_kernel.pack(q[:20], sz)
