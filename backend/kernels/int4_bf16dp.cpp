@@ -110,4 +110,8 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz) {
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("int4_mm", &int4_mm, "int4 x bf16 decode matmul"); }
+// The GIL is released for the call, as torch's own ops do: a serving process has Python
+// threads (response senders, BLS consumers) that must run while the engine computes.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mm", &int4_mm, "int4 x bf16 decode matmul", pybind11::call_guard<pybind11::gil_scoped_release>());
+}
