@@ -33,7 +33,7 @@ class Int4Weight:
     products: extra rows nearly free); ``mm`` uses it when present, else torch's kernel.
     """
 
-    packed: torch.Tensor
+    packed: torch.Tensor | None  # torch's packing; None when ``dp`` is used instead
     scales_zeros: torch.Tensor  # [in / group, out, 2] in the activation dtype
     out_features: int
     group: int
@@ -57,7 +57,8 @@ def quantize_int4(
 ) -> Int4Weight:
     """Min/max asymmetric 4-bit quantization per group of ``group`` input features.
 
-    ``own_kernel``: also pack for ``backend.int4_kernel`` when it is available here.
+    ``own_kernel``: pack for ``backend.int4_kernel`` when it is available here and the
+    shape suits it (out_features a multiple of 16), else for torch's kernel.
     """
     out_f, in_f = w.shape
     if in_f % group:
@@ -70,11 +71,10 @@ def quantize_int4(
     # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.
     zero = lo + 8 * scale
     sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [in/g, out, 2]
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-    dp = None
-    if own_kernel and group == int4_kernel.GROUP and dtype == torch.bfloat16 and int4_kernel.available():
-        dp = int4_kernel.pack(q, sz)
-    return Int4Weight(packed, sz, out_f, group, dp)
+    fits = group == int4_kernel.GROUP and out_f % 16 == 0 and dtype == torch.bfloat16
+    if own_kernel and fits and int4_kernel.available():
+        return Int4Weight(None, sz, out_f, group, int4_kernel.pack(q, sz))
+    return Int4Weight(torch._convert_weight_to_int4pack_for_cpu(q, 1), sz, out_f, group)
 
 
 @dataclass

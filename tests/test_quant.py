@@ -77,19 +77,20 @@ needs_own_kernel = pytest.mark.skipif(
 )
 
 
-def _q_and_weight(n: int, k: int) -> tuple[torch.Tensor, object, torch.Tensor]:
-    """A random weight, its int4 form, and the exact dequantized values both kernels stand for."""
+def _q_and_weight(n: int, k: int):
+    """A random weight as int4 for our kernel and for torch's (same numbers), and the exact
+    dequantized values both stand for."""
     torch.manual_seed(n + k)
     w = torch.randn(n, k) * 0.05
-    q4 = quantize_int4(w, torch.bfloat16)
-    sz = q4.scales_zeros.float()  # [k/32, n, 2]
+    ours = quantize_int4(w, torch.bfloat16)
+    theirs = quantize_int4(w, torch.bfloat16, own_kernel=False)
+    assert theirs.dp is None and torch.equal(theirs.scales_zeros, ours.scales_zeros)
+    sz = ours.scales_zeros.float()  # [k/32, n, 2]
     scale = sz[..., 0].T.repeat_interleave(32, 1)
     zero = sz[..., 1].T.repeat_interleave(32, 1)
-    deq = torch._weight_int4pack_mm_for_cpu(
-        torch.eye(k, dtype=torch.bfloat16), q4.packed, 32, q4.scales_zeros
-    )
+    deq = theirs.mm(torch.eye(k, dtype=torch.bfloat16))
     q = torch.round((deq.float().T - zero) / scale + 8).clamp(0, 15)
-    return q4, (q - 8) * scale + zero, q.to(torch.int32)
+    return ours, theirs, (q - 8) * scale + zero
 
 
 @needs_own_kernel
@@ -98,12 +99,12 @@ def test_own_int4_kernel_equals_the_dequantized_weights(rows):
     """Same numbers as torch's kernel (the packing is derived from its q / scale / zero);
     both within bf16 rounding of an exact fp32 product with the dequantized weights."""
     for n, k in ((960, 576), (576, 1536)):
-        q4, exact_w, _ = _q_and_weight(n, k)
-        assert q4.dp is not None
+        q4, torch_q4, exact_w = _q_and_weight(n, k)
+        assert q4.dp is not None and q4.packed is None  # one packing kept, not two
         x = torch.randn(rows, k, dtype=torch.bfloat16)
         exact = x.float() @ exact_w.T
         ours = q4.mm(x).float()
-        theirs = torch._weight_int4pack_mm_for_cpu(x, q4.packed, 32, q4.scales_zeros).float()
+        theirs = torch_q4.mm(x).float()
         tol = 1e-2 * exact.abs().max()
         assert (ours - exact).abs().max() < tol and (theirs - exact).abs().max() < tol
         assert (ours - theirs).abs().max() < tol
@@ -113,6 +114,7 @@ def test_own_int4_kernel_equals_the_dequantized_weights(rows):
 def test_own_int4_kernel_rows_do_not_depend_on_the_batch():
     """A token's result must not change with what shares its step (batching equivalence)."""
     q4, _, _ = _q_and_weight(576, 576)
+    assert q4.dp is not None
     x = torch.randn(13, 576, dtype=torch.bfloat16)
     together = q4.mm(x)
     for i in (0, 5, 8, 12):
