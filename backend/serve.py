@@ -369,7 +369,8 @@ def start_server(
     if not list_models(repository):
         raise ServerError(f"no models (no */config.pbtxt) in {repository}")
     cfg.model_dir = resolve_model_dir(cfg.model_dir)
-    if cfg.model_dir and cfg.resolved_kind() == "KIND_CPU":
+    kind_resolved = cfg.resolved_kind()
+    if cfg.model_dir and kind_resolved == "KIND_CPU":
         from backend import int4_kernel
 
         int4_kernel.prebuild(lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -377,7 +378,6 @@ def start_server(
     base = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="multistream-run-"))
     base.mkdir(parents=True, exist_ok=True)
     backend_dir = build_backend_dir(base / "backends", install)
-    kind_resolved = cfg.resolved_kind()
     models = render_repository(repository, base / "model_repository", cfg, kind_resolved)
     grpc_port, http_port, metrics_port = (p or free_port() for p in (grpc_port, http_port, metrics_port))
     cmd = [

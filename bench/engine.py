@@ -8,9 +8,8 @@ Measures, in one run and on the same weights, dtype and thread count:
 - ``batch_tok_s``: aggregate decode tokens/s of N concurrent single-stream sessions.
 
 With int4 decode weights (the default on a bf16 CPU), the same metrics are also reported
-for dense weights under ``"dense"``: the int4 kernel is ~7x cheaper for one row but its
-cost grows with rows, so it wins on absolute speed while the row/batch *ratios* look
-better dense.
+for dense weights under ``"dense"``: int4 is ~4x cheaper for one row but its cost grows
+with rows, so it wins on absolute speed while the row/batch *ratios* look better dense.
 
 Decode rates exclude prefill: (tokens - 1) / (time of last token - time of first token),
 and for HF, (T(n) - T(1)) over n - 1 new tokens. Targets are ratios in the same run, since
@@ -154,9 +153,9 @@ def _run_part(args: argparse.Namespace, part: str) -> dict:
     model_dir = resolve_model_dir(args.model_dir)
     dtype = resolve_dtype(args.dtype)
     dtype_name = str(dtype).removeprefix("torch.")
+    tok = Tokenizer.from_dir(model_dir)
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     if part == "hf":
-        tok = Tokenizer.from_dir(model_dir)
-        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
         return {"hf_generate_tok_s": round(bench_hf(model_dir, dtype, prompt, args.tokens, args.repeats), 2)}
     engine = Engine.from_model_dir(
         model_dir,
@@ -168,8 +167,6 @@ def _run_part(args: argparse.Namespace, part: str) -> dict:
             max_context=1024,
         ),
     )
-    tok = engine.tokenizer
-    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     result: dict = {
         "model": str(model_dir.name),
         "dtype": dtype_name,
@@ -203,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     result = _measure_in_child(args, "engine")
     modes = [result]
     if result["quantization"] != "none":
-        # The same weights in the same dtype as HF, dense: the int4 kernel's cost grows with
-        # rows (it works in blocks of 4), so its row/batch ratios differ from dense ones.
+        # The same weights in the same dtype as HF, dense: an int4 kernel's cost grows with
+        # rows while a dense step is memory-bound, so their row/batch ratios differ.
         dense = _measure_in_child(args, "dense")
         shared = ("model", "dtype", "threads", "cpu", "prompt_tokens", "new_tokens")
         result["dense"] = {k: v for k, v in dense.items() if k not in shared}
