@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from backend.deploy_config import model_parameters
 from backend.engine import Engine, EngineConfig
+from backend.serving.parameters import model_parameters
 
 
 def enable_crash_traces() -> None:

@@ -10,7 +10,7 @@ class TritonPythonModel:
         # project (editable) into the interpreter the stub embeds, and numpy is < 2.
         import json
 
-        from backend.deploy_config import model_parameters
+        from backend.serving.parameters import model_parameters
 
         assert np.__version__ < "2", np.__version__
         self.params = model_parameters(json.loads(args["model_config"]))

@@ -1,0 +1,22 @@
+"""Reads back the ``parameters`` that the launcher renders into every config.pbtxt.
+
+Why a module of its own: the Triton stubs need this at run time (model dir, dtype, threads,
+...), and runtime code must not import the launcher (``launcher.deploy_config`` writes these
+parameters; this only reads them). Inside ``model.py``::
+
+    params = model_parameters(json.loads(args["model_config"]))
+    threads = int(params.get("threads", "1")); model_dir = params["model_dir"]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    """``{key: string_value}`` from a parsed Triton model config (``json.loads(args["model_config"])``).
+
+    Triton hands every parameter over as ``{"string_value": ...}``; a model without a
+    ``parameters`` section gets an empty dict rather than an error.
+    """
+    return {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
