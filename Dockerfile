@@ -15,6 +15,7 @@ WORKDIR /opt/multistream
 # numpy < 2: the 2.x stub ABI misreads tensors (docs/CONTRACTS.md, DESIGN §5).
 COPY pyproject.toml README.md ./
 COPY backend ./backend
+COPY launcher ./launcher
 COPY client ./client
 COPY model_repository ./model_repository
 RUN python3 -m pip install --no-cache-dir "numpy<2" safetensors tokenizers jinja2 tqdm \
@@ -32,6 +33,6 @@ ENV MODEL_DIR=default \
 EXPOSE 8000 8001 8002
 # Render the repository for this machine (KIND_GPU instances, each with its own CUDA stream),
 # then run the image's own tritonserver on it.
-CMD python3 -m backend.serve --render-only /tmp/models --kind KIND_GPU --model-dir "$MODEL_DIR" \
+CMD python3 -m launcher --render-only /tmp/models --kind KIND_GPU --model-dir "$MODEL_DIR" \
         --decode-instances "$DECODE_INSTANCES" --reasoning-instances "$REASONING_INSTANCES" \
  && exec tritonserver --model-repository /tmp/models --allow-metrics true

@@ -3,7 +3,7 @@
 In one run, the same prompt set (``load/prompts.json``, shared with the locust test) and a
 512-token prompt go through:
 
-(a) ``multistream``        the Triton server (``backend.serve.start_server``) via ``client/``;
+(a) ``multistream``        the Triton server (``launcher.serve.start_server``) via ``client/``;
                            also with ``reasoning_streams=1, reasoning_budget=256``;
 (b) ``think_then_answer``  the same server, reasoning first and then the answer, as two
                            requests (definition: ``bench.compare_triton``);
@@ -143,7 +143,7 @@ def run_server_systems(
         measure(args.url, None, {"url": args.url, "started_here": False})
         return out
 
-    from backend.serve import ServerError, start_server
+    from launcher.serve import ServerError, start_server
 
     threads = _parse_threads(args.server_threads, workload.threads)
     _log(f"starting the multistream server (threads {threads}) ...")

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads
     handle = None
     if args.url is None:
-        from backend.serve import start_server
+        from launcher.serve import start_server
 
         log("starting tritonserver ...")
         handle = start_server(

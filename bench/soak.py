@@ -57,7 +57,7 @@ def tree_rss_mb(pid: int) -> float:
 
 def rss_by_process_mb(pid: int) -> dict[str, float]:
     """RSS (MiB) of tritonserver and of each stub (by instance name): who grows, if anything."""
-    from backend.serve import python_stubs
+    from launcher.serve import python_stubs
 
     out: dict[str, float] = {}
     for name, p in {"tritonserver": pid, **python_stubs(pid)}.items():
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         result = run(args, args.url, None)
     else:
-        from backend.serve import start_server
+        from launcher.serve import start_server
 
         with start_server(max_sessions=8, max_context=1024, log_level="warning") as srv:
             result = run(args, srv.grpc_url, srv.process.pid)

@@ -1,7 +1,7 @@
 """``python -m load``: run the locust load test headless and judge the result.
 
 Why a wrapper around the ``locust`` command: it can start the server itself
-(``backend.serve.start_server``) when no ``--url`` is given, it fixes the file
+(``launcher.serve.start_server``) when no ``--url`` is given, it fixes the file
 layout (DIR/locust_*.csv, DIR/report.html), and it turns "any failed request
 or no request at all" into a non-zero exit code that CI can use.
 """
@@ -42,9 +42,9 @@ def _server(url: str | None, users: int) -> Iterator[str]:
     if url:
         yield url
         return
-    from backend.serve import start_server  # only needed when we own the server
+    from launcher.serve import start_server  # only needed when we own the server
 
-    print("starting tritonserver (backend.serve.start_server) ...", flush=True)
+    print("starting tritonserver (launcher.serve.start_server) ...", flush=True)
     with start_server(max_sessions=max(8, users), log_level="warning") as srv:
         print(f"server ready at {srv.grpc_url}", flush=True)
         yield srv.grpc_url

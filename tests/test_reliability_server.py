@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from backend.serve import DEFAULT_REPOSITORY, ServerHandle, start_server
 from backend.serving.session_control import mailbox_root
 from client import (
     AsyncMultiStreamClient,
@@ -32,6 +31,7 @@ from client import (
     MultiStreamConnectionError,
     MultiStreamError,
 )
+from launcher.serve import DEFAULT_REPOSITORY, ServerHandle, start_server
 from tests.reliability_helpers import (
     assert_serves_normally,
     gauge_sum,
@@ -330,7 +330,7 @@ def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None
     with "Stub process 'decode_0_0' is not healthy". So: the client library notices the
     stall and asks ``session_control`` (``action: "status"``), which sees that the session's
     owner pid is gone -> an error within seconds, not a hang; and the launcher
-    (``ServerHandle.dead_stubs``, watched by ``python -m backend.serve``) sees the dead stub
+    (``ServerHandle.dead_stubs``, watched by ``python -m launcher``) sees the dead stub
     and exits so an orchestrator restarts the server. If a later Triton restarts the stub
     or reports unready, that is accepted too. Runs last: it breaks this module's server.
     """

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.serve import ServerHandle, start_server
+from launcher.serve import ServerHandle, start_server
 
 REPO = Path(__file__).parent / "triton_smoke_repo"
 N = 3
@@ -118,7 +118,7 @@ def test_bad_input_is_an_error_not_a_hang(smoke_server: ServerHandle) -> None:
 
 def test_render_pbtxt_replaces_instance_group_and_merges_parameters() -> None:
     """No server: the rendering that every real config.pbtxt goes through."""
-    from backend.deploy_config import DeployConfig, render_pbtxt
+    from launcher.deploy_config import DeployConfig, render_pbtxt
 
     src = (
         'name: "decode"\nbackend: "python"\n'
@@ -145,15 +145,15 @@ def test_render_pbtxt_replaces_instance_group_and_merges_parameters() -> None:
 
 
 def test_cli_serves_and_stops_on_sigterm() -> None:
-    """`python -m backend.serve` prints the endpoints, and SIGTERM stops tritonserver and its stubs."""
+    """`python -m launcher` prints the endpoints, and SIGTERM stops tritonserver and its stubs."""
     import signal
     import subprocess
     import sys
 
-    from backend.serve import free_port
+    from launcher.serve import free_port
 
     ports = [str(free_port()) for _ in range(3)]
-    cmd = [sys.executable, "-m", "backend.serve", "--model-repository", str(REPO), "--model-dir", "none"]
+    cmd = [sys.executable, "-m", "launcher", "--model-repository", str(REPO), "--model-dir", "none"]
     cmd += [
         "--address",
         "127.0.0.1",

@@ -141,7 +141,7 @@ def server_env(install: TritonInstall | None = None, base: dict[str, str] | None
     return env
 
 
-if __name__ == "__main__":  # `python -m backend.triton_env` prints what was found
+if __name__ == "__main__":  # `python -m launcher.triton_env` prints what was found
     found = find_triton()
     for field in found.__dataclass_fields__:
         print(f"{field:16} {getattr(found, field)}")

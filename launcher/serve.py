@@ -1,10 +1,10 @@
-"""Start tritonserver on a rendered copy of ``model_repository/`` (``python -m backend.serve``).
+"""Start tritonserver on a rendered copy of ``model_repository/`` (``python -m launcher``).
 
 Why a launcher and not a bare ``tritonserver`` command: without the Triton
 container the server comes from the nvidia-pytriton wheel and needs a backend
-directory and LD_LIBRARY_PATH built for this interpreter (``backend.triton_env``),
+directory and LD_LIBRARY_PATH built for this interpreter (``launcher.triton_env``),
 and instance counts / threads / engine parameters must be written into every
-config.pbtxt from one place (``backend.deploy_config``).
+config.pbtxt from one place (``launcher.deploy_config``).
 
 Importable API (tests, benchmarks, load runner)::
 
@@ -30,8 +30,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.deploy_config import HEAVY_MODELS, DeployConfig, is_ensemble, render_pbtxt
-from backend.triton_env import build_backend_dir, check_numpy, find_triton, server_env
+from launcher.deploy_config import HEAVY_MODELS, DeployConfig, is_ensemble, render_pbtxt
+from launcher.triton_env import build_backend_dir, check_numpy, find_triton, server_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
@@ -371,9 +371,9 @@ def start_server(
     cfg.model_dir = resolve_model_dir(cfg.model_dir)
     kind_resolved = cfg.resolved_kind()
     if cfg.model_dir and kind_resolved == "KIND_CPU":
-        from backend import int4_kernel
+        from backend.kernels import int4
 
-        int4_kernel.prebuild(lambda msg: print(msg, file=sys.stderr, flush=True))
+        int4.prebuild(lambda msg: print(msg, file=sys.stderr, flush=True))
 
     base = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="multistream-run-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -433,7 +433,7 @@ def start_server(
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m backend.serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__.split("\n\n")[0])
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -587,7 +587,3 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         handle.stop()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,13 +2,11 @@
 
 Why: instance counts, device kind, torch threads and engine parameters must
 agree across every ``config.pbtxt``; editing them by hand in seven files drifts.
-``backend.serve`` renders ``model_repository/`` into a run directory from a
+``launcher.serve`` renders ``model_repository/`` into a run directory from a
 :class:`DeployConfig` (defaults here, then a TOML/JSON file, then CLI flags).
 
-Inside ``model.py`` read them back with :func:`model_parameters`::
-
-    params = model_parameters(json.loads(args["model_config"]))
-    threads = int(params.get("threads", "1")); model_dir = params["model_dir"]
+The stubs read them back with ``backend.serving.parameters.model_parameters``, not
+from here: what Triton loads never imports the launcher.
 """
 
 from __future__ import annotations
@@ -160,11 +158,6 @@ def _copy(value: Any) -> Any:
     if isinstance(value, list):
         return list(value)
     return value
-
-
-def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
-    """``{key: string_value}`` from a parsed Triton model config (``json.loads(args["model_config"])``)."""
-    return {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
 
 
 # -- config.pbtxt rendering --------------------------------------------------------------------------------
