@@ -18,6 +18,7 @@ import argparse
 import atexit
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -476,15 +477,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 DEMO_PROMPT = "Why do leaves change colour in autumn? Answer in three sentences."
 
 
-def run_demo(handle: ServerHandle, prompt: str) -> int:
-    """Streams one multi-stream request through the client CLI (live answer + reasoning panes)."""
-    from client.cli import main as client_main
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread; unlike Ctrl-C at a terminal it reached only the launcher."""
 
-    port = handle.grpc_url.rsplit(":", 1)[1]
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
+def run_demo(handle: ServerHandle, prompt: str) -> int:
+    """Streams one multi-stream request through ``python -m client`` (live answer + reasoning panes).
+
+    Why a subprocess: the launcher must not import the client (the server side would depend on
+    it). The child inherits this terminal, so its live view draws as when run by hand. Returns
+    the client's exit code (128 + N when signal N killed it, as a shell reports it).
+    """
     argv = [
         prompt,
         "--url",
-        f"127.0.0.1:{port}",
+        handle.grpc_url,
         "--reasoning-streams",
         "1",
         "--reasoning-budget",
@@ -492,8 +503,27 @@ def run_demo(handle: ServerHandle, prompt: str) -> int:
         "--max-tokens",
         "96",
     ]
-    print(f"demo: multistream {' '.join(repr(a) if ' ' in a else a for a in argv)}", flush=True)
-    return client_main(argv)
+    # flush=True also flushes the endpoints printed before, so they come out before the child's output.
+    print(f"demo: python -m client {shlex.join(argv)}", flush=True)
+    child = subprocess.Popen([sys.executable, "-m", "client", *argv])
+    try:
+        try:
+            code = child.wait()
+        except _Terminated:
+            # Only we got SIGTERM: hand the client a Ctrl-C so it cancels its session while the server is up.
+            child.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=10)
+            raise
+        except KeyboardInterrupt:
+            # Ctrl-C at the terminal reached the client too (same foreground process group): it cancels
+            # its session on the server, which must stay up until then, and exits 130.
+            code = child.wait()
+    finally:
+        if child.poll() is None:  # a second Ctrl-C, or a client that ignored SIGINT
+            child.kill()
+            child.wait()
+    return code if code >= 0 else 128 - code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,13 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.threads:
         name, _, n = item.partition("=")
         threads[name] = int(n)
-    stop = {"flag": False}
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        stop["flag"] = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     # The deployment settings both paths share (rendering only, or rendering and serving).
     settings = dict(
         config_file=args.config,
