@@ -61,15 +61,18 @@ def list_models(repository: Path) -> list[str]:
     return sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
 
 
-def resolve_model_dir(spec: str) -> str:
-    """'default' converts/caches the default model once; 'none' skips model files (smoke repos)."""
+def model_dir_for_render(spec: str) -> str:
+    """The ``model_dir`` parameter to render from ``--model-dir``: a folder's path, or '' for 'none'.
+
+    'default' converts/caches the default model once (``backend.model_store.resolve_model_dir``);
+    'none' renders no model files (smoke repositories). Model errors become a ServerError.
+    """
     if spec in ("", "none"):
         return ""
-    from backend.model_store import ModelFilesError
-    from backend.model_store import resolve_model_dir as _resolve
+    from backend.model_store import ModelFilesError, resolve_model_dir
 
     try:
-        return str(_resolve(spec))  # "default" -> ensure_default_model()
+        return str(resolve_model_dir(spec))
     except (ModelFilesError, OSError) as e:
         raise ServerError(f"--model-dir {spec}: {e}") from e
 
@@ -369,7 +372,7 @@ def start_server(
     repository = Path(repository)
     if not list_models(repository):
         raise ServerError(f"no models (no */config.pbtxt) in {repository}")
-    cfg.model_dir = resolve_model_dir(cfg.model_dir)
+    cfg.model_dir = model_dir_for_render(cfg.model_dir)
     kind_resolved = cfg.resolved_kind()
     if cfg.model_dir and kind_resolved == "KIND_CPU":
         from backend.kernels import int4
@@ -550,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.render_only:
         cfg = build_config(**settings)
-        cfg.model_dir = resolve_model_dir(cfg.model_dir)
+        cfg.model_dir = model_dir_for_render(cfg.model_dir)
         models = render_repository(
             Path(args.model_repository), Path(args.render_only), cfg, cfg.resolved_kind()
         )
