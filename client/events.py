@@ -76,6 +76,20 @@ class Done:
 Event = StreamDelta | Done
 
 
+@dataclass(frozen=True)
+class StreamStats:
+    """One stream's numbers so far: the live view a UI shows while the request runs.
+
+    ``tokens_per_s`` is the decode rate after the first token, ``None`` until a second token
+    arrived later than the first (one token has no rate yet); ``Done`` uses the same numbers.
+    """
+
+    tokens: int
+    ttft_s: float | None
+    tokens_per_s: float | None
+    finish_reason: str | None
+
+
 @dataclass
 class _StreamState:
     parts: list[str] = field(default_factory=list)
@@ -86,7 +100,7 @@ class _StreamState:
 
 
 class StreamTracker:
-    """Accumulates deltas of one request; builds ``Done`` and checks completeness."""
+    """Accumulates deltas of one request: live per-stream stats, completeness, ``Done``."""
 
     def __init__(self, t0: float | None = None, session_id: str | None = None) -> None:
         self.t0 = time.perf_counter() if t0 is None else t0
@@ -157,20 +171,39 @@ class StreamTracker:
         if errored:
             raise MultiStreamError(f"server reported finish_reason 'error' on stream(s) {', '.join(errored)}")
 
+    def stats(self, stream: str) -> StreamStats:
+        """Live numbers of one stream (``KeyError`` for a stream not seen yet)."""
+        st = self.streams[stream]
+        rate = None
+        if st.first_t is not None and st.last_t is not None and st.tokens > 1 and st.last_t > st.first_t:
+            rate = (st.tokens - 1) / (st.last_t - st.first_t)
+        return StreamStats(
+            tokens=st.tokens,
+            ttft_s=None if st.first_t is None else st.first_t - self.t0,
+            tokens_per_s=rate,
+            finish_reason=st.finish_reason,
+        )
+
+    def live_stats(self) -> dict[str, StreamStats]:
+        """Live numbers of every stream seen so far (usable mid-request, or after a cut one)."""
+        return {name: self.stats(name) for name in self.streams}
+
     def done(self, t_end: float | None = None) -> Done:
         """Build the summary; call after the final response."""
         t_end = time.perf_counter() if t_end is None else t_end
         ttft: dict[str, float] = {}
         rate: dict[str, float] = {}
         for name, st in self.streams.items():
-            if st.first_t is None or name in ECHO_STREAMS:  # echo: not generated, no TTFT/rate
+            stats = self.stats(name)
+            if stats.ttft_s is None or name in ECHO_STREAMS:  # echo: not generated, no TTFT/rate
                 continue
-            ttft[name] = st.first_t - self.t0
-            span = (st.last_t or st.first_t) - st.first_t
-            if st.tokens > 1 and span > 0:
-                rate[name] = (st.tokens - 1) / span
+            ttft[name] = stats.ttft_s
+            # A single token (or all in one response) has no decode rate: tokens over the
+            # time to the last one stands in, so every generated stream has a number.
+            if stats.tokens_per_s is not None:
+                rate[name] = stats.tokens_per_s
             else:
-                rate[name] = st.tokens / max((st.last_t or st.first_t) - self.t0, 1e-9)
+                rate[name] = st.tokens / max((st.last_t or self.t0) - self.t0, 1e-9)
         out = self.streams.get(OUTPUT_STREAM)
         return Done(
             session_id=self.session_id,
