@@ -11,6 +11,8 @@ Sync::
                 print(ev.ttft_s, ev.tokens_per_s)
 
 Async: ``AsyncMultiStreamClient`` with ``async for``. Errors: ``MultiStreamError``.
+``generate``'s options are the fields of ``GenerateRequest`` (``client/request.py``); both
+clients share ``client/core.py`` and differ only in transport.
 """
 
 from .aio import AsyncGeneration, AsyncMultiStreamClient
@@ -20,7 +22,7 @@ from .errors import (
     MultiStreamConnectionError,
     MultiStreamError,
 )
-from .events import Done, Event, StreamDelta, StreamTracker
+from .events import Done, Event, StreamDelta, StreamStats, StreamTracker
 from .request import GenerateRequest
 from .sync import Generation, MultiStreamClient
 
@@ -37,5 +39,6 @@ __all__ = [
     "MultiStreamConnectionError",
     "MultiStreamError",
     "StreamDelta",
+    "StreamStats",
     "StreamTracker",
 ]

@@ -12,18 +12,22 @@ import argparse
 import json
 import sys
 import threading
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from .core import DEFAULT_URLS, IDLE_TIMEOUT_S
 from .errors import MultiStreamError
 from .events import Done, StreamDelta
-from .request import ATTENTION_MODES
+from .request import OPTIONS, Param
 from .sync import MultiStreamClient
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Argument parser (separate so tests can check argument handling without a server)."""
+    """Argument parser (separate so tests can check argument handling without a server).
+
+    The request flags are derived from ``GenerateRequest``'s fields (``--max-tokens`` for
+    ``max_tokens``...), so a new request parameter needs no edit here.
+    """
     p = argparse.ArgumentParser(
         prog="multistream",
         description="Stream an answer and background reasoning from the multistream Triton model.",
@@ -34,24 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--url", default=None, help="server host:port (default localhost:8001 for grpc, :8000 for http)"
     )
-    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    p.add_argument("--max-tokens", type=_positive_int, default=128)
-    p.add_argument("--temperature", type=_non_negative_float, default=None)
-    p.add_argument("--top-p", type=_unit_float, default=None)
-    p.add_argument("--top-k", type=_non_negative_int, default=None)
-    p.add_argument("--seed", type=_non_negative_int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--reasoning-streams", type=_non_negative_int, default=None)
-    p.add_argument("--reasoning-budget", type=_positive_int, default=None)
-    p.add_argument("--attention-mode", choices=ATTENTION_MODES, default=None)
-    p.add_argument(
-        "--sync",
-        choices=("none", "revise"),
-        default=None,
-        help="revise: the answer is revised once reasoning is done (a 'revision' stream)",
-    )
-    p.add_argument("--session-id", default=None)
-    p.add_argument("--no-stream", action="store_true", help="one final response instead of deltas")
+    p.add_argument("--protocol", choices=tuple(DEFAULT_URLS), default="grpc")
+    request = p.add_argument_group("request options (the fields of client.request.GenerateRequest)")
+    for param in OPTIONS.values():
+        _add_option(request, param)
     p.add_argument("--json", action="store_true", help="print one JSON object (no live view)")
     p.add_argument(
         "--interactive",
@@ -59,55 +49,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="lines typed while the answer streams are pushed into the session (User channel)",
     )
     p.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds without any response before giving up"
+        "--timeout",
+        type=float,
+        default=IDLE_TIMEOUT_S,
+        help="seconds without any response before giving up (default %(default)s)",
     )
     return p
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return v
+def option_flag(param: Param) -> str:
+    """The CLI flag of a request option: ``max_tokens`` -> ``--max-tokens``."""
+    return "--" + param.name.replace("_", "-")
 
 
-def _non_negative_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return v
+def _add_option(parser: argparse._ActionsContainer, param: Param) -> None:
+    flag = option_flag(param)
+    if param.pytype is bool:  # --stream / --no-stream
+        parser.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=param.default, help=param.help
+        )
+    elif param.repeated:
+        parser.add_argument(flag, action="append", type=_converter(param), default=None, help=param.help)
+    elif param.choices:
+        parser.add_argument(flag, choices=param.choices, default=param.ui_default, help=param.help)
+    else:
+        default = param.ui_default if param.ui_default is not None else param.default
+        notes = [n for n in (param.rule, None if default is None else f"default {default}") if n]
+        help_text = f"{param.help} ({'; '.join(notes)})" if notes else param.help
+        parser.add_argument(flag, type=_converter(param), default=default, help=help_text)
 
 
-def _non_negative_float(s: str) -> float:
-    v = float(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return v
+def _converter(param: Param) -> Any:
+    """argparse ``type=``: the option's own parsing and rule, as a clean argparse error."""
 
+    def convert(text: str) -> Any:
+        try:
+            return param.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-def _unit_float(s: str) -> float:
-    v = float(s)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError("must be in (0, 1]")
-    return v
+    return convert
 
 
 def generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """CLI arguments -> ``MultiStreamClient.generate`` keyword arguments."""
-    return {
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "seed": args.seed,
-        "stop": args.stop,
-        "reasoning_streams": args.reasoning_streams,
-        "reasoning_budget": args.reasoning_budget,
-        "attention_mode": args.attention_mode,
-        "session_id": args.session_id,
-        "sync": args.sync,
-        "stream": not args.no_stream,
-    }
+    """CLI arguments -> ``MultiStreamClient.generate`` keyword arguments (every option)."""
+    return {name: getattr(args, name) for name in OPTIONS}
 
 
 class _Pusher:
@@ -218,8 +204,6 @@ def run(args: argparse.Namespace) -> int:
         err.print("error: empty prompt")
         return 2
     kwargs = generate_kwargs(args)
-    if args.interactive and not kwargs["session_id"]:
-        kwargs["session_id"] = uuid.uuid4().hex  # known up front so pushes can start at once
 
     client = MultiStreamClient(args.url, args.protocol, idle_timeout_s=args.timeout)
     pusher: _Pusher | None = None
@@ -227,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         gen = client.generate(prompt, **kwargs)
         if args.interactive:
-            pusher = _Pusher(MultiStreamClient(args.url, args.protocol), kwargs["session_id"])
+            # The session id is chosen client side, so pushes can start before the first token.
+            assert gen.session_id is not None
+            pusher = _Pusher(MultiStreamClient(args.url, args.protocol), gen.session_id)
             pusher.start()
         texts: dict[str, str] = {"output": ""}
         done: Done | None = None
@@ -268,12 +254,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         if gen is not None:
-            gen.cancel()
-            if gen.session_id:
-                try:
-                    client.cancel(gen.session_id)
-                except MultiStreamError:
-                    pass
+            gen.cancel()  # closes the stream and cancels the session through session_control
         err.print("cancelled")
         return 130
     finally:

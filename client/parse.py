@@ -7,7 +7,6 @@ Responses carry only the outputs they set (a reasoning delta may lack
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -136,26 +135,15 @@ class SSEParser:
         return data
 
 
-def iter_sse_json(lines: Iterable[str | bytes]) -> Iterator[dict[str, Any]]:
-    """JSON objects of the SSE events in ``lines``; a non-JSON event is an error."""
-    parser = SSEParser()
-
-    def decode(data: str) -> dict[str, Any]:
-        try:
-            obj = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise MultiStreamError(f"server sent a malformed event: {data[:200]!r}") from exc
-        if not isinstance(obj, dict):
-            raise MultiStreamError(f"server sent a non-object event: {data[:200]!r}")
-        return obj
-
-    for line in lines:
-        data = parser.feed_line(line)
-        if data is not None:
-            yield decode(data)
-    data = parser.finish()
-    if data is not None:
-        yield decode(data)
+def sse_json(data: str) -> dict[str, Any]:
+    """The JSON object of one SSE event's data (Triton sends one object per event)."""
+    try:
+        obj = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise MultiStreamError(f"server sent a malformed event: {data[:200]!r}") from exc
+    if not isinstance(obj, dict):
+        raise MultiStreamError(f"server sent a non-object event: {data[:200]!r}")
+    return obj
 
 
 def http_error_message(status: int, body: bytes) -> str:

@@ -1,96 +1,248 @@
-"""Request parameters and their encoding as Triton inputs.
+"""``generate``'s parameters, defined once, and their encoding as Triton inputs.
 
-The ``multistream`` ensemble follows the TensorRT-LLM ``ensemble`` contract:
-every input is shaped ``[batch, 1]`` and optional inputs are simply absent
-when unset, so the server applies its own defaults. We therefore send only
-what the caller set (plus the always-present ``text_input``, ``max_tokens``,
-``stream``); sending defaults would hide server-side default changes.
+Every request parameter is one field of :class:`GenerateRequest`, and the field's metadata
+(a :class:`Param`) says everything else about it: the Triton input it travels as and its
+datatype, a help text, the rule a value must keep, whether the web playground offers it.
+``generate(prompt, **options)`` on both clients, the CLI flags (``client.cli``), the
+playground's settings (``client.web.app``) and :data:`INPUT_TYPES` are all derived from it,
+so a new parameter is one new field here, not ten edits that can drift apart.
+
+The ``multistream`` ensemble follows the TensorRT-LLM ``ensemble`` contract: every input is
+shaped ``[batch, 1]`` and optional inputs are simply absent when unset, so the server applies
+its own defaults. We therefore send only what the caller set (plus the always-present
+``text_input``, ``max_tokens``, ``stream``); sending defaults would hide server-side default
+changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
-# name -> (Triton datatype, numpy dtype). Names are the contract's (docs/CONTRACTS.md §3).
-INPUT_TYPES: dict[str, tuple[str, Any]] = {
-    "text_input": ("BYTES", np.object_),
-    "max_tokens": ("INT32", np.int32),
-    "stream": ("BOOL", np.bool_),
-    "temperature": ("FP32", np.float32),
-    "top_p": ("FP32", np.float32),
-    "top_k": ("INT32", np.int32),
-    "seed": ("UINT64", np.uint64),
-    "repetition_penalty": ("FP32", np.float32),
-    "stop_words": ("BYTES", np.object_),
-    "reasoning_streams": ("INT32", np.int32),
-    "reasoning_budget": ("INT32", np.int32),
-    "attention_mode": ("BYTES", np.object_),
-    "sync": ("BYTES", np.object_),
-    "session_id": ("BYTES", np.object_),
+#: Triton datatype -> (numpy dtype of the tensor, Python type a caller passes).
+DATATYPES: dict[str, tuple[Any, type]] = {
+    "BYTES": (np.object_, str),
+    "BOOL": (np.bool_, bool),
+    "INT32": (np.int32, int),
+    "UINT64": (np.uint64, int),
+    "FP32": (np.float32, float),
 }
 
 ATTENTION_MODES = ("isolated", "cross")
+SYNC_MODES = ("none", "revise")
+_META = "multistream"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One field of :class:`GenerateRequest`: how it travels, what it must be, who offers it.
+
+    ``ge`` / ``gt`` / ``le`` and ``choices`` are checked locally before anything is sent, so
+    a caller's mistake is a ``ValueError`` naming the parameter rather than a server round
+    trip (the server re-checks everything). ``ui_default`` is the default of the CLI flag and
+    of a blank playground field where it differs from the library's (people reading an answer
+    want a longer one than a script does).
+    """
+
+    name: str
+    default: Any
+    input: str
+    datatype: str
+    help: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    choices: tuple[str, ...] | None = None
+    repeated: bool = False  # several values in one [1, n] tensor (stop words)
+    nonblank: bool = False
+    web: bool = True  # offered by the playground (it sends the prompt, stream and session id itself)
+    ui_default: Any = None
+
+    @property
+    def pytype(self) -> type:
+        """The Python type of one value, from the Triton datatype."""
+        return DATATYPES[self.datatype][1]
+
+    @property
+    def rule(self) -> str:
+        """The value rule in words (``""`` when any value of the type goes)."""
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        if self.gt is not None and self.le is not None:
+            return f"in ({_num(self.gt)}, {_num(self.le)}]"
+        parts = []
+        if self.ge is not None:
+            parts.append(f">= {_num(self.ge)}")
+        if self.gt is not None:
+            parts.append(f"> {_num(self.gt)}")
+        if self.le is not None:
+            parts.append(f"<= {_num(self.le)}")
+        return " and ".join(parts)
+
+    def check(self, value: Any) -> None:
+        """Raise ``ValueError`` unless ``value`` (not ``None``) has the type and keeps the rule."""
+        for v in self.values(value):
+            if not _has_type(v, self.pytype):
+                raise ValueError(f"{self.name} must be {_type_words(self.pytype)}, got {v!r}")
+            if self.nonblank and not v.strip():
+                raise ValueError(f"{self.name} must be a non-blank string")
+            if self.choices is not None and v not in self.choices:
+                raise ValueError(f"{self.name} must be {self.rule}, got {v!r}")
+            if self.pytype in (int, float) and not (
+                (self.ge is None or v >= self.ge)
+                and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le)
+            ):
+                raise ValueError(f"{self.name} must be {self.rule}, got {v!r}")
+
+    def values(self, value: Any) -> list[Any]:
+        """The single values in ``value``: a repeated field takes one value or a sequence."""
+        if self.repeated and isinstance(value, Sequence) and not isinstance(value, str):
+            return list(value)
+        return [value]
+
+    def parse(self, text: str | float) -> Any:
+        """A value typed by a person (CLI flag, form field, JSON number) -> checked value.
+
+        An integer may be written ``40`` or ``40.0`` (number inputs and JSON send either).
+        """
+        raw = text.strip() if isinstance(text, str) else text
+        try:
+            if self.pytype is int:
+                number = float(raw)
+                if not number.is_integer():
+                    raise ValueError
+                value: Any = int(number)
+            elif self.pytype is float:
+                value = float(raw)
+            elif self.pytype is bool:
+                value = _parse_bool(raw)
+            else:
+                value = str(raw)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{self.name} must be {_type_words(self.pytype)}, got {text!r}") from None
+        self.check(value)
+        return value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _type_words(typ: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[typ]
+
+
+def _has_type(value: Any, typ: type) -> bool:
+    # bool is an Integral in Python; as a number it is always a caller's slip.
+    if typ is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+    if typ is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    if typ is bool:
+        return isinstance(value, bool | np.bool_)
+    return isinstance(value, typ)
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    low = str(raw).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def param(default: Any = MISSING, *, datatype: str, help: str, input: str | None = None, **rule: Any) -> Any:
+    """A ``GenerateRequest`` field carrying its :class:`Param` (``input`` defaults to the name)."""
+    return field(
+        default=default, metadata={_META: {"datatype": datatype, "help": help, "input": input, **rule}}
+    )
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """What ``generate`` was asked for; ``None`` means "not sent, server default"."""
+    """What ``generate`` was asked for; ``None`` means "not sent, server default".
 
-    prompt: str
-    max_tokens: int = 64
-    stream: bool = True
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    repetition_penalty: float | None = None
-    stop: Sequence[str] | None = None
-    reasoning_streams: int | None = None
-    reasoning_budget: int | None = None
-    attention_mode: str | None = None
-    session_id: str | None = None
-    sync: str | None = None  # "none" | "revise": revise the answer once reasoning is done
+    The fields after ``prompt`` are exactly ``generate``'s keyword options, in this order.
+    """
+
+    prompt: str = param(input="text_input", datatype="BYTES", help="the prompt", nonblank=True)
+    max_tokens: int = param(
+        64, datatype="INT32", help="tokens to generate for the answer", ge=1, ui_default=128
+    )
+    stream: bool = param(
+        True, datatype="BOOL", help="a delta per token (false: one final response)", web=False
+    )
+    temperature: float | None = param(None, datatype="FP32", help="0 is greedy, the server's default", ge=0)
+    top_p: float | None = param(None, datatype="FP32", help="nucleus sampling mass", gt=0, le=1)
+    top_k: int | None = param(None, datatype="INT32", help="sample among the k likeliest (0: all)", ge=0)
+    seed: int | None = param(None, datatype="UINT64", help="sampling seed", ge=0)
+    repetition_penalty: float | None = param(
+        None, datatype="FP32", help="above 1 discourages repeating tokens", gt=0
+    )
+    stop: str | Sequence[str] | None = param(
+        None,
+        input="stop_words",
+        datatype="BYTES",
+        help="stop string (repeatable)",
+        repeated=True,
+        web=False,
+    )
+    reasoning_streams: int | None = param(
+        None, datatype="INT32", help="background thinking streams next to the answer", ge=0
+    )
+    reasoning_budget: int | None = param(None, datatype="INT32", help="tokens per reasoning stream", ge=1)
+    attention_mode: str | None = param(
+        None,
+        datatype="BYTES",
+        help="isolated: streams see the prompt, the user and themselves; cross: every stream",
+        choices=ATTENTION_MODES,
+    )
+    sync: str | None = param(
+        None,
+        datatype="BYTES",
+        help="revise: the answer is revised once reasoning is done (a 'revision' stream)",
+        choices=SYNC_MODES,
+    )
+    session_id: str | None = param(
+        None,
+        datatype="BYTES",
+        help="id to push input into / cancel the session (chosen by the client when unset)",
+        web=False,
+    )
 
     def validate(self) -> None:
-        """Catch caller mistakes locally; the server re-checks everything."""
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError("prompt must be a non-blank string")
-        if int(self.max_tokens) < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if self.attention_mode is not None and self.attention_mode not in ATTENTION_MODES:
-            raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}")
-        if self.seed is not None and int(self.seed) < 0:
-            raise ValueError("seed must be >= 0 (UINT64)")
+        """Catch caller mistakes locally, by each field's :class:`Param`; the server re-checks."""
+        for p in PARAMS.values():
+            value = getattr(self, p.name)
+            if value is not None:
+                p.check(value)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The inputs to send, each shaped ``[1, n]`` (n = 1 except for several stop words)."""
         self.validate()
-        values: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
+        out: dict[str, np.ndarray] = {}
+        for p in PARAMS.values():
+            v = getattr(self, p.name)
             if v is None:
                 continue
-            name = {"prompt": "text_input", "stop": "stop_words"}.get(f.name, f.name)
-            values[name] = v
-        out: dict[str, np.ndarray] = {}
-        for name, v in values.items():
-            _, np_dtype = INPUT_TYPES[name]
-            if name == "stop_words":
-                items = [v] if isinstance(v, str) else list(v)
-                if not items:
-                    continue
-                arr = np.array([[s.encode("utf-8") for s in items]], dtype=np.object_)
-            elif np_dtype is np.object_:
-                arr = np.array([[str(v).encode("utf-8")]], dtype=np.object_)
+            np_dtype = DATATYPES[p.datatype][0]
+            items = p.values(v)
+            if not items:
+                continue
+            if np_dtype is np.object_:
+                out[p.input] = np.array([[str(s).encode("utf-8") for s in items]], dtype=np.object_)
             else:
-                arr = np.array([[v]], dtype=np_dtype)
-            out[name] = arr
+                out[p.input] = np.array([items], dtype=np_dtype)
         return out
 
     def json_body(self) -> dict[str, Any]:
@@ -103,8 +255,30 @@ class GenerateRequest:
         return body
 
 
-def grpc_inputs(tensors: dict[str, np.ndarray], module: Any) -> list:
-    """``InferInput`` objects for ``tritonclient.grpc`` or ``tritonclient.http`` (``module``)."""
+def _params() -> dict[str, Param]:
+    out = {}
+    for f in fields(GenerateRequest):
+        meta = dict(f.metadata[_META])
+        meta["input"] = meta["input"] or f.name
+        out[f.name] = Param(name=f.name, default=f.default, **meta)
+    return out
+
+
+#: Every field of ``GenerateRequest``, by field name.
+PARAMS: dict[str, Param] = _params()
+#: ``generate``'s keyword options: the fields with a default (``prompt`` is positional).
+OPTIONS: dict[str, Param] = {n: p for n, p in PARAMS.items() if p.default is not MISSING}
+#: Triton input name -> (datatype, numpy dtype), as docs/CONTRACTS.md §3 names them.
+INPUT_TYPES: dict[str, tuple[str, Any]] = {
+    p.input: (p.datatype, DATATYPES[p.datatype][0]) for p in PARAMS.values()
+}
+
+
+def infer_inputs(tensors: dict[str, np.ndarray], module: Any) -> list:
+    """``InferInput`` objects for ``tritonclient.grpc`` or ``tritonclient.http`` (``module``).
+
+    A name that is no ``GenerateRequest`` input (``session_control``'s ``action``) is BYTES.
+    """
     inputs = []
     for name, arr in tensors.items():
         dtype = INPUT_TYPES.get(name, ("BYTES", np.object_))[0]
@@ -112,17 +286,6 @@ def grpc_inputs(tensors: dict[str, np.ndarray], module: Any) -> list:
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
     return inputs
-
-
-def control_tensors(session_id: str, action: str, text: str | None, batched: bool) -> dict[str, np.ndarray]:
-    """Inputs of the ``session_control`` model (``[1, 1]`` if it batches, else ``[1]``)."""
-    if not session_id:
-        raise ValueError("session_id is required")
-    shape = (1, 1) if batched else (1,)
-    vals = {"session_id": session_id, "action": action}
-    if text is not None:
-        vals["text_input"] = text
-    return {k: np.array([v.encode("utf-8")], dtype=np.object_).reshape(shape) for k, v in vals.items()}
 
 
 def ensure_session_id(request: GenerateRequest) -> GenerateRequest:
@@ -134,3 +297,13 @@ def ensure_session_id(request: GenerateRequest) -> GenerateRequest:
     if request.session_id:
         return request
     return dataclasses.replace(request, session_id=f"client-{uuid.uuid4().hex}")
+
+
+def options_doc() -> str:
+    """``generate``'s options as text, one per line (appended to both clients' docstrings)."""
+    lines = []
+    for p in OPTIONS.values():
+        default = "unset: server default" if p.default is None else f"default {p.default!r}"
+        rule = f"; {p.rule}" if p.rule else ""
+        lines.append(f"- ``{p.name}`` ({p.pytype.__name__}, {default}{rule}): {p.help}")
+    return "\n".join(lines)

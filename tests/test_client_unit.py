@@ -28,16 +28,16 @@ from client import (
     StreamTracker,
     cli,
 )
+from client.core import GenerationCore, StallWatch, control_tensors, make_request, normalize_url
 from client.parse import (
     SSEParser,
     fields_from_json,
     fields_from_result,
     http_error_message,
     is_final_grpc,
-    iter_sse_json,
 )
-from client.request import control_tensors, grpc_inputs
-from client.sync import normalize_url
+from client.request import INPUT_TYPES, OPTIONS, PARAMS, infer_inputs
+from client.web.app import PARAM_TYPES, param_table, parse_params
 from load import runner
 
 
@@ -60,9 +60,19 @@ def test_only_set_inputs_are_sent_shaped_1x1():
 
 def test_all_optional_inputs_dtypes():
     req = GenerateRequest(
-        prompt="héllo", max_tokens=7, stream=False, temperature=0.5, top_p=0.9, top_k=4, seed=2**63,
-        repetition_penalty=1.1, stop=["\n\n", "END"], reasoning_streams=2, reasoning_budget=16,
-        attention_mode="cross", session_id="s1",
+        prompt="héllo",
+        max_tokens=7,
+        stream=False,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=4,
+        seed=2**63,
+        repetition_penalty=1.1,
+        stop=["\n\n", "END"],
+        reasoning_streams=2,
+        reasoning_budget=16,
+        attention_mode="cross",
+        session_id="s1",
     )
     t = req.tensors()
     assert t["temperature"].dtype == np.float32 and t["top_p"].dtype == np.float32
@@ -76,7 +86,9 @@ def test_all_optional_inputs_dtypes():
 
 @pytest.mark.parametrize("module", [grpcclient, httpclient])
 def test_infer_inputs_for_both_protocols(module):
-    inputs = grpc_inputs(GenerateRequest(prompt="hi", max_tokens=3, top_k=2, attention_mode="isolated").tensors(), module)
+    inputs = infer_inputs(
+        GenerateRequest(prompt="hi", max_tokens=3, top_k=2, attention_mode="isolated").tensors(), module
+    )
     by_name = {i.name(): i for i in inputs}
     assert by_name["text_input"].datatype() == "BYTES"
     assert by_name["max_tokens"].datatype() == "INT32"
@@ -88,14 +100,24 @@ def test_infer_inputs_for_both_protocols(module):
 
 def test_json_body_uses_scalars():
     body = GenerateRequest(prompt="hi", max_tokens=3, temperature=0.0, stop="x", session_id="abc").json_body()
-    assert body == {"text_input": "hi", "max_tokens": 3, "stream": True, "temperature": 0.0,
-                    "stop_words": "x", "session_id": "abc"}
+    assert body == {
+        "text_input": "hi",
+        "max_tokens": 3,
+        "stream": True,
+        "temperature": 0.0,
+        "stop_words": "x",
+        "session_id": "abc",
+    }
 
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(prompt="  "), dict(prompt="x", max_tokens=0), dict(prompt="x", attention_mode="both"),
-     dict(prompt="x", seed=-1)],
+    [
+        dict(prompt="  "),
+        dict(prompt="x", max_tokens=0),
+        dict(prompt="x", attention_mode="both"),
+        dict(prompt="x", seed=-1),
+    ],
 )
 def test_invalid_requests_raise_value_error(kw):
     with pytest.raises(ValueError):
@@ -107,9 +129,70 @@ def test_generate_validates_before_connecting():
         MultiStreamClient("localhost:1").generate("x", attention_mode="sideways")
 
 
+def test_generate_rejects_unknown_option_naming_valid_ones():
+    with pytest.raises(TypeError, match=r"'max_token'.*valid options: max_tokens, stream"):
+        MultiStreamClient("localhost:1").generate("x", max_token=5)
+    with pytest.raises(TypeError, match="'beam_width'"):
+        AsyncMultiStreamClient("localhost:1").generate("x", beam_width=2)
+    # The options are exactly GenerateRequest's fields after the prompt; None means "unset".
+    assert list(OPTIONS) == [f for f in GenerateRequest.__dataclass_fields__ if f != "prompt"]
+    assert make_request("x", {"max_tokens": None, "top_k": None}) == GenerateRequest(prompt="x")
+    assert "reasoning_budget" in MultiStreamClient.generate.__doc__
+    assert "reasoning_budget" in AsyncMultiStreamClient.generate.__doc__
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(sync="later"), "sync must be one of none, revise"),
+        (dict(max_tokens="5"), "must be an integer"),
+        (dict(stop=["a", 3]), "stop must be a string"),
+    ],
+)
+def test_generate_checks_each_option_by_its_definition(kw, message):
+    with pytest.raises(ValueError, match=message):
+        MultiStreamClient("localhost:1").generate("x", **kw)
+
+
+def test_cli_flags_web_params_and_input_types_derive_from_generate_request():
+    """One definition: every GenerateRequest option is a CLI flag and (unless it says not) a
+    playground setting of its type, and INPUT_TYPES is the fields' inputs and datatypes."""
+    actions = {a.dest: a for a in cli.build_parser()._actions}
+    table = {row["name"]: row for row in param_table()}
+    for name, p in OPTIONS.items():
+        assert cli.option_flag(p) in actions[name].option_strings
+        assert (name in PARAM_TYPES) == p.web and (name in table) == p.web
+        if p.web:
+            assert PARAM_TYPES[name] is p.pytype and table[name]["type"] == p.pytype.__name__
+    assert INPUT_TYPES == {p.input: (p.datatype, INPUT_TYPES[p.input][1]) for p in PARAMS.values()}
+    assert INPUT_TYPES["stop_words"][0] == "BYTES" and INPUT_TYPES["text_input"][0] == "BYTES"
+
+    # Concretely, a float option with a rule travels the same way everywhere.
+    rp = OPTIONS["repetition_penalty"]
+    assert (rp.input, rp.datatype, rp.pytype) == ("repetition_penalty", "FP32", float)
+    args = cli.build_parser().parse_args(["hi", "--repetition-penalty", "1.1"])
+    assert cli.generate_kwargs(args)["repetition_penalty"] == 1.1
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["hi", "--repetition-penalty", "0"])
+    assert parse_params({"repetition_penalty": "1.1"})["repetition_penalty"] == 1.1
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        parse_params({"repetition_penalty": "0"})
+    assert table["repetition_penalty"]["min"] == 0 and table["top_p"]["max"] == 1
+    assert table["attention_mode"]["choices"] == ["isolated", "cross"]
+    assert INPUT_TYPES["repetition_penalty"] == ("FP32", np.float32)
+    t = GenerateRequest(prompt="x", repetition_penalty=1.1).tensors()["repetition_penalty"]
+    assert t.dtype == np.float32
+
+
 def test_control_tensors():
     t = control_tensors("sid", "input", "more", batched=True)
-    assert {k: v.shape for k, v in t.items()} == {"session_id": (1, 1), "action": (1, 1), "text_input": (1, 1)}
+    assert {k: v.shape for k, v in t.items()} == {
+        "session_id": (1, 1),
+        "action": (1, 1),
+        "text_input": (1, 1),
+    }
     t = control_tensors("sid", "cancel", None, batched=False)
     assert set(t) == {"session_id", "action"} and t["action"].shape == (1,)
     with pytest.raises(ValueError):
@@ -149,11 +232,23 @@ def make_result(final: bool = False, **outputs) -> grpcclient.InferResult:
 
 
 def test_fields_from_grpc_result():
-    r = make_result(stream_name="reasoning/0", reasoning_output="think", output_ids=[5, 6],
-                    finish_reason="", session_id="s", timing_ms=[1.5, 0.5])
+    r = make_result(
+        stream_name="reasoning/0",
+        reasoning_output="think",
+        output_ids=[5, 6],
+        finish_reason="",
+        session_id="s",
+        timing_ms=[1.5, 0.5],
+    )
     f = fields_from_result(r)
-    assert f == {"reasoning_output": "think", "stream_name": "reasoning/0", "finish_reason": "",
-                 "session_id": "s", "output_ids": [5, 6], "timing_ms": [1.5, 0.5]}
+    assert f == {
+        "reasoning_output": "think",
+        "stream_name": "reasoning/0",
+        "finish_reason": "",
+        "session_id": "s",
+        "output_ids": [5, 6],
+        "timing_ms": [1.5, 0.5],
+    }
     assert not is_final_grpc(r)
     empty = make_result(final=True)
     assert is_final_grpc(empty) and fields_from_result(empty) == {}
@@ -172,7 +267,12 @@ def test_tracker_builds_done_from_grpc_results():
         (make_result(stream_name="reasoning/0", reasoning_output="a", output_ids=[9]), 0.20),
         (make_result(stream_name="output", text_output="lo", output_ids=[2]), 0.20),
         (make_result(stream_name="output", text_output="!", output_ids=[3], finish_reason="stop"), 0.30),
-        (make_result(stream_name="reasoning/0", reasoning_output="b", output_ids=[8], finish_reason="length"), 0.40),
+        (
+            make_result(
+                stream_name="reasoning/0", reasoning_output="b", output_ids=[8], finish_reason="length"
+            ),
+            0.40,
+        ),
         (make_result(final=True), 0.41),
     ]
     deltas = [tr.feed(fields_from_result(r), t) for r, t in seq]
@@ -229,23 +329,33 @@ def test_plain_trtllm_style_response_defaults_to_output_stream():
 # ---------------------------------------------------------------- HTTP / SSE
 def test_sse_parser_rules():
     p = SSEParser()
-    lines = [": comment\n", "event: message\n", "data: {\"a\":\n", "data: 1}\r\n", "\n", "\n", "data: x\n"]
+    lines = [": comment\n", "event: message\n", 'data: {"a":\n', "data: 1}\r\n", "\n", "\n", "data: x\n"]
     got = [p.feed_line(line) for line in lines]
     assert got == [None, None, None, None, '{"a":\n1}', None, None]
     assert p.finish() == "x" and p.finish() is None
 
 
-def test_iter_sse_json_and_error_event():
-    raw = [b'data: {"text_output":"he","stream_name":"output","output_ids":[[1]]}\n', b"\n",
-           b'data: {"stream_name":"reasoning/0","reasoning_output":"r","timing_ms":[1.0,2.0]}\n', b"\n",
-           b'data: {"error":"max_tokens 99999 exceeds limit 512"}\n', b"\n"]
-    objs = list(iter_sse_json(raw))
-    assert fields_from_json(objs[0]) == {"text_output": "he", "stream_name": "output", "output_ids": [1]}
-    assert fields_from_json(objs[1])["timing_ms"] == [1.0, 2.0]
+def test_sse_lines_become_deltas_and_error_event():
+    gen = GenerationCore(GenerateRequest(prompt="hi"))
+    raw = [
+        b'data: {"text_output":"he","stream_name":"output","output_ids":[[1]]}\n',
+        b"\n",
+        b'data: {"stream_name":"reasoning/0","reasoning_output":"r","timing_ms":[1.0,2.0]}\n',
+        b"\n",
+    ]
+    deltas = [gen._feed_sse_line(line) for line in raw]
+    assert deltas[0] is None and deltas[2] is None  # an event completes on its blank line
+    assert (deltas[1].stream, deltas[1].text, deltas[1].token_ids) == ("output", "he", [1])
+    assert deltas[3].kind == "reasoning" and deltas[3].timing_ms == [1.0, 2.0]
+    # An event not followed by a blank line still counts when the connection closes.
+    assert gen._feed_sse_line(b'data: {"stream_name":"output","finish_reason":"stop"}\n') is None
+    assert gen._end_sse().finish_reason == "stop"
     with pytest.raises(MultiStreamError, match="exceeds limit 512"):
-        fields_from_json(objs[2])
+        gen._feed_sse_line(b'data: {"error":"max_tokens 99999 exceeds limit 512"}\n')
+        gen._feed_sse_line(b"\n")
     with pytest.raises(MultiStreamError, match="malformed"):
-        list(iter_sse_json([b"data: {nope\n", b"\n"]))
+        gen._feed_sse_line(b"data: {nope\n")
+        gen._feed_sse_line(b"\n")
 
 
 def test_http_error_message():
@@ -288,14 +398,51 @@ def test_async_closed_port_raises_fast(protocol):
 # ---------------------------------------------------------------- CLI
 def test_cli_arguments_map_to_generate_kwargs():
     args = cli.build_parser().parse_args(
-        ["hi", "--max-tokens", "9", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--seed", "1",
-         "--reasoning-streams", "2", "--reasoning-budget", "64", "--attention-mode", "cross",
-         "--stop", "a", "--stop", "b", "--protocol", "http", "--url", "h:1"]
+        [
+            "hi",
+            "--max-tokens",
+            "9",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "5",
+            "--seed",
+            "1",
+            "--reasoning-streams",
+            "2",
+            "--reasoning-budget",
+            "64",
+            "--attention-mode",
+            "cross",
+            "--stop",
+            "a",
+            "--stop",
+            "b",
+            "--protocol",
+            "http",
+            "--url",
+            "h:1",
+        ]
     )
     kw = cli.generate_kwargs(args)
-    assert kw == {"max_tokens": 9, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 1, "stop": ["a", "b"],
-                  "reasoning_streams": 2, "reasoning_budget": 64, "attention_mode": "cross",
-                  "session_id": None, "sync": None, "stream": True}
+    assert kw == {
+        "max_tokens": 9,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 5,
+        "seed": 1,
+        "stop": ["a", "b"],
+        "reasoning_streams": 2,
+        "reasoning_budget": 64,
+        "attention_mode": "cross",
+        "session_id": None,
+        "sync": None,
+        "stream": True,
+        "repetition_penalty": None,
+    }
+    assert cli.generate_kwargs(cli.build_parser().parse_args(["hi", "--no-stream"]))["stream"] is False
     assert args.protocol == "http" and args.url == "h:1"
     defaults = cli.generate_kwargs(cli.build_parser().parse_args(["hi"]))
     assert {k for k, v in defaults.items() if v is not None} == {"max_tokens", "stream"}
@@ -303,8 +450,13 @@ def test_cli_arguments_map_to_generate_kwargs():
 
 @pytest.mark.parametrize(
     "argv",
-    [["hi", "--top-p", "0"], ["hi", "--max-tokens", "0"], ["hi", "--attention-mode", "x"],
-     ["hi", "--protocol", "ws"], ["hi", "--temperature", "-1"]],
+    [
+        ["hi", "--top-p", "0"],
+        ["hi", "--max-tokens", "0"],
+        ["hi", "--attention-mode", "x"],
+        ["hi", "--protocol", "ws"],
+        ["hi", "--temperature", "-1"],
+    ],
 )
 def test_cli_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -360,18 +512,56 @@ def test_load_final_counts_from_locust_json(tmp_path):
     import json
 
     path = tmp_path / "locust_stats.json"
-    path.write_text(json.dumps([
-        {"name": "ttft_output", "method": "grpc", "num_requests": 5, "num_failures": 0},
-        {"name": "full_response", "method": "grpc", "num_requests": 4, "num_failures": 2},
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {"name": "ttft_output", "method": "grpc", "num_requests": 5, "num_failures": 0},
+                {"name": "full_response", "method": "grpc", "num_requests": 4, "num_failures": 2},
+            ]
+        )
+    )
     counts = runner.read_final_counts(path)
     assert counts == {"ttft_output": (5, 0), "full_response": (4, 2), "Aggregated": (9, 2)}
 
 
-def test_async_sse_drain_keeps_unfinished_event():
-    from client.aio import _drain
+def test_tracker_live_stats_match_done():
+    tr = StreamTracker(t0=0.0)
+    tr.feed({"stream_name": "output", "text_output": "a", "output_ids": [1]}, 0.1)
+    first = tr.stats("output")
+    assert (first.tokens, first.ttft_s, first.tokens_per_s, first.finish_reason) == (1, 0.1, None, None)
+    tr.feed({"stream_name": "output", "text_output": "bc", "output_ids": [2, 3]}, 0.3)
+    tr.feed(
+        {"stream_name": "reasoning/0", "reasoning_output": "r", "output_ids": [9], "finish_reason": "length"},
+        0.2,
+    )
+    live = tr.live_stats()
+    assert live["output"].tokens == 3 and live["output"].tokens_per_s == pytest.approx(2 / 0.2)
+    assert live["reasoning/0"].finish_reason == "length"
+    tr.feed({"stream_name": "output", "finish_reason": "stop"}, 0.4)
+    done = tr.done(t_end=0.5)
+    assert done.tokens_per_s["output"] == pytest.approx(tr.stats("output").tokens_per_s)
+    assert done.ttft_s["output"] == pytest.approx(tr.stats("output").ttft_s)
+    assert done.tokens_per_s["reasoning/0"] == pytest.approx(1 / 0.2)  # one token: its own rate
 
-    buf = [b'data: {"text_output":"a"}\n']
-    assert _drain(buf) == [] and len(buf) == 1  # event not terminated yet
-    buf.append(b"\n")
-    assert _drain(buf) == [{"text_output": "a"}] and buf == []
+
+def test_server_cancel_is_claimed_once_and_only_for_an_unfinished_generation():
+    gen = GenerationCore(GenerateRequest(prompt="x"))
+    sid = gen.session_id
+    assert sid and sid.startswith("client-")  # chosen client side before anything is sent
+    assert gen._claim_server_cancel() == sid and gen._claim_server_cancel() is None
+    done_gen = GenerationCore(GenerateRequest(prompt="x", session_id="s1"))
+    done_gen._feed_json_body(b'{"text_output": "a", "finish_reason": "stop", "output_session_id": "s1"}')
+    done_gen._finish()
+    assert done_gen._claim_server_cancel() is None
+
+
+def test_stall_watch_schedules_checks_and_deadline():
+    watch = StallWatch(idle_timeout_s=0.3, check_every_s=0.1)
+    assert not watch.check_due() and not watch.expired() and 0 < watch.wait_s() <= 0.1
+    time.sleep(0.12)
+    assert watch.check_due() and not watch.check_due()  # due once, then rescheduled
+    watch.heard()
+    assert not watch.expired()
+    time.sleep(0.32)
+    assert watch.expired() and watch.wait_s() == 0
+    assert "no response from server for 0s" in str(watch.idle_error())
