@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from client.web import parse_params
+from client.web.app import PARAM_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "web"
@@ -56,8 +57,20 @@ def run_app(triton_url: str, log_name: str) -> Iterator[str]:
     log_path = ARTIFACTS / log_name
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "client.web", "--triton", triton_url, "--port", str(port), "--log-level", "warning"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "client.web",
+                "--triton",
+                triton_url,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             url = f"http://127.0.0.1:{port}"
@@ -122,9 +135,9 @@ def _js_len(page, selector: str) -> int:
 
 
 def test_parse_params_converts_form_strings():
-    assert parse_params({"max_tokens": "32", "temperature": "0.5", "seed": "", "top_k": "40",
-                         "attention_mode": "cross"}) == {
-        "max_tokens": 32, "temperature": 0.5, "top_k": 40, "attention_mode": "cross"}
+    assert parse_params(
+        {"max_tokens": "32", "temperature": "0.5", "seed": "", "top_k": "40", "attention_mode": "cross"}
+    ) == {"max_tokens": 32, "temperature": 0.5, "top_k": 40, "attention_mode": "cross"}
     assert parse_params({}) == {"max_tokens": 128}
     with pytest.raises(ValueError, match="top_k must be an integer"):
         parse_params({"top_k": "1.5"})
@@ -144,8 +157,15 @@ def test_playground_live_session(triton_server, browser_context):
         expect(page.locator("#status")).to_have_attribute("data-ok", "true", timeout=30_000)
 
         page.fill("#prompt", PROMPT)
-        for field, value in {"max_tokens": "400", "temperature": "0.7", "top_p": "0.95", "top_k": "40",
-                             "seed": "7", "reasoning_streams": "1", "reasoning_budget": "400"}.items():
+        for field, value in {
+            "max_tokens": "400",
+            "temperature": "0.7",
+            "top_p": "0.95",
+            "top_k": "40",
+            "seed": "7",
+            "reasoning_streams": "1",
+            "reasoning_budget": "400",
+        }.items():
             page.fill(f"#{field}", value)
         page.click("#start")
         expect(page.locator("body")).to_have_attribute("data-session", "running")
@@ -158,7 +178,8 @@ def test_playground_live_session(triton_server, browser_context):
         )
         first = _js_len(page, "#pane-output .text")
         page.wait_for_function(
-            f"document.querySelector('#pane-output .text').textContent.length > {first}", timeout=STREAM_TIMEOUT_MS
+            f"document.querySelector('#pane-output .text').textContent.length > {first}",
+            timeout=STREAM_TIMEOUT_MS,
         )
 
         # Input while it streams: the app forwards it to session_control, the server accepts it.
@@ -179,7 +200,9 @@ def test_playground_live_session(triton_server, browser_context):
             " || document.body.dataset.session !== 'running'",
             timeout=STREAM_TIMEOUT_MS,
         )
-        assert page.get_attribute("body", "data-session") == "running", "the session ended before stop was pressed"
+        assert page.get_attribute("body", "data-session") == "running", (
+            "the session ended before stop was pressed"
+        )
         page.click("#stop")
         expect(page.locator("body")).to_have_attribute("data-session", "cancelled", timeout=60_000)
         expect(page.locator("#pane-output")).to_have_attribute("data-state", "cancelled")
@@ -209,10 +232,16 @@ def test_playground_reports_triton_down(browser_context):
         with urllib.request.urlopen(url + "/api/health", timeout=30) as r:
             health = json.load(r)
         assert health["ok"] is False and closed in health["message"]
+        with urllib.request.urlopen(url + "/api/params", timeout=30) as r:
+            table = json.load(r)
+        assert [row["name"] for row in table] == list(PARAM_TYPES)
 
         page = browser_context.new_page()
         page.goto(url)
         expect(page.locator("#status")).to_have_attribute("data-ok", "false", timeout=30_000)
+        # The settings form is built from that table: one field per option, by name.
+        expect(page.locator("#params label")).to_have_count(len(table))
+        assert page.locator("#attention_mode option").all_inner_texts() == ["default", "isolated", "cross"]
         error = page.locator("#error")
         expect(error).to_be_visible()
         expect(error).to_contain_text(f"cannot reach Triton at {closed}")
@@ -223,4 +252,3 @@ def test_playground_reports_triton_down(browser_context):
         expect(error).to_contain_text(closed)
         expect(page.locator("#start")).to_be_enabled()
         page.screenshot(path=str(ARTIFACTS / "triton-down.png"))
-

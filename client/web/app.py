@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +50,11 @@ from client import (
     MultiStreamConnectionError,
     MultiStreamError,
     StreamDelta,
+    StreamStats,
 )
+from client.core import CONTROL_MODEL, MODEL_NAME
 from client.events import ECHO_STREAMS
-from client.sync import CONTROL_MODEL, MODEL_NAME
+from client.request import OPTIONS, Param
 
 log = logging.getLogger("client.web")
 
@@ -67,76 +68,55 @@ STOP_GRACE_S = 10.0
 # rejected as an unknown session.
 MAX_PENDING_INPUTS = 16
 
-# Sampling / layout settings the page may send, with the type each must have.
-PARAM_TYPES: dict[str, type] = {
-    "max_tokens": int,
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "seed": int,
-    "repetition_penalty": float,
-    "reasoning_streams": int,
-    "reasoning_budget": int,
-    "attention_mode": str,
-    "sync": str,
-}
+#: The request options the page offers (its settings form is built from ``param_table()``);
+#: derived from ``GenerateRequest``'s fields, so a new request parameter needs no edit here.
+WEB_PARAMS: dict[str, Param] = {name: p for name, p in OPTIONS.items() if p.web}
+#: The type each setting must have once converted from the form's string.
+PARAM_TYPES: dict[str, type] = {name: p.pytype for name, p in WEB_PARAMS.items()}
+
+
+def param_table() -> list[dict[str, Any]]:
+    """The settings the page offers, served at ``/api/params``: the page renders one field each.
+
+    ``min`` / ``max`` are the rule's bounds (an exclusive bound is only checked by the app);
+    ``default`` is what a blank field means when the app fills it in (else the server's).
+    """
+    return [
+        {
+            "name": p.name,
+            "type": p.pytype.__name__,
+            "label": p.name.replace("_", " "),
+            "help": f"{p.help} ({p.rule})" if p.rule and not p.choices else p.help,
+            "choices": list(p.choices) if p.choices else None,
+            "min": p.ge if p.ge is not None else p.gt,
+            "max": p.le,
+            "default": p.ui_default,
+        }
+        for p in WEB_PARAMS.values()
+    ]
 
 
 def parse_params(raw: dict[str, Any] | None) -> dict[str, Any]:
     """Form values -> ``generate`` keyword arguments; blank means "server default".
 
-    The page sends strings straight from its inputs; converting here gives the
-    user one clear message per bad field instead of a gRPC type error.
+    The page sends strings straight from its inputs; converting here (with the option's own
+    parsing and rule) gives the user one clear message per bad field instead of a gRPC type
+    error.
     """
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {p.name: p.ui_default for p in WEB_PARAMS.values() if p.ui_default is not None}
     for name, value in (raw or {}).items():
-        if name not in PARAM_TYPES:
+        if name not in WEB_PARAMS:
             raise ValueError(f"unknown setting {name!r}")
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
-        typ = PARAM_TYPES[name]
-        try:
-            if typ is int:
-                number = float(value)
-                if not number.is_integer():
-                    raise ValueError
-                out[name] = int(number)
-            else:
-                out[name] = typ(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{name} must be {'an integer' if typ is int else 'a number'}, got {value!r}"
-            ) from None
-    out.setdefault("max_tokens", 128)
+        out[name] = WEB_PARAMS[name].parse(value)
     return out
 
 
-@dataclass
-class _StreamStats:
-    """Live per-stream numbers, measured where the gRPC responses arrive (the app)."""
-
-    first_t: float | None = None
-    last_t: float | None = None
-    tokens: int = 0
-    finish_reason: str | None = None
-
-    def feed(self, delta: StreamDelta) -> None:
-        if delta.finish_reason:
-            self.finish_reason = delta.finish_reason
-        n = len(delta.token_ids) or (1 if delta.text else 0)
-        if n:
-            if self.first_t is None:
-                self.first_t = delta.t_received
-            self.last_t = delta.t_received
-            self.tokens += n
-
-    def as_dict(self, t0: float) -> dict[str, float | int | None]:
-        ttft = None if self.first_t is None else (self.first_t - t0) * 1000.0
-        rate = None
-        if self.first_t is not None and self.last_t is not None and self.tokens > 1:
-            span = self.last_t - self.first_t
-            rate = (self.tokens - 1) / span if span > 0 else None
-        return {"ttft_ms": ttft, "tokens": self.tokens, "tokens_per_s": rate}
+def _stats_json(st: StreamStats) -> dict[str, float | int | None]:
+    """A stream's live numbers as the page shows them (TTFT in ms)."""
+    ttft_ms = None if st.ttft_s is None else st.ttft_s * 1000.0
+    return {"ttft_ms": ttft_ms, "tokens": st.tokens, "tokens_per_s": st.tokens_per_s}
 
 
 @dataclass
@@ -149,23 +129,21 @@ class _Session:
     live: bool = False  # first delta seen: the server knows the session
     stopping: bool = False
     pending_inputs: list[str] = field(default_factory=list)
-    stats: dict[str, _StreamStats] = field(default_factory=dict)
-    t0: float = field(default_factory=time.perf_counter)
 
     def cancelled_summary(self) -> dict[str, Any]:
         """A ``done`` message for a stopped session whose end the library could not summarise.
 
-        Streams that finished keep their own reason; the others were cut by the stop.
+        Streams that finished keep their own reason; the others were cut by the stop. The
+        numbers are the client's live per-stream stats up to the cut.
         """
-        reasons = {
-            n: st.finish_reason or "cancelled" for n, st in self.stats.items() if n not in ECHO_STREAMS
-        }
+        stats = self.gen.stats()
+        reasons = {n: st.finish_reason or "cancelled" for n, st in stats.items() if n not in ECHO_STREAMS}
         return {
             "type": "done",
             "outcome": "cancelled",
             "session_id": self.session_id,
             "finish_reasons": reasons or {"output": "cancelled"},
-            "stats": {n: st.as_dict(self.t0) for n, st in self.stats.items()},
+            "stats": {n: _stats_json(st) for n, st in stats.items()},
         }
 
 
@@ -310,11 +288,8 @@ class _Tab:
         """Relay one generation's deltas; always ends with ``ended`` (after ``done`` or ``error``)."""
         outcome = "error"
         try:
-            s.t0 = time.perf_counter()
             async for ev in s.gen:
                 if isinstance(ev, StreamDelta):
-                    st = s.stats.setdefault(ev.stream, _StreamStats())
-                    st.feed(ev)
                     kind = "user" if ev.stream in ECHO_STREAMS else ev.kind
                     await self.send(
                         {
@@ -325,7 +300,8 @@ class _Tab:
                             "n_tokens": len(ev.token_ids),
                             "finish_reason": ev.finish_reason,
                             "server_ms": ev.timing_ms,
-                            **st.as_dict(s.t0),
+                            # measured by the client library where the responses arrive
+                            **_stats_json(s.gen.tracker.stats(ev.stream)),
                         }
                     )
                     if not s.live:
@@ -494,7 +470,7 @@ def _done_dict(done: Done) -> dict[str, Any]:
 
 
 def create_app(triton_url: str, *, model_name: str = MODEL_NAME) -> Starlette:
-    """The ASGI app: ``/`` (page), ``/static/*``, ``/api/health``, ``/ws``."""
+    """The ASGI app: ``/`` (page), ``/static/*``, ``/api/health``, ``/api/params``, ``/ws``."""
     pg = Playground(triton_url, model_name=model_name)
 
     async def index(_: Request) -> FileResponse:
@@ -502,6 +478,9 @@ def create_app(triton_url: str, *, model_name: str = MODEL_NAME) -> Starlette:
 
     async def health(_: Request) -> JSONResponse:
         return JSONResponse({"triton": triton_url, **(await pg.health())})
+
+    async def params(_: Request) -> JSONResponse:
+        return JSONResponse(param_table())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):  # type: ignore[no-untyped-def]
@@ -512,6 +491,7 @@ def create_app(triton_url: str, *, model_name: str = MODEL_NAME) -> Starlette:
         routes=[
             Route("/", index),
             Route("/api/health", health),
+            Route("/api/params", params),
             WebSocketRoute("/ws", pg.serve_socket),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],

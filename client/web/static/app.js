@@ -7,8 +7,11 @@ const els = {
   status: $("status"), error: $("error"), prompt: $("prompt"), start: $("start"), stop: $("stop"),
   session: $("session"), input: $("input"), send: $("send"), inputs: $("inputs"), panes: $("panes"),
 };
-const PARAMS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "reasoning_streams",
-                "reasoning_budget", "attention_mode", "sync"];
+// The settings form is built from the app's /api/params (the client library's request
+// options); these are only the playground's starting values, for options it has.
+const PRESETS = { max_tokens: "160", temperature: "0.7", top_p: "0.95", top_k: "40",
+                  reasoning_streams: "1", reasoning_budget: "160", attention_mode: "isolated" };
+let PARAMS = [];  // option names, in the table's order
 
 let ws = null;
 let running = false;
@@ -82,6 +85,37 @@ function setStats(pane, s) {
   pane.dataset.tokens = String(s.tokens ?? 0);
 }
 
+function buildParams(table) {
+  const grid = $("params");
+  grid.textContent = "";
+  for (const p of table) {
+    const label = document.createElement("label");
+    label.title = p.help || "";
+    label.append(p.label + " ");
+    let field;
+    if (p.choices) {
+      field = document.createElement("select");
+      // The blank first option means the server's default.
+      field.append(new Option("default", ""), ...p.choices.map((c) => new Option(c, c)));
+    } else {
+      field = document.createElement("input");
+      field.type = p.type === "str" ? "text" : "number";
+      if (p.type === "int") field.step = "1";
+      if (p.type === "float") field.step = "0.05";
+      if (p.min !== null) field.min = String(p.min);
+      if (p.max !== null) field.max = String(p.max);
+      field.placeholder = p.default === null ? "server default" : String(p.default);
+    }
+    field.id = p.name;
+    field.value = PRESETS[p.name] ?? "";
+    label.append(field);
+    grid.append(label);
+  }
+  PARAMS = table.map((p) => p.name);
+}
+
+function setMax(name, value) { const el = $(name); if (el) el.max = value; }
+
 function params() {
   const out = {};
   for (const name of PARAMS) {
@@ -96,7 +130,7 @@ function start() {
   if (!prompt) { showError("Type a prompt first."); return; }
   if (!ws || ws.readyState !== WebSocket.OPEN) { showError("Not connected to the playground app."); return; }
   clearError();
-  resetPanes(parseInt($("reasoning_streams").value || "0", 10) || 0);
+  resetPanes(parseInt($("reasoning_streams")?.value || "0", 10) || 0);
   els.inputs.textContent = "";
   pendingAcks.length = 0;
   setRunning(true);
@@ -130,11 +164,11 @@ function onMessage(msg) {
       if (!msg.ok) showError(msg.message, "status");
       else if (["status", "connection", "app"].includes(els.error.dataset.kind)) clearError();
       if (msg.limits && msg.limits.max_reasoning_streams !== undefined) {
-        $("reasoning_streams").max = msg.limits.max_reasoning_streams;
+        setMax("reasoning_streams", msg.limits.max_reasoning_streams);
       }
       if (msg.limits && msg.limits.max_tokens_limit !== undefined) {
-        $("max_tokens").max = msg.limits.max_tokens_limit;
-        $("reasoning_budget").max = msg.limits.max_tokens_limit;
+        setMax("max_tokens", msg.limits.max_tokens_limit);
+        setMax("reasoning_budget", msg.limits.max_tokens_limit);
       }
       break;
     case "started":
@@ -225,4 +259,9 @@ els.input.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preven
 els.prompt.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) start(); });
 // Re-check Triton every 10 s while idle, so "server down" / "back up" shows without a reload.
 setInterval(() => { if (ws && ws.readyState === WebSocket.OPEN && !running) ws.send(JSON.stringify({ type: "ping" })); }, 10000);
-connect();
+// The form first, so "Start" never sends settings that are not there yet.
+fetch("/api/params")
+  .then((r) => { if (!r.ok) throw new Error(`HTTP ${r.status}`); return r.json(); })
+  .then(buildParams)
+  .catch((e) => showError(`Could not load the settings (${e.message}); starting with server defaults.`, "settings"))
+  .finally(connect);
