@@ -25,7 +25,9 @@ LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m load", description=__doc__.splitlines()[0])
     p.add_argument("--users", type=int, default=4, help="concurrent simulated users")
-    p.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: --users)")
+    p.add_argument(
+        "--spawn-rate", type=float, default=None, help="users started per second (default: --users)"
+    )
     p.add_argument("--seconds", type=int, default=30, help="run time")
     p.add_argument("--out", type=Path, required=True, help="folder for locust_*.csv and report.html")
     p.add_argument("--url", default=None, help="gRPC host:port of a running server (else one is started)")
@@ -33,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-streams", type=int, default=1)
     p.add_argument("--reasoning-budget", type=int, default=32)
     p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--stop-timeout", type=int, default=120, help="seconds users get to finish in-flight requests")
+    p.add_argument(
+        "--stop-timeout", type=int, default=120, help="seconds users get to finish in-flight requests"
+    )
     return p
 
 
@@ -133,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = stats.get("Aggregated", {"requests": 0.0, "failures": 0.0})
     print(f"\n{'name':<16}{'requests':>10}{'failures':>10}{'median ms':>11}{'p95 ms':>10}")
     for name, s in stats.items():
-        print(f"{name:<16}{s['requests']:>10.0f}{s['failures']:>10.0f}{s['median_ms']:>11.0f}{s['p95_ms']:>10.0f}")
+        print(
+            f"{name:<16}{s['requests']:>10.0f}{s['failures']:>10.0f}{s['median_ms']:>11.0f}{s['p95_ms']:>10.0f}"
+        )
     print(f"CSV: {args.out}/locust_stats.csv  HTML: {args.out}/report.html")
     if total["requests"] == 0:
         print("FAIL: no requests completed", file=sys.stderr)
