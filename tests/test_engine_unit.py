@@ -6,16 +6,23 @@ so the same checkpoint is the reference for the attention policies.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 
 import pytest
 import torch
 
-from backend.engine import Engine, EngineBusyError, EngineConfig, SamplingParams, StreamSpec
-from backend.kv_cache import ContextLengthError
-from backend.llama import LlamaModel
-from backend.streams import PROMPT_CHANNEL, USER_CHANNEL
+from backend.engine import (
+    ContextLengthError,
+    Engine,
+    EngineBusyError,
+    EngineConfig,
+    SamplingParams,
+    StreamSpec,
+)
+from backend.engine.attention import PROMPT_CHANNEL, USER_CHANNEL
+from backend.models import LlamaModel
 from backend.tokenizer import Tokenizer
 from tests.engine_helpers import LogitRecorder, collector, run
 
@@ -58,8 +65,20 @@ def tiny_engine(tiny_dir, default_model_dir):
     eng.shutdown()
 
 
-def _grid_reference(hf, prompt, inputs: dict[str, list[int]], chan_of: dict[str, int], mode: str):
-    """Flattens the grid row-major and runs HF with a mask built from the policy's definition."""
+def _grid_reference(
+    hf,
+    prompt,
+    inputs: dict[str, list[int]],
+    chan_of: dict[str, int],
+    mode: str,
+    channel_embedding: torch.Tensor | None = None,
+    embed_of: dict[str, int] | None = None,
+):
+    """Flattens the grid row-major and runs HF with a mask built from the policy's definition.
+
+    With ``channel_embedding``, row ``embed_of[stream]`` of it (row 0 for the prompt) is added
+    to each token's embedding before the first layer, as the paper's model does.
+    """
     p = len(prompt)
     flat, rows, chans, where = list(prompt), list(range(p)), [PROMPT_CHANNEL] * p, {}
     for r in range(max(len(v) for v in inputs.values())):
@@ -79,7 +98,18 @@ def _grid_reference(hf, prompt, inputs: dict[str, list[int]], chan_of: dict[str,
         see = (ch[None, :] == PROMPT_CHANNEL) | (ch[None, :] == USER_CHANNEL) | (ch[None, :] == ch[:, None])
     mask = (earlier & see) | torch.eye(n, dtype=torch.bool)
     with torch.inference_mode():
-        logits = hf(torch.tensor([flat]), attention_mask=mask[None, None], position_ids=row[None]).logits[0]
+        if channel_embedding is None:
+            logits = hf(torch.tensor([flat]), attention_mask=mask[None, None], position_ids=row[None]).logits[
+                0
+            ]
+            return logits, where
+        emb_rows = [0] * p + [0] * (n - p)
+        for (name, _r), i in where.items():
+            emb_rows[i] = embed_of[name]
+        embeds = (
+            hf.get_input_embeddings()(torch.tensor([flat])) + channel_embedding[torch.tensor(emb_rows)][None]
+        )
+        logits = hf(inputs_embeds=embeds, attention_mask=mask[None, None], position_ids=row[None]).logits[0]
     return logits, where
 
 
@@ -188,9 +218,12 @@ def test_seeded_sampling_is_reproducible_and_per_stream(tiny_engine):
 
     a1, b1 = go(1, 2)
     a2, b2 = go(1, 2)
-    a3, _ = go(3, 2)
+    a3, b3 = go(3, 2)
     assert (a1, b1) == (a2, b2)
     assert a3 != a1
+    # Each stream has its own generator: re-seeding "a" leaves "b" (isolated) untouched.
+    # One generator shared by the streams would shift b's draws with a's.
+    assert b3 == b1
 
 
 def test_stop_token_ids_and_max_tokens(tiny_engine):
@@ -277,7 +310,7 @@ def test_checkpoint_variants_match_transformers(tmp_path, default_model_dir, arc
     eng = Engine(model, Tokenizer.from_dir(default_model_dir), EngineConfig(max_sessions=1, max_context=256))
     try:
         ids = torch.randint(3, 512, (150,)).tolist()  # past original_max_position_embeddings
-        _, last = eng.prefill_export(ids, timeout=60)
+        last = eng.prefill_export(ids, timeout=60).logits[-1]
     finally:
         eng.shutdown()
     with torch.inference_mode():
@@ -334,7 +367,7 @@ def test_from_model_dir_loads_on_the_engine_thread(tiny_dir, default_model_dir, 
     threads, ~1.7x slower steps on 2 cores); a load error still reaches the caller."""
     import shutil
 
-    import backend.engine as engine_module
+    import backend.engine.engine as engine_module
 
     for src in [
         *tiny_dir.iterdir(),
@@ -364,3 +397,86 @@ def test_from_model_dir_loads_on_the_engine_thread(tiny_dir, default_model_dir, 
     assert not eng._thread.is_alive()
     with pytest.raises(ValueError, match="quantization must be"):
         Engine.from_model_dir(tiny_dir, EngineConfig(dtype="float32", quantization="int8"))
+
+
+def test_prefix_kv_handoff_equals_a_local_prefill(tiny_engine):
+    """prefill -> decode at engine level: an imported prefix gives the same logits and tokens
+    as prefilling locally, and nothing of the prompt is recomputed."""
+    from backend.engine import PrefixKV
+
+    prompt = list(range(300, 323))
+    streams = lambda: [StreamSpec("o", sampling=SamplingParams(max_tokens=6, ignore_eos=True))]  # noqa: E731
+    rec = LogitRecorder(tiny_engine)
+    local = run(tiny_engine, prompt, streams())
+    local_logits = dict(rec.logits)
+    exported = tiny_engine.prefill_export(prompt, timeout=60)
+    assert exported.kv.shape[3] == len(prompt) and exported.logits.shape[0] == 1
+    before = tiny_engine.stats()["tokens_processed"]
+    rec.logits.clear()
+    imported = run(
+        tiny_engine, prompt, streams(), prefix_kv=PrefixKV(exported.kv.clone(), exported.logits.clone())
+    )
+    # 6 tokens: the first sampled from the imported logits, 5 rows fed. No prompt token.
+    assert tiny_engine.stats()["tokens_processed"] - before == 5
+    assert imported.tokens("o") == local.tokens("o")
+    assert rec.logits.keys() == local_logits.keys()
+    for key, value in local_logits.items():
+        torch.testing.assert_close(rec.logits[key], value, rtol=1e-5, atol=1e-5)
+    # The KV covers exactly the prompt: anything else is refused, naming both lengths.
+    with pytest.raises(ValueError, match="covers 22 tokens but the prompt has 23"):
+        tiny_engine.submit(prompt, streams(), prefix_kv=PrefixKV(exported.kv[:, :, :, :-1], exported.logits))
+
+
+def test_several_prefills_at_once_match_one_by_one(tiny_engine):
+    """prefill's execute() exports several prompts together; batching must not change them."""
+    prompts = [list(range(500, 517)), list(range(600, 611)), list(range(700, 730))]
+    alone = [tiny_engine.prefill_export(p, timeout=60) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda p: tiny_engine.prefill_export(p, timeout=60), prompts))
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(a.kv, b.kv, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_embedding_is_added_per_stream_row(tiny_dir, tiny_hf, default_model_dir, tmp_path):
+    """A checkpoint's channel embedding (the paper's ``model.channel_embedding.weight``) is
+    loaded and added to every token: row 0 for the prompt, 1 for the output stream, 2 + i
+    for reasoning stream i; checked against a transformers forward adding the same rows."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "with-channels"
+    shutil.copytree(tiny_dir, ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    table = torch.randn(6, tiny_hf.config.hidden_size) * 0.5
+    weights["model.channel_embedding.weight"] = table
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    model = LlamaModel.from_dir(ckpt, dtype=torch.float32)
+    assert model.channel_embedding is not None
+    eng = Engine(model, Tokenizer.from_dir(default_model_dir), EngineConfig(max_sessions=2, max_context=256))
+    try:
+        prompt = list(range(100, 116))
+        pre = {"a": [5, 6], "b": [7], "c": [8, 9]}
+        kinds = {"a": "output", "b": "reasoning", "c": "reasoning"}
+        streams = [
+            StreamSpec(
+                n, kind=kinds[n], preamble_ids=p, sampling=SamplingParams(max_tokens=4, ignore_eos=True)
+            )
+            for n, p in pre.items()
+        ]
+        rec = LogitRecorder(eng)
+        out = run(eng, prompt, streams, attention="cross")
+        inputs = {k: pre[k] + out.tokens(k)[:-1] for k in pre}
+        chans = {"a": 2, "b": 3, "c": 4}
+        ref, where = _grid_reference(tiny_hf, prompt, inputs, chans, "cross", table, {"a": 1, "b": 2, "c": 3})
+        plain, _ = _grid_reference(tiny_hf, prompt, inputs, chans, "cross")
+        compared = 0
+        for key, logits in rec.logits.items():
+            if key in where:
+                torch.testing.assert_close(logits, ref[where[key]], atol=1e-4, rtol=1e-4)
+                assert not torch.allclose(logits, plain[where[key]], atol=1e-3)  # the embedding mattered
+                compared += 1
+        assert compared == 3 * 4
+    finally:
+        eng.shutdown()

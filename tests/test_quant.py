@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend import int4_kernel
-from backend.kv_cache import KVPool
-from backend.llama import LlamaModel, PackedBatch, PackedSplit
-from backend.quant import int4_supported, quantize_int4, quantize_int8
+from backend.engine.kv_cache import KVPool
+from backend.kernels import int4 as int4_kernel
+from backend.kernels.quant import int4_supported, quantize_int4, quantize_int8
+from backend.models import LlamaModel, PackedBatch, PackedSplit
 from backend.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.skipif(

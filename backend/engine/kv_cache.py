@@ -8,8 +8,10 @@ and can tell a new session "busy" instead of running out of memory. A session th
 or is cancelled hands its slot back at once.
 
 Alongside keys and values, each cached token records its grid coordinates (row and
-channel): the attention mask of a step is derived from them, which is what makes the
-per-stream policies (``cross`` / ``isolated``) a matter of a small visibility matrix.
+channel) and its token id: the attention mask of a step is derived from them, which is what
+makes the per-stream policies (``cross`` / ``isolated``) a matter of a small visibility
+matrix, and lets the paper's ``skip_silence`` hide silence keys. The pool writes this
+metadata itself when positions are reserved, so no caller can forget it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from backend.engine.errors import CacheFullError, ContextLengthError
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -36,14 +40,6 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     itemsize = torch.empty((), dtype=dtype).element_size()
     np_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
     return torch.from_numpy(np.zeros(shape, dtype=np_dtype)).view(dtype)
-
-
-class CacheFullError(RuntimeError):
-    """No free slot: the server is at its configured number of concurrent sessions."""
-
-
-class ContextLengthError(ValueError):
-    """A session would grow beyond the configured context length."""
 
 
 @dataclass
@@ -77,6 +73,7 @@ class KVPool:
         # on the CPU whatever the device: the mask is built there and sent once per step.
         self.rows = torch.zeros((max_sessions, max_context), dtype=torch.int32)
         self.chans = torch.zeros((max_sessions, max_context), dtype=torch.int64)
+        self.toks = torch.zeros((max_sessions, max_context), dtype=torch.int64)
         self.lengths = [0] * max_sessions
         # Lowest free slot first: live sessions stay packed at the front of the pool, so a
         # step's slots are usually one contiguous range that attention reads as a view.
@@ -105,25 +102,33 @@ class KVPool:
     def free_slots(self) -> int:
         return len(self._free)
 
-    def reserve(self, slot: int, count: int) -> int:
-        """Claims ``count`` new positions in ``slot``; returns the first index."""
+    def reserve(self, slot: int, rows: list[int], chans: list[int], toks: list[int]) -> int:
+        """Claims ``len(rows)`` new positions in ``slot`` for tokens at those grid
+        coordinates; returns the first index. ``ContextLengthError`` if they do not fit."""
+        count = len(rows)
         start = self.lengths[slot]
         if start + count > self.max_context:
             raise ContextLengthError(
                 f"session needs {start + count} cache positions, the context limit is {self.max_context}"
             )
         self.lengths[slot] = start + count
+        end = start + count
+        self.rows[slot, start:end] = torch.tensor(rows, dtype=torch.int32)
+        self.chans[slot, start:end] = torch.tensor(chans, dtype=torch.int64)
+        self.toks[slot, start:end] = torch.tensor(toks, dtype=torch.int64)
         return start
 
-    def import_prefix(self, slot: int, kv: torch.Tensor, rows: torch.Tensor, chans: torch.Tensor) -> None:
+    def import_prefix(
+        self, slot: int, kv: torch.Tensor, rows: list[int], chans: list[int], toks: list[int]
+    ) -> None:
         """Copies an exported prefix ``[layers, 2, kv_heads, P, head_dim]`` into an empty slot."""
         p = kv.shape[3]
-        start = self.reserve(slot, p)
+        if len(rows) != p:
+            raise ValueError(f"prefix KV covers {p} tokens, its grid coordinates {len(rows)}")
+        start = self.reserve(slot, rows, chans, toks)
         for li in range(len(self.k)):
             self.k[li][slot, :, start : start + p] = kv[li, 0].to(self.k[li].dtype)
             self.v[li][slot, :, start : start + p] = kv[li, 1].to(self.v[li].dtype)
-        self.rows[slot, start : start + p] = rows.to(torch.int32).cpu()
-        self.chans[slot, start : start + p] = chans.cpu()
 
     def export_prefix(self, slot: int, length: int | None = None) -> torch.Tensor:
         """The first ``length`` cached tokens of a slot as ``[layers, 2, kv_heads, P, head_dim]``."""

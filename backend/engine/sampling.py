@@ -69,8 +69,16 @@ class StreamSampler:
     def needs_logits_processing(self) -> bool:
         return self._seen is not None or not self.params.greedy
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """``logits``: ``[vocab]`` fp32. Same order of operations as HF's processors."""
+    def sample(self, logits: torch.Tensor, bias: tuple[tuple[int, float], ...] = ()) -> int:
+        """``logits``: ``[vocab]`` fp32; ``bias``: ``(token, delta)`` pairs added first.
+
+        Order of operations: repetition penalty (as HF's processor), then ``bias`` (the
+        paper's silence penalty is subtracted from the raw logit), then temperature, top-k,
+        and top-p exactly as the paper's ``sample_top_p``: the probabilities are sorted,
+        every token whose preceding mass already exceeds ``top_p`` is dropped, and the draw
+        is made over the renormalised *sorted* probabilities. Drawing in sorted order (not
+        vocabulary order) is what makes a seed give the same token as the paper's code.
+        """
         p = self.params
         if self._seen is not None and self._seen.numel():
             picked = logits[self._seen]
@@ -78,17 +86,19 @@ class StreamSampler:
             logits[self._seen] = torch.where(
                 picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty
             )
+        if bias:
+            logits = logits.clone()
+            for token, delta in bias:
+                logits[token] += delta
         if p.greedy:
             return int(torch.argmax(logits))
         logits = logits / p.temperature
-        if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        if 0 < p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the token that crosses top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        probs = torch.softmax(logits.float(), dim=-1)
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        sorted_probs = sorted_probs.masked_fill(cum - sorted_probs > p.top_p, 0.0)
+        sorted_probs = sorted_probs / sorted_probs.sum()
+        return int(order[torch.multinomial(sorted_probs, 1, generator=self.generator)])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backend import int4_kernel
+from backend.kernels import int4 as int4_kernel
 
 GROUP_SIZE = 32
 
@@ -29,7 +29,7 @@ GROUP_SIZE = 32
 class Int4Weight:
     """A ``[out, in]`` int4 weight: packed for torch's CPU kernel and, where it builds, for ours.
 
-    ``dp`` holds the same numbers in the layout of ``backend.int4_kernel`` (bf16 dot
+    ``dp`` holds the same numbers in the layout of ``backend.kernels.int4`` (bf16 dot
     products: extra rows nearly free); ``mm`` uses it when present, else torch's kernel.
     """
 
@@ -57,7 +57,7 @@ def quantize_int4(
 ) -> Int4Weight:
     """Min/max asymmetric 4-bit quantization per group of ``group`` input features.
 
-    ``own_kernel``: pack for ``backend.int4_kernel`` when it is available here and the
+    ``own_kernel``: pack for ``backend.kernels.int4`` when it is available here and the
     shape suits it (out_features a multiple of 16), else for torch's kernel.
     """
     out_f, in_f = w.shape

@@ -2,7 +2,7 @@
 
 Why: torch's CPU int4 kernel multiplies in fp32, so its cost grows with every row; ours
 widens each 4-bit weight to bf16 once and spends one ``VDPBF16PS`` per row on it (see
-``kernels/int4_bf16dp.cpp``). The extension is compiled with ``torch.utils.cpp_extension``
+``int4_bf16dp.cpp`` beside this file). The extension is compiled with ``torch.utils.cpp_extension``
 into torch's extension cache the first time a process needs it (about 30 s, once per
 machine); where there is no compiler or no AVX512-BF16, ``available()`` is False and the
 model keeps torch's kernel.
@@ -20,7 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 GROUP = 32  # the kernel's group size (kGroup in the source)
-SOURCE = Path(__file__).parent / "kernels" / "int4_bf16dp.cpp"
+SOURCE = Path(__file__).parent / "int4_bf16dp.cpp"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-fopenmp"]
 
 

@@ -8,122 +8,31 @@ and HF's per-module Python overhead is what dominates decode on a small CPU mode
 So the forward here is a straight run of fused matmuls over the packed tokens, with
 attention done per session against a preallocated KV pool (``backend.kv_cache``).
 
-Supported checkpoints: Llama / Mistral / Qwen2 style (RMSNorm, RoPE with the
+Supported checkpoints: Llama / Mistral / Qwen2 / Qwen3 style (RMSNorm, RoPE with the
 checkpoint's theta and ``llama3``/``linear`` scaling, GQA, SwiGLU, optional q/k/v
-bias, tied or untied LM head, optional learned channel embedding).
+bias, Qwen3's per-head q/k RMSNorm, tied or untied LM head, optional learned channel
+embedding). Weights the forward does not use (the paper's ``gate_in_norm``) are never
+read: loading asks for tensors by name.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
-from backend.quant import Int4Weight, int4_supported, quantize_int4
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-#: Names under which a stream-trained checkpoint may carry its channel embedding.
-CHANNEL_EMBEDDING_KEYS = (
-    "channel_embedding.embedding.weight",
-    "model.channel_embedding.embedding.weight",
-    "model.channel_embedding.weight",
-    "channel_embedding.weight",
+from backend.kernels.quant import Int4Weight, int4_supported, quantize_int4
+from backend.models.config import (
+    CHANNEL_EMBEDDING_KEYS,
+    CheckpointError,
+    ModelConfig,
+    TensorSource,
+    rope_inv_freq,
+    safetensors_files,
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message names the file and the problem."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The few hyper-parameters the forward needs, read from ``config.json``."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    architecture: str
-
-    @classmethod
-    def from_dict(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
-        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise CheckpointError(
-                f"{source}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        rope_params = cfg.get("rope_parameters") or {}
-        try:
-            heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
-            return cls(
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                # transformers >= 5 writes theta and scaling under ``rope_parameters``.
-                rope_theta=float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
-                rope_scaling=cfg.get("rope_scaling") or rope_params or None,
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
-                architecture=arch,
-            )
-        except KeyError as exc:
-            raise CheckpointError(f"{source}: required key {exc.args[0]!r} is missing") from None
-
-    @classmethod
-    def from_dir(cls, path: Path) -> ModelConfig:
-        cfg_path = Path(path) / "config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{cfg_path}: file not found (a model folder needs config.json)")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
-        return cls.from_dict(cfg, str(cfg_path))
-
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies with the checkpoint's theta and scaling (HF ``rope_type`` semantics)."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        inv = inv / float(scaling["factor"])
-    elif kind == "llama3":
-        factor = float(scaling["factor"])
-        low = float(scaling.get("low_freq_factor", 1.0))
-        high = float(scaling.get("high_freq_factor", 4.0))
-        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * math.pi / inv
-        low_wl, high_wl = old_ctx / low, old_ctx / high
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
-        mid = (wavelen <= low_wl) & (wavelen >= high_wl)
-        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    elif kind not in ("default", None):
-        raise CheckpointError(f"config.json: rope_scaling type {kind!r} is not supported")
-    return inv.float()
+from backend.models.inputs import PackedBatch, PackedSplit
 
 
 @dataclass
@@ -139,44 +48,9 @@ class LayerWeights:
     down: torch.Tensor
     #: int4 copies of the four matmuls, used for decode rows when quantization is on.
     q4: dict[str, Int4Weight] | None = None
-
-
-class _TensorSource:
-    """Reads tensors by name across one or more safetensors shards."""
-
-    def __init__(self, files: list[Path]):
-        self._where: dict[str, Path] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
-                    self._where[key] = f
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
-
-    def has(self, name: str) -> bool:
-        return name in self._where
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._where:
-            shards = ", ".join(p.name for p in self._handles)
-            raise CheckpointError(f"{shards}: tensor {name!r} is missing")
-        return self._handles[self._where[name]].get_tensor(name)
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    """The weight shards of a folder (``model.safetensors`` or an index of shards)."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / n for n in names]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: lists shards that are missing: {', '.join(missing)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no *.safetensors weight file found")
-    return files
+    #: Qwen3: RMSNorm weights ``[head_dim]`` applied to each head of q and k before RoPE.
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
 
 class LlamaModel:
@@ -219,7 +93,7 @@ class LlamaModel:
         if not path.is_dir():
             raise CheckpointError(f"{path}: model folder not found")
         cfg = ModelConfig.from_dir(path)
-        src = _TensorSource(safetensors_files(path))
+        src = TensorSource(safetensors_files(path))
         device = torch.device(device)
 
         def t(name: str) -> torch.Tensor:
@@ -245,6 +119,10 @@ class LlamaModel:
                 bias = torch.cat([t(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")]).contiguous()
             gate = t(p + "mlp.gate_proj.weight")
             up = t(p + "mlp.up_proj.weight")
+            q_norm = k_norm = None
+            if cfg.qk_norm:
+                q_norm = expect(p + "self_attn.q_norm.weight", t(p + "self_attn.q_norm.weight"), (hd,))
+                k_norm = expect(p + "self_attn.k_norm.weight", t(p + "self_attn.k_norm.weight"), (hd,))
             layers.append(
                 LayerWeights(
                     input_norm=t(p + "input_layernorm.weight"),
@@ -254,6 +132,8 @@ class LlamaModel:
                     post_norm=t(p + "post_attention_layernorm.weight"),
                     gate_up=torch.cat([gate, up]).contiguous(),
                     down=t(p + "mlp.down_proj.weight"),
+                    q_norm=q_norm,
+                    k_norm=k_norm,
                 )
             )
         embed = expect("model.embed_tokens.weight", t("model.embed_tokens.weight"), (cfg.vocab_size, h))
@@ -289,6 +169,8 @@ class LlamaModel:
                 post_norm=1 + r(h, scale=0.1),
                 gate_up=r(2 * cfg.intermediate_size, h),
                 down=r(h, cfg.intermediate_size),
+                q_norm=1 + r(hd, scale=0.1) if cfg.qk_norm else None,
+                k_norm=1 + r(hd, scale=0.1) if cfg.qk_norm else None,
             )
             for _ in range(cfg.num_layers)
         ]
@@ -400,6 +282,9 @@ class LlamaModel:
             q = qkv[:, :q_split].view(n, nh, hd)
             k = qkv[:, q_split : q_split + kv_split].view(n, kvh, hd)
             v = qkv[:, q_split + kv_split :].view(n, kvh, hd)
+            if layer.q_norm is not None:
+                q = self._rms(q, layer.q_norm)
+                k = self._rms(k, layer.k_norm)
             q = self._rotate(q, cos, sin)
             k = self._rotate(k, cos, sin)
             pool_k, pool_v = kv_k[li], kv_v[li]
@@ -444,62 +329,3 @@ class LlamaModel:
         x = x[batch.logit_index]
         x = self._rms(x, self.final_norm)
         return F.linear(x, self.lm_head).float()
-
-
-@dataclass
-class PackedBatch:
-    """One step's tokens from every session in the batch, flattened, plus what attention needs."""
-
-    tokens: torch.Tensor  # [n] int64
-    positions: torch.Tensor  # [n] RoPE position = row index
-    channel_embed_ids: torch.Tensor | None  # [n] channel-embedding row, None for ordinary checkpoints
-    slot: torch.Tensor  # [n] KV slot of each token
-    cache_index: torch.Tensor  # [n] index in that slot
-    slot_list: list[int]  # distinct slots, in batch order
-    slots_tensor: torch.Tensor  # [B]
-    pad_index: torch.Tensor  # [n] position of each token in the [B * max_q] padded layout
-    max_q: int
-    key_len: int
-    mask: torch.Tensor  # [B, 1, max_q, key_len] bool, True = may attend
-    logit_index: torch.Tensor  # [m] which packed tokens need logits
-    split: PackedSplit | None = None  # which tokens are prompt (dense) and which decode (int4)
-
-    @property
-    def slot_range(self) -> tuple[int, int] | None:
-        """``(lo, hi)`` when the batch's slots are exactly ``lo..hi-1`` in order."""
-        lo = self.slot_list[0]
-        if self.slot_list == list(range(lo, lo + len(self.slot_list))):
-            return lo, lo + len(self.slot_list)
-        return None
-
-    @property
-    def num_sessions(self) -> int:
-        return len(self.slot_list)
-
-
-@dataclass
-class PackedSplit:
-    """Prompt tokens (dense matmuls) versus decode-row tokens (int4 matmuls) of one step."""
-
-    dense: torch.Tensor
-    q4: torch.Tensor
-    all_dense: bool
-    all_q4: bool
-
-    @classmethod
-    def from_flags(cls, is_prompt: list[bool], int4_max_rows: int | None = None) -> PackedSplit:
-        """``int4_max_rows``: above that many decode tokens, dense matmuls are faster.
-
-        An int4 kernel's cost grows with rows while dense bf16 stays memory-bound, so they
-        cross: at about 20 rows with torch's kernel and about 100 with ours on 2 cores
-        (figures at ``EngineConfig.int4_max_rows``). So large steps go dense, as any serving
-        stack picks its GEMM kernel by batch size. The price: a decode token's numerics
-        depend on whether its step had more than that many rows (int4 and dense weights
-        differ by the 4-bit rounding).
-        """
-        if int4_max_rows is not None and len(is_prompt) - sum(is_prompt) > int4_max_rows:
-            is_prompt = [True] * len(is_prompt)
-        flags = torch.tensor(is_prompt, dtype=torch.bool)
-        dense = flags.nonzero().flatten()
-        q4 = (~flags).nonzero().flatten()
-        return cls(dense, q4, all_dense=q4.numel() == 0, all_q4=dense.numel() == 0)

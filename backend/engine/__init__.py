@@ -1,0 +1,33 @@
+"""The multi-stream engine (nano-vllm's shape: a scheduler that touches no tensors, a
+model that runs one packed forward per step, and a thin thread-safe front).
+
+- ``config``: :class:`EngineConfig` and how ``auto`` settings resolve;
+- ``session``: sessions, streams, :class:`StreamEvent`, the paper's :class:`GridRules`;
+- ``scheduler``: ``schedule() -> StepPlan`` and ``update(plan, sampled)``;
+- ``batch``: ``pack(plan, pool)`` and the attention mask as a pure function;
+- ``output``: stop rules, incremental text and hold-back per stream;
+- ``sampling``: per-stream sampling; ``kv_cache``: the KV slot pool;
+- ``engine``: the thread-safe front and the step loop.
+"""
+
+from backend.engine.config import EngineConfig, resolve_dtype
+from backend.engine.engine import Engine, PrefixKV
+from backend.engine.errors import CacheFullError, ContextLengthError, EngineBusyError, EngineError
+from backend.engine.sampling import SamplingParams
+from backend.engine.session import GridRules, Prefix, StreamEvent, StreamSpec
+
+__all__ = [
+    "CacheFullError",
+    "ContextLengthError",
+    "Engine",
+    "EngineBusyError",
+    "EngineConfig",
+    "EngineError",
+    "GridRules",
+    "Prefix",
+    "PrefixKV",
+    "SamplingParams",
+    "StreamEvent",
+    "StreamSpec",
+    "resolve_dtype",
+]

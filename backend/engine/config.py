@@ -1,0 +1,99 @@
+"""How an engine is configured, and how ``auto`` settings resolve on the machine at hand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backend.kernels.quant import int4_supported
+
+
+def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """``auto`` picks bf16 where the hardware has native bf16 math, else fp32.
+
+    Measured on this project's 2-core AVX512-BF16 CPU: bf16 decode steps are ~1.6x faster
+    than fp32 (weights are half the bytes and oneDNN has bf16 kernels). A CPU without
+    bf16 support emulates it and is slower than fp32, hence the check.
+    """
+    if name in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if name in ("fp32", "float32"):
+        return torch.float32
+    if name in ("fp16", "float16"):
+        return torch.float16
+    if name != "auto":
+        raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {name!r}")
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    cap = torch.backends.cpu.get_cpu_capability()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    has_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    return torch.bfloat16 if has_bf16 and cap in ("AVX512", "AMX") else torch.float32
+
+
+def resolve_kv_dtype(name: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """``auto``: fp32 on CPU, the model's dtype elsewhere.
+
+    Why fp32 on CPU: attention runs in fp32 there (bf16 SDPA is several times slower for
+    short queries), so a bf16 pool was converted whole, every layer of every step. That copy
+    grows with the keys: one session with 4 streams spent 3.3 ms of a 31 ms step on it
+    against 1.3 ms with one stream. Storing the keys in fp32 costs twice the KV memory
+    (46 KB per token for SmolLM2-135M, paged in as used) and changes no number: a bf16
+    value widens to fp32 exactly.
+    """
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else model_dtype
+    return resolve_dtype(name, str(device))
+
+
+def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto`` means int4 where its kernel exists for the model's device and dtype."""
+    if name == "auto":
+        return "int4" if int4_supported(device, dtype) else "none"
+    return name
+
+
+@dataclass
+class EngineConfig:
+    dtype: str = "auto"
+    device: str = "cpu"
+    #: ``int4``: decode rows use group-wise int4 weights (the default checkpoint ships as
+    #: Q4_1, i.e. this very format); ``none``: dense; ``auto``: int4 where the kernel exists
+    #: (CPU + bfloat16), dense otherwise.
+    quantization: str = "auto"
+    #: Steps with more decode tokens than this use the dense weights (faster at large M).
+    #: An int4 kernel's cost grows with rows while a dense step stays memory-bound. All 30
+    #: layers' matmuls of SmolLM2-135M, weights streamed from memory as in a real step
+    #: (2 threads), in ms for 1 / 4 / 16 / 24 / 32 / 64 / 96 rows:
+    #:   torch's int4 kernel  3.8 / 6.3 / 21.5 / 32.0 / 41.4 /   -  /   -
+    #:   ours (bf16dp)        3.4 / 4.8 / 12.6 / 18.4 / 21.4 / 40.3 / 58.9
+    #:   dense bf16          16.1 / 17.4 / 25.9 / 30.4 / 33.2 / 47.6 / 63.6
+    #: None = by kernel: 96 with ours, 20 with torch's. (Timing one layer alone keeps its
+    #: weights in cache and favours dense from ~8 rows: that misled an earlier default.)
+    int4_max_rows: int | None = None
+    #: KV pool dtype: ``auto`` (fp32 on CPU, where attention runs in fp32; the model dtype
+    #: elsewhere), or any dtype name ``resolve_dtype`` takes.
+    kv_dtype: str = "auto"
+    threads: int | None = None
+    max_sessions: int = 16
+    max_context: int = 2048
+    #: Most tokens one step processes; decode rows always go first, prefill takes the rest.
+    max_step_tokens: int = 256
+    #: Most prompt tokens one session prefills in one step.
+    prefill_chunk: int = 128
+    #: Sessions waiting for a slot before ``submit`` says busy.
+    max_queued: int = 64
+    #: Token that fills a channel with nothing to say in ``cross`` mode (stream-trained
+    #: checkpoints). None: idle channels are simply left out of the row.
+    silence_token_id: int | None = None
+
+    def int4_rows_limit(self, kernel: str | None) -> int:
+        """``int4_max_rows``, or the measured crossover of the kernel in use."""
+        if self.int4_max_rows is not None:
+            return self.int4_max_rows
+        return 96 if kernel == "bf16dp" else 20

@@ -1,0 +1,22 @@
+"""Model code: decoder families written directly in torch, shaped for packed multi-stream rows.
+
+``load_model`` picks the family from ``config.json``; each family turns a checkpoint folder
+into weights plus a forward over a :class:`~backend.models.inputs.PackedBatch`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from backend.models.config import CheckpointError, ModelConfig
+from backend.models.inputs import PackedBatch, PackedSplit
+from backend.models.llama import LlamaModel
+
+__all__ = ["CheckpointError", "LlamaModel", "ModelConfig", "PackedBatch", "PackedSplit", "load_model"]
+
+
+def load_model(path: Path | str, dtype: torch.dtype, device: str | torch.device = "cpu") -> LlamaModel:
+    """The model of a checkpoint folder, in ``dtype`` on ``device``."""
+    return LlamaModel.from_dir(path, dtype=dtype, device=device)
