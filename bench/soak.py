@@ -94,7 +94,9 @@ def warm_up(url: str, concurrency: int, rounds: int = 3) -> None:
         for _ in range(rounds):
             list(
                 pool.map(
-                    lambda _: client.generate(PROMPT, max_tokens=32, reasoning_streams=1, reasoning_budget=32).result(),
+                    lambda _: client.generate(
+                        PROMPT, max_tokens=32, reasoning_streams=1, reasoning_budget=32
+                    ).result(),
                     range(concurrency),
                 )
             )

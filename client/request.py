@@ -34,6 +34,8 @@ DATATYPES: dict[str, tuple[Any, type]] = {
     "FP32": (np.float32, float),
 }
 
+#: The server's ``ATTENTION_MODES`` / ``SYNC_MODES`` (CONTRACTS §3), repeated because the
+#: client never imports the server; ``tests/test_contract.py`` keeps them equal.
 ATTENTION_MODES = ("isolated", "cross")
 SYNC_MODES = ("none", "revise")
 _META = "multistream"

@@ -85,7 +85,9 @@ def stream_infer(url: str, inputs: list[Any], timeout: float = 60.0, model: str 
     t0 = time.monotonic()
     try:
         client.start_stream(callback=lambda result, error: q.put((result, error)))
-        client.async_stream_infer(model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+        client.async_stream_infer(
+            model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True
+        )
         deadline = t0 + timeout
         while True:
             try:
@@ -111,7 +113,9 @@ def stream_infer(url: str, inputs: list[Any], timeout: float = 60.0, model: str 
     return out
 
 
-def request_inputs(prompt: str | bytes = "Say hi.", max_tokens: int = 4, **extra: tuple[Any, str]) -> list[Any]:
+def request_inputs(
+    prompt: str | bytes = "Say hi.", max_tokens: int = 4, **extra: tuple[Any, str]
+) -> list[Any]:
     """A valid request (``text_input``, ``max_tokens``, ``stream``) plus ``extra`` name=(value, type)."""
     inputs = {"text_input": (prompt, "BYTES"), "max_tokens": (max_tokens, "INT32"), "stream": (True, "BOOL")}
     inputs.update(extra)

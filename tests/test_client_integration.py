@@ -40,7 +40,9 @@ def _check_events(events: list, reasoning_streams: int) -> Done:
     deltas = events[:-1]
     names = {d.stream for d in deltas}
     assert "output" in names
-    assert {n for n in names if n.startswith("reasoning")} == {f"reasoning/{i}" for i in range(reasoning_streams)}
+    assert {n for n in names if n.startswith("reasoning")} == {
+        f"reasoning/{i}" for i in range(reasoning_streams)
+    }
     # Every stream ends with exactly one delta carrying finish_reason, and it is the last one.
     for name in names:
         mine = [d for d in deltas if d.stream == name]
@@ -86,7 +88,9 @@ def test_non_streaming_http_generate(triton_server):
 def test_async_client(triton_server, protocol):
     async def go() -> list:
         async with AsyncMultiStreamClient(_url(triton_server, protocol), protocol) as c:
-            return [e async for e in c.generate(PROMPT, max_tokens=6, reasoning_streams=1, reasoning_budget=6)]
+            return [
+                e async for e in c.generate(PROMPT, max_tokens=6, reasoning_streams=1, reasoning_budget=6)
+            ]
 
     _check_events(asyncio.run(go()), reasoning_streams=1)
 
@@ -146,9 +150,24 @@ def test_local_stream_cancel(triton_server):
 
 def test_cli_json(triton_server):
     proc = subprocess.run(
-        [sys.executable, "-m", "client", PROMPT, "--url", triton_server.grpc_url, "--json",
-         "--max-tokens", "6", "--reasoning-streams", "1", "--reasoning-budget", "6"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "client",
+            PROMPT,
+            "--url",
+            triton_server.grpc_url,
+            "--json",
+            "--max-tokens",
+            "6",
+            "--reasoning-streams",
+            "1",
+            "--reasoning-budget",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     obj = json.loads(proc.stdout)
@@ -158,9 +177,25 @@ def test_cli_json(triton_server):
 
 def test_cli_live_view_http(triton_server):
     proc = subprocess.run(
-        [sys.executable, "-m", "client", PROMPT, "--url", triton_server.http_url, "--protocol", "http",
-         "--max-tokens", "6", "--reasoning-streams", "1", "--reasoning-budget", "6"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "client",
+            PROMPT,
+            "--url",
+            triton_server.http_url,
+            "--protocol",
+            "http",
+            "--max-tokens",
+            "6",
+            "--reasoning-streams",
+            "1",
+            "--reasoning-budget",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "answer" in proc.stdout and "reasoning/0" in proc.stdout and "TTFT" in proc.stdout
@@ -169,7 +204,9 @@ def test_cli_live_view_http(triton_server):
 def test_cli_server_error_exit_1(triton_server):
     proc = subprocess.run(
         [sys.executable, "-m", "client", PROMPT, "--url", triton_server.grpc_url, "--max-tokens", "10000000"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and "max_tokens" in proc.stderr
 

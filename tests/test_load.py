@@ -18,9 +18,27 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def test_load_runner(triton_server, tmp_path):
     out = tmp_path / "load"
     proc = subprocess.run(
-        [sys.executable, "-m", "load", "--users", "4", "--seconds", "20", "--url", triton_server.grpc_url,
-         "--out", str(out), "--max-tokens", "16", "--reasoning-budget", "16"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            "-m",
+            "load",
+            "--users",
+            "4",
+            "--seconds",
+            "20",
+            "--url",
+            triton_server.grpc_url,
+            "--out",
+            str(out),
+            "--max-tokens",
+            "16",
+            "--reasoning-budget",
+            "16",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stats = out / "locust_stats.csv"
@@ -38,7 +56,9 @@ def test_engine_stubs_run_the_off_gil_check(triton_server):
     so = os.environ.get("MULTISTREAM_GIL_CHECK")
     if not so:
         pytest.skip("no C compiler here: the stubs run without the off-GIL check")
-    stubs = {n: p for n, p in triton_server.stubs().items() if n.startswith(("decode", "reasoning", "prefill"))}
+    stubs = {
+        n: p for n, p in triton_server.stubs().items() if n.startswith(("decode", "reasoning", "prefill"))
+    }
     assert stubs
     for name, pid in stubs.items():
         assert so in Path(f"/proc/{pid}/maps").read_text(), f"{name} has not loaded {so}"

@@ -43,7 +43,9 @@ def _prompt_state(client: grpcclient.InferenceServerClient, session_id: str) -> 
         value = arr.reshape(-1).tolist() if datatype == "BYTES" else arr
         return tensor(name, value, datatype, shape=arr.shape)
 
-    pf = client.infer("prefill", [passed_on("input_ids", ids, "INT32"), passed_on("request_json", req, "BYTES")])
+    pf = client.infer(
+        "prefill", [passed_on("input_ids", ids, "INT32"), passed_on("request_json", req, "BYTES")]
+    )
     return [
         passed_on("input_ids", ids, "INT32"),
         passed_on("request_json", req, "BYTES"),
@@ -59,7 +61,11 @@ def _stream(url: str, inputs: list[grpcclient.InferInput], outputs: list[str] | 
     try:
         requested = None if outputs is None else [grpcclient.InferRequestedOutput(n) for n in outputs]
         client.async_stream_infer(
-            "reasoning", inputs, outputs=requested, request_id=uuid.uuid4().hex, enable_empty_final_response=True
+            "reasoning",
+            inputs,
+            outputs=requested,
+            request_id=uuid.uuid4().hex,
+            enable_empty_final_response=True,
         )
         deltas: list[ReasoningDelta] = []
         while True:
@@ -106,7 +112,9 @@ def _by_stream(deltas: list[ReasoningDelta]) -> dict[str, tuple[str, list[int], 
 def test_reasoning_tensors_for_clients_packet_for_decode(triton_server) -> None:
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     try:
-        tensors = _by_stream(_stream(triton_server.grpc_url, _prompt_state(client, f"rd-{uuid.uuid4().hex}"), None))
+        tensors = _by_stream(
+            _stream(triton_server.grpc_url, _prompt_state(client, f"rd-{uuid.uuid4().hex}"), None)
+        )
         packets = _by_stream(
             _stream(triton_server.grpc_url, _prompt_state(client, f"rd-{uuid.uuid4().hex}"), [PACKET])
         )

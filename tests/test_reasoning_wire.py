@@ -1,4 +1,4 @@
-"""The BF16 packet that carries a reasoning delta over BLS (backend/serving/reasoning_wire.py).
+"""The decode <-> reasoning seam (backend/serving/reasoning_wire.py): the BF16 packet, the call.
 
 Why it matters: decode reads reasoning through this packet only, because any other output
 tensor of a decoupled BLS response crashes the decode stub in Triton 2.51. Every delta
@@ -7,15 +7,17 @@ must come back exactly: text in any script, odd and even byte lengths, empty del
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from backend.serving.reasoning_wire import PACKET, ReasoningDelta, wants_packet
+from backend.serving.reasoning_wire import PACKET, CallEnded, ReasoningCall, ReasoningDelta, wants_packet
 
 
 @pytest.mark.parametrize(
     "text",
-    ["", "a", "ab", "héllo ✓ \"quoted\" \\ back\nslash", "数学は楽しい", "\x00\x1f control", "😀" * 7],
+    ["", "a", "ab", 'héllo ✓ "quoted" \\ back\nslash', "数学は楽しい", "\x00\x1f control", "😀" * 7],
 )
 @pytest.mark.parametrize("finish", ["", "stop", "length", "cancelled", "error"])
 def test_packet_round_trip(text: str, finish: str) -> None:
@@ -46,3 +48,55 @@ def test_only_decode_gets_the_packet() -> None:
     assert not wants_packet(_Request([]))  # a client asking for every output gets the tensors
     assert not wants_packet(_Request(["stream_name", "reasoning_output"]))
     assert not wants_packet(_Request(["stream_name", PACKET]))  # "all outputs" includes the packet
+
+
+# --------------------------------------------------------------------------- decode's side
+def _call(streams: int = 2, timeout_s: float = 60.0) -> tuple[ReasoningCall, list[str]]:
+    gave_up: list[str] = []
+    names = [f"reasoning/{i}" for i in range(streams)]
+    return ReasoningCall(
+        names, post=lambda item: None, give_up=lambda: gave_up.append("x"), timeout_s=timeout_s
+    ), gave_up
+
+
+def test_call_forwards_deltas_and_ends_on_the_iterator_end() -> None:
+    call, gave_up = _call()
+    d0 = ReasoningDelta("reasoning/0", "a", [1], "")
+    assert call.receive(d0) == [d0]
+    assert call.receive(ReasoningDelta("reasoning/0", "", [], "length"))[0].finish_reason == "length"
+    assert call.live and call.open == ["reasoning/1"]
+    # The iterator ends without reasoning/1's final delta: it is ended here, with an error.
+    ended = call.receive(CallEnded("reasoning ended without a final delta"))
+    assert [(d.stream, d.finish_reason) for d in ended] == [("reasoning/1", "error")]
+    assert "without a final delta" in ended[0].text
+    assert not call.live and gave_up == ["x"]
+    # A late delta of a stream ended here is dropped; a second end changes nothing.
+    assert call.receive(ReasoningDelta("reasoning/1", "late", [5], "stop")) == []
+    assert call.receive(CallEnded("again")) == []
+
+
+def test_call_end_after_every_final_delta_sends_nothing() -> None:
+    call, gave_up = _call(1)
+    call.receive(ReasoningDelta("reasoning/0", "x", [1], "stop"))
+    assert call.live  # decode still waits for the iterator's end
+    assert call.receive(CallEnded("done")) == [] and not call.live
+    assert gave_up == []  # nothing was running any more: no cancel flag is raised
+
+
+def test_call_watchdog_and_cancel() -> None:
+    call, gave_up = _call(2, timeout_s=5.0)
+    assert call.check(time.monotonic() + 1.0) == []
+    timed_out = call.check(time.monotonic() + 6.0)
+    assert {d.finish_reason for d in timed_out} == {"error"} and len(timed_out) == 2
+    assert "timed out" in timed_out[0].text and not call.live
+
+    call, gave_up = _call(2)
+    call.cancel()
+    assert call.cancelled and gave_up == ["x"]
+    ends = call.receive(CallEnded("anything"))
+    assert [(d.finish_reason, d.text) for d in ends] == [("cancelled", ""), ("cancelled", "")]
+
+
+def test_call_without_streams_is_never_live() -> None:
+    call, _ = _call(0)
+    assert not call.live and call.fail("x") == []

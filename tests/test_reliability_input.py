@@ -80,7 +80,9 @@ def _error(url: str, inputs: list[Any]) -> str:
     return out.error
 
 
-@pytest.mark.parametrize(("prompt", "max_tokens", "extra", "expected"), [r[1:] for r in RULES], ids=[r[0] for r in RULES])
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "extra", "expected"), [r[1:] for r in RULES], ids=[r[0] for r in RULES]
+)
 def test_rule_violation_names_field_and_rule(triton_server, prompt, max_tokens, extra, expected) -> None:
     """Each broken rule gets an error naming the input and the rule; the server keeps serving."""
     url = triton_server.grpc_url
@@ -125,7 +127,10 @@ def test_wrong_shape_of_every_input(triton_server, name) -> None:
 
 def test_batch_of_two_and_missing_required_input(triton_server) -> None:
     url = triton_server.grpc_url
-    two = [tensor("text_input", ["a", "b"], "BYTES", shape=(2, 1)), tensor("max_tokens", [4, 4], "INT32", shape=(2, 1))]
+    two = [
+        tensor("text_input", ["a", "b"], "BYTES", shape=(2, 1)),
+        tensor("max_tokens", [4, 4], "INT32", shape=(2, 1)),
+    ]
     message = _error(url, two)
     assert "batch size 2" in message and "one request per prompt" in message, message
     message = _error(url, [tensor("text_input", "Hi", "BYTES")])
@@ -136,13 +141,17 @@ def test_batch_of_two_and_missing_required_input(triton_server) -> None:
 def test_session_input_for_unknown_and_ended_sessions(triton_server) -> None:
     """``session_control`` refuses a session that never existed or has ended, naming ``session_id``."""
     with MultiStreamClient(triton_server.grpc_url, idle_timeout_s=60) as client:
-        with pytest.raises(MultiStreamError, match=r"session_id 'no-such-session-\w+' is not a running session"):
+        with pytest.raises(
+            MultiStreamError, match=r"session_id 'no-such-session-\w+' is not a running session"
+        ):
             client.push_input(f"no-such-session-{uuid.uuid4().hex[:6]}", "hello")
         sid = f"rel-ended-{uuid.uuid4().hex[:8]}"
         done = client.generate("Say hi.", max_tokens=3, session_id=sid).result()
         assert done.session_id == sid
         for call in (lambda: client.push_input(sid, "more"), lambda: client.cancel(sid)):
-            with pytest.raises(MultiStreamError, match=rf"session_id '{sid}' is not a running session \(unknown or ended\)"):
+            with pytest.raises(
+                MultiStreamError, match=rf"session_id '{sid}' is not a running session \(unknown or ended\)"
+            ):
                 call()
     assert_serves_normally(triton_server.grpc_url)
 
@@ -155,7 +164,11 @@ _SHAPES = [(1, 1), (1, 1), (1, 1), (1, 1), (1,), (2, 1), (1, 2), (1, 0)]
 
 def _values(dtype: str, name: str) -> st.SearchStrategy:
     if dtype == "BYTES":
-        return st.one_of(st.text(max_size=60), st.binary(max_size=40), st.sampled_from(["isolated", "cross", "revise", "none", "true"]))
+        return st.one_of(
+            st.text(max_size=60),
+            st.binary(max_size=40),
+            st.sampled_from(["isolated", "cross", "revise", "none", "true"]),
+        )
     if dtype == "BOOL":
         return st.booleans()
     if dtype in ("FP32", "FP64"):
@@ -185,7 +198,10 @@ _VALID = {
 def valid_request(draw: st.DrawFn) -> list[tuple[str, str, tuple[int, ...], list[Any]]]:
     """Random but valid: a non-blank prompt, 1..6 tokens, a random subset of valid options."""
     text = draw(st.text(min_size=1, max_size=80).filter(lambda t: t.strip()))
-    spec = [("text_input", "BYTES", (1, 1), [text]), ("max_tokens", "INT32", (1, 1), [draw(st.integers(1, 6))])]
+    spec = [
+        ("text_input", "BYTES", (1, 1), [text]),
+        ("max_tokens", "INT32", (1, 1), [draw(st.integers(1, 6))]),
+    ]
     for name in draw(st.lists(st.sampled_from(sorted(_VALID)), max_size=6, unique=True)):
         dtype, values = _VALID[name]
         spec.append((name, dtype, (1, 1), [draw(values)]))
@@ -229,13 +245,17 @@ def test_random_inputs_get_a_result_or_a_clean_error(triton_server, spec) -> Non
     assert out.error is None or not out.error.startswith("TIMEOUT"), f"hang on {spec}: {out.error}"
     if out.error is not None:
         assert out.error.strip(), f"empty error for {spec}"
-        assert "Traceback" not in out.error and "Error(" not in out.error, f"unclean error for {spec}: {out.error}"
+        assert "Traceback" not in out.error and "Error(" not in out.error, (
+            f"unclean error for {spec}: {out.error}"
+        )
         return
     assert out.final, f"no final response for {spec}"
     streams = {r["stream_name"] for r in out.responses if r.get("stream_name") and r["stream_name"] != "user"}
     reasons = out.finish_reasons()
     for name in streams:
-        assert reasons.get(name) in ("stop", "length"), f"stream {name} of {spec} ended with {reasons.get(name)!r}"
+        assert reasons.get(name) in ("stop", "length"), (
+            f"stream {name} of {spec} ended with {reasons.get(name)!r}"
+        )
 
 
 def test_serves_normally_after_random_inputs(triton_server) -> None:

@@ -63,7 +63,10 @@ def test_parse_fault() -> None:
 def test_reasoning_error_is_reported_not_raised_but_answer_error_raises() -> None:
     tr = StreamTracker(t0=0.0)
     tr.feed({"stream_name": "output", "text_output": "Hi", "output_ids": [1]}, 0.1)
-    tr.feed({"stream_name": "reasoning/0", "reasoning_output": "[reasoning failed: x]", "finish_reason": "error"}, 0.2)
+    tr.feed(
+        {"stream_name": "reasoning/0", "reasoning_output": "[reasoning failed: x]", "finish_reason": "error"},
+        0.2,
+    )
     tr.feed({"stream_name": "output", "finish_reason": "stop"}, 0.3)
     tr.check_complete()
     assert tr.done(1.0).finish_reasons["reasoning/0"] == "error"

@@ -31,7 +31,14 @@ def parse(**values) -> RequestConfig:
 
 def test_defaults_and_round_trip() -> None:
     cfg = parse(stop_words=["a", "b"], seed=np.uint64(7), stream=True)
-    assert (cfg.max_tokens, cfg.stream, cfg.temperature, cfg.top_p, cfg.stop, cfg.seed) == (8, True, 0.0, 1.0, ["a", "b"], 7)
+    assert (cfg.max_tokens, cfg.stream, cfg.temperature, cfg.top_p, cfg.stop, cfg.seed) == (
+        8,
+        True,
+        0.0,
+        1.0,
+        ["a", "b"],
+        7,
+    )
     assert cfg.attention_mode == "isolated" and cfg.reasoning_budget == 256 and cfg.session_id
     assert RequestConfig.from_json(cfg.to_json()) == cfg
     s = cfg.output_sampling()

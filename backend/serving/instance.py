@@ -1,7 +1,7 @@
 """Builds the torch :class:`~backend.engine.Engine` of one Triton model instance.
 
 Why a helper: prefill, decode and reasoning each own an engine, configured from the same
-``parameters`` that ``backend.serve`` renders into every config.pbtxt (model dir, dtype,
+``parameters`` that ``launcher.serve`` renders into every config.pbtxt (model dir, dtype,
 threads, max_sessions, max_context), and placed by Triton's ``instance_group``. Triton
 gives a ``KIND_GPU`` instance a device but no CUDA stream of its own, so each GPU
 instance creates one here and runs every forward on it: prefill, decode and reasoning
@@ -38,22 +38,6 @@ def enable_crash_traces() -> None:
     check = os.environ.get("MULTISTREAM_GIL_CHECK")
     if check:
         ctypes.PyDLL(check).install()  # PyDLL: called with the GIL held
-
-
-#: Cancel / mailbox checks of a serving loop: once per engine step, within these bounds (s).
-MIN_CHECK_S = 0.02
-MAX_CHECK_S = 0.25
-
-
-def cancel_check_interval(engine: Engine) -> float:
-    """How long a session loop waits between cancel / mailbox checks.
-
-    Why per step: a loop that checks once per engine step stops a session "within one
-    step"; checking more often only adds IPC (each ``is_cancelled`` is a round trip to the
-    server: 16 sessions polling every 20 ms made ~800 a second). Bounded so a slow step
-    never delays a cancel by more than ``MAX_CHECK_S``.
-    """
-    return min(max(MIN_CHECK_S, engine.step_time_s), MAX_CHECK_S)
 
 
 def instance_parameters(args: dict[str, Any]) -> dict[str, str]:

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from backend.sampling import SamplingParams
+from backend.engine.attention import ATTENTION_MODES
+from backend.engine.sampling import SamplingParams
 
-ATTENTION_MODES = ("isolated", "cross")
 SYNC_MODES = ("none", "revise")
 
 #: Every client input of the ensemble (name -> Triton data type), CONTRACTS §3 plus the

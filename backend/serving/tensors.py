@@ -8,11 +8,9 @@ the config.pbtxt files (``max_batch_size: 8``, so every tensor has a leading bat
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import numpy as np
-import torch
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
@@ -52,18 +50,6 @@ def request_json(request: Any) -> bytes:
     return arr.reshape(-1)[0]
 
 
-def prompt_state(request: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kv [layers, 2, kv_heads, P, head_dim], logits [vocab])`` from prefill, as owned tensors."""
-    kv = input_array(request, "prompt_kv")
-    logits = input_array(request, "prompt_logits")
-    if kv is None or logits is None:
-        raise ValueError("prompt_kv / prompt_logits are missing")
-    # Copy: the request's shared-memory buffers are not ours once execute() returns.
-    kv_t = torch.from_numpy(np.ascontiguousarray(kv.reshape(kv.shape[-5:]), dtype=np.float32).copy())
-    logits_t = torch.from_numpy(np.ascontiguousarray(logits.reshape(-1), dtype=np.float32).copy())
-    return kv_t, logits_t
-
-
 def text_tensor(name: str, text: str) -> Any:
     return pb_utils.Tensor(name, np.array([[text.encode("utf-8")]], dtype=np.object_))
 
@@ -97,25 +83,12 @@ def delta_tensors(
     return out
 
 
-class StreamClock:
-    """Per-stream timing: ms since arrival (wall clock) and ms since this stream's last delta."""
-
-    def __init__(self, arrival_wall: float):
-        self.arrival = arrival_wall or time.time()
-        self._last: dict[str, float] = {}
-
-    def stamp(self, stream: str) -> tuple[float, float]:
-        now = time.time()
-        prev = self._last.get(stream, self.arrival)
-        self._last[stream] = now
-        return ((now - self.arrival) * 1000.0, (now - prev) * 1000.0)
-
-
 class Responder:
-    """Thread-safe wrapper of a decoupled response sender; the final flag goes out once.
+    """Wrapper of a decoupled response sender: the final flag goes out exactly once.
 
-    Two threads send (the engine-event loop and the BLS reasoning consumer), and a send
-    after the final flag is an error in Triton, hence the lock and the ``closed`` state.
+    A request is ended either by its session loop or by the serving skeleton's error path
+    (``backend.serving.engine_model``), possibly after the other has already ended it; a
+    send after the final flag is an error in Triton, hence the lock and ``closed``.
     """
 
     def __init__(self, request: Any):

@@ -1,0 +1,68 @@
+"""The prefill -> decode / reasoning hand-off: a prefix's KV and last-row logits on the wire.
+
+Why one module: both ends of the hand-off must agree on names, dtypes and shapes, and
+before this module they were spread over ``prefill.py``, ``tensors.prompt_state`` and the
+engine. The engine side is :meth:`Engine.prefill_export` -> :class:`PrefixKV` ->
+``Engine.submit(prefix_kv=...)``; this module only moves a :class:`PrefixKV` through
+Triton tensors:
+
+- ``prompt_kv``: ``[1, layers, 2, kv_heads, P, head_dim]`` FP32 (the leading 1 is the
+  ensemble's batch dim). FP32 is exact for bf16 and fp32 engines; the cost of the copy is
+  measured in ``bench/serving.py``.
+- ``prompt_logits``: ``[1, k * vocab]`` FP32, the k entries of the prefix's last row
+  flattened (k = 1 for a prompt, C for a grid row of the paper's layout). Flat because
+  the config declares ``dims: [ -1 ]``; the receiver knows its vocabulary size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend.engine import PrefixKV
+from backend.serving.tensors import input_array
+
+try:  # only inside the Triton python stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover
+    pb_utils = None
+
+#: The two tensors of the hand-off, in the order the ensemble maps them.
+HANDOFF_INPUTS = ("prompt_kv", "prompt_logits")
+
+
+def to_arrays(prefix: PrefixKV) -> dict[str, np.ndarray]:
+    """The hand-off tensors of ``prefix`` as numpy arrays (with the batch dim)."""
+    return {
+        "prompt_kv": prefix.kv.float().cpu().numpy()[None],
+        "prompt_logits": prefix.logits.float().cpu().reshape(1, -1).numpy().astype(np.float32),
+    }
+
+
+def to_tensors(prefix: PrefixKV) -> list[Any]:
+    """The hand-off as ``pb_utils.Tensor`` outputs of ``prefill``."""
+    return [pb_utils.Tensor(name, arr) for name, arr in to_arrays(prefix).items()]
+
+
+def from_arrays(kv: np.ndarray | None, logits: np.ndarray | None, vocab_size: int) -> PrefixKV:
+    """Inverse of :func:`to_arrays`, as owned tensors.
+
+    Copies: a request's shared-memory buffers are not ours once ``execute`` returns, and the
+    engine keeps the prefix until the session is admitted.
+    """
+    if kv is None or logits is None:
+        raise ValueError("prompt_kv / prompt_logits are missing (the prefill -> decode hand-off)")
+    kv_t = torch.from_numpy(np.ascontiguousarray(kv.reshape(kv.shape[-5:]), dtype=np.float32).copy())
+    flat = np.ascontiguousarray(logits.reshape(-1), dtype=np.float32).copy()
+    if flat.size == 0 or flat.size % vocab_size:
+        raise ValueError(
+            f"prompt_logits has {flat.size} values, not a multiple of the vocabulary ({vocab_size})"
+        )
+    return PrefixKV(kv=kv_t, logits=torch.from_numpy(flat).reshape(-1, vocab_size))
+
+
+def from_request(request: Any, vocab_size: int) -> PrefixKV:
+    """The :class:`PrefixKV` that ``prefill`` sent, read from a decode / reasoning request."""
+    return from_arrays(input_array(request, "prompt_kv"), input_array(request, "prompt_logits"), vocab_size)
