@@ -26,6 +26,7 @@ import numpy as np
 
 from backend.engine.attention import ATTENTION_MODES
 from backend.engine.sampling import SamplingParams
+from backend.serving.session_ids import mint_session_id
 
 SYNC_MODES = ("none", "revise")
 
@@ -234,7 +235,7 @@ class RequestConfig:
             raise RequestError(f"sync must be one of {SYNC_MODES}, got {cfg.sync!r}")
         if cfg.sync == "revise" and cfg.reasoning_streams == 0:
             raise RequestError("sync 'revise' needs reasoning_streams >= 1")
-        cfg.session_id = reader.string("session_id", default="") or uuid.uuid4().hex
+        cfg.session_id = reader.string("session_id", default="") or mint_session_id()
         if not _valid_session_id(cfg.session_id):
             raise RequestError(
                 "session_id must be 1..128 characters of letters, digits, '-', '_' or '.', "
