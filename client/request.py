@@ -221,6 +221,15 @@ class GenerateRequest:
         help="id to push input into / cancel the session (chosen by the client when unset)",
         web=False,
     )
+    messages: str | None = param(
+        None,
+        datatype="BYTES",
+        help='a conversation, JSON [{"role", "content"}], rendered with the chat template instead of the prompt',
+        web=False,
+    )
+    raw_prompt: bool | None = param(
+        None, datatype="BOOL", help="send the prompt as is, without the chat template", web=False
+    )
 
     def validate(self) -> None:
         """Catch caller mistakes locally, by each field's :class:`Param`; the server re-checks."""

@@ -33,9 +33,17 @@ def limits_from_params(params: dict[str, str]) -> Limits:
     )
 
 
-def prompt_ids(tokenizer: Tokenizer, text: str, chat_template: bool = True) -> list[int]:
-    """The prompt rows of a request: the user's text inside the model's chat template."""
-    if chat_template:
+def prompt_ids(
+    tokenizer: Tokenizer, text: str, chat_template: bool = True, messages: list[dict[str, str]] | None = None
+) -> list[int]:
+    """The prompt rows of a request: the conversation (``messages``, else the user's text as one
+    user message) inside the model's chat template; ``text`` as is without the template."""
+    if messages:
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template's own raise_exception (e.g. role order)
+            raise RequestError(f"messages: the model's chat template refused them: {e}") from None
+    elif chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     return tokenizer.encode(text)
 
@@ -52,7 +60,7 @@ class PreprocessingModel:
     def process(self, get: Any) -> tuple[list[int], RequestConfig]:
         """Validated request and its prompt ids; raises :class:`RequestError`."""
         cfg = RequestConfig.from_inputs(get, self.limits)
-        ids = prompt_ids(self.tokenizer, cfg.text, self.chat_template)
+        ids = prompt_ids(self.tokenizer, cfg.text, self.chat_template and not cfg.raw_prompt, cfg.messages)
         cfg.check_context(len(ids), self.limits.max_context)
         return ids, cfg
 

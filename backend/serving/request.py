@@ -60,6 +60,10 @@ INPUTS: dict[str, str] = {
     "attention_mode": "TYPE_STRING",
     "sync": "TYPE_STRING",
     "session_id": "TYPE_STRING",
+    # A chat conversation (the OpenAI front, frontend/): JSON [{"role", "content"}], rendered
+    # with the model's chat template instead of text_input; raw_prompt: text_input as is.
+    "messages": "TYPE_STRING",
+    "raw_prompt": "TYPE_BOOL",
 }
 #: Inputs whose second dimension may hold several values (a list of stop words).
 LIST_INPUTS = ("stop_words", "bad_words")
@@ -117,6 +121,10 @@ class RequestConfig:
     #: shares the wall clock, so decode can report ms since arrival.
     arrival: float = 0.0
     prompt_tokens: int = 0
+    #: The conversation to render with the chat template (``messages`` input); empty: ``text``.
+    messages: list[dict[str, str]] = field(default_factory=list)
+    #: ``text`` goes to the model as is, without the chat template (``/v1/completions``).
+    raw_prompt: bool = False
 
     # ------------------------------------------------------------------ sampling
     def output_sampling(self) -> SamplingParams:
@@ -241,6 +249,10 @@ class RequestConfig:
                 "session_id must be 1..128 characters of letters, digits, '-', '_' or '.', "
                 f"got {cfg.session_id[:40]!r}"
             )
+        cfg.messages = parse_messages(reader.string("messages", default=""))
+        cfg.raw_prompt = reader.bool("raw_prompt", False)
+        if cfg.raw_prompt and cfg.messages:
+            raise RequestError("raw_prompt cannot be combined with messages (messages use the chat template)")
         return cfg
 
     def check_context(self, prompt_tokens: int, max_context: int, preamble_tokens: int = 16) -> None:
@@ -275,6 +287,37 @@ class RequestConfig:
                 f"reasoning_budget: {self.reasoning_streams} streams x {self.reasoning_budget} tokens after a "
                 f"{prompt_tokens}-token prompt need {think} positions, the context limit is {max_context}"
             )
+
+
+#: Roles a chat template knows; ``developer`` is OpenAI's newer name for ``system``.
+MESSAGE_ROLES = ("system", "developer", "user", "assistant")
+
+
+def parse_messages(raw: str) -> list[dict[str, str]]:
+    """The ``messages`` input (JSON) -> ``[{"role", "content"}]``, checked; ``""`` -> ``[]``.
+
+    Why here and strict: the chat template renders whatever it is given, so a malformed
+    conversation would silently become a wrong prompt; the error names the message and rule.
+    """
+    if not raw.strip():
+        return []
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"messages must be JSON (a list of {{role, content}} objects): {e.msg}") from None
+    if not isinstance(value, list) or not value:
+        raise RequestError("messages must be a non-empty JSON list of {role, content} objects")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise RequestError(f"messages[{i}] must be an object with a string 'content'")
+        role = m.get("role")
+        if role not in MESSAGE_ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(MESSAGE_ROLES)}, got {role!r}")
+        out.append({"role": "system" if role == "developer" else role, "content": m["content"]})
+    if not any(m["role"] == "user" and m["content"].strip() for m in out):
+        raise RequestError("messages must contain a user message with non-blank content")
+    return out
 
 
 def _valid_session_id(sid: str) -> bool:
