@@ -2,10 +2,10 @@
 
 Why: torch's CPU int4 kernel multiplies in fp32, so its cost grows with every row; ours
 widens each 4-bit weight to bf16 once and spends one ``VDPBF16PS`` per row on it (see
-``int4_bf16dp.cpp`` beside this file). The extension is compiled with ``torch.utils.cpp_extension``
-into torch's extension cache the first time a process needs it (about 30 s, once per
-machine); where there is no compiler or no AVX512-BF16, ``available()`` is False and the
-model keeps torch's kernel.
+``int4_bf16dp.cpp`` beside this file). The extension is compiled by ``backend.kernels.build``
+into the project's cache the first time a process needs it (about 30 s, once per machine;
+an interrupted build never blocks a later one); where there is no compiler or no
+AVX512-BF16, ``available()`` is False and the model keeps torch's kernel.
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ from pathlib import Path
 
 import torch
 
+from backend.kernels import build
+
 log = logging.getLogger(__name__)
 
 GROUP = 32  # the kernel's group size (kGroup in the source)
+NAME = "multistream_int4_bf16dp"
 SOURCE = Path(__file__).parent / "int4_bf16dp.cpp"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -37,15 +41,7 @@ def _module():
     if os.environ.get("MULTISTREAM_INT4_KERNEL", "auto") == "torch" or not _cpu_has_avx512_bf16():
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name="multistream_int4_bf16dp",
-            sources=[str(SOURCE)],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return build.load(NAME, [SOURCE], FLAGS, LDFLAGS)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, old binutils: fall back
         log.warning("int4 kernel not built (%s: %s); using torch's", type(exc).__name__, exc)
         return None
@@ -56,10 +52,8 @@ def available() -> bool:
 
 
 def is_built() -> bool:
-    """Whether the extension is already in torch's extension cache (loading is then instant)."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    return any(Path(_get_build_directory("multistream_int4_bf16dp", False)).glob("*.so"))
+    """Whether the extension is already in the kernel cache (loading is then instant)."""
+    return build.is_built(NAME, [SOURCE], FLAGS, LDFLAGS)
 
 
 def prebuild(say=None) -> str:
