@@ -67,6 +67,7 @@ class Done:
     total_s: float
     finish_reasons: dict[str, str] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)  # every stream, e.g. a "revision" of the answer
+    prompt_tokens: int | None = None  # the prompt's length in tokens (server output num_input_tokens)
 
     def to_dict(self) -> dict:
         """JSON-ready form (used by ``--json``)."""
@@ -106,12 +107,15 @@ class StreamTracker:
         self.t0 = time.perf_counter() if t0 is None else t0
         self.session_id = session_id
         self.streams: dict[str, _StreamState] = {}
+        self.prompt_tokens: int | None = None
 
     def feed(self, fields: dict, t: float | None = None) -> StreamDelta | None:
         """Turn one response's fields into a delta; ``None`` for an empty (flags-only) response."""
         t = time.perf_counter() if t is None else t
         if fields.get("session_id"):
             self.session_id = fields["session_id"]
+        if fields.get("num_input_tokens") is not None:
+            self.prompt_tokens = fields["num_input_tokens"]
         has_payload = any(
             fields.get(k) not in (None, "", [])
             for k in ("stream_name", "text_output", "reasoning_output", "output_ids", "finish_reason")
@@ -217,4 +221,5 @@ class StreamTracker:
             total_s=t_end - self.t0,
             finish_reasons={n: st.finish_reason or "" for n, st in self.streams.items()},
             texts={n: "".join(st.parts) for n, st in self.streams.items()},
+            prompt_tokens=self.prompt_tokens,
         )

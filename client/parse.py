@@ -15,6 +15,8 @@ from .errors import MultiStreamError
 
 STRING_OUTPUTS = ("text_output", "reasoning_output", "stream_name", "finish_reason", "session_id")
 LIST_OUTPUTS = ("output_ids", "timing_ms")
+#: Integer outputs (TensorRT-LLM's names): the prompt's token count, on every response.
+INT_OUTPUTS = ("num_input_tokens",)
 # The ensemble cannot have an output named like one of its inputs (Triton treats them as one
 # tensor and rejects the ensemble), so the server's session id output is `output_session_id`;
 # a bare `session_id` output (e.g. a decoupled model served directly) is accepted too.
@@ -60,6 +62,10 @@ def fields_from_arrays(get: Any) -> dict[str, Any]:
         arr = get(name)
         if arr is not None:
             out[name] = _flatten(arr)
+    for name in INT_OUTPUTS:
+        arr = get(name)
+        if arr is not None and _flatten(arr):
+            out[name] = int(_flatten(arr)[0])
     out = _session_alias(out, dict(out))
     out.pop("output_session_id", None)
     return out
@@ -91,6 +97,9 @@ def fields_from_json(obj: dict[str, Any]) -> dict[str, Any]:
     for name in LIST_OUTPUTS:
         if name in obj:
             out[name] = _flatten(obj[name])
+    for name in INT_OUTPUTS:
+        if name in obj and _flatten(obj[name]):
+            out[name] = int(_flatten(obj[name])[0])
     out = _session_alias(out, dict(out))
     out.pop("output_session_id", None)
     return out
