@@ -1,0 +1,128 @@
+"""``POST /v1/completions``: OpenAI's plain-text completions (the prompt without chat template).
+
+``prompt`` goes to the model as is (``raw_prompt``), as a completions client expects; the
+answer is ``choices[0].text``; reasoning streams, if asked for, come as in chat: in
+``reasoning_content`` / ``reasoning`` with ``stream`` naming the stream. ``echo`` puts the
+prompt in front of the text.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from client.events import Done, StreamDelta
+
+from .errors import bad_request
+from .options import Defaults, build_request, reasoning_effort, require
+from .runner import Run
+from .streaming import chain
+from .usage import answer_text, chat_usage, finish_reason, joined_reasoning
+
+COMPLETION_FIELDS = frozenset({"prompt", "stream", "echo", "reasoning_effort", "stream_options"})
+
+
+def prompt_of(body: Mapping[str, Any]) -> str:
+    """``prompt``: a string, or a list holding one string (one session per request)."""
+    prompt = require(body, "prompt")
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise bad_request(
+                "prompt must be one string (a list of several prompts or of token ids is not "
+                "supported: send one request per prompt)",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise bad_request("prompt must be a non-blank string", param="prompt")
+    return prompt
+
+
+def request_for(body: Mapping[str, Any], defaults: Defaults) -> Any:
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise bad_request("echo must be true or false", param="echo")
+    return build_request(
+        body,
+        prompt_of(body),
+        endpoint_fields=COMPLETION_FIELDS,
+        defaults=defaults,
+        fixed={"raw_prompt": True},
+        effort=reasoning_effort(body.get("reasoning_effort")),
+    )
+
+
+class CompletionShape:
+    def __init__(self, run: Run, model: str, prompt: str, echo: bool) -> None:
+        self.run = run
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.model = model
+        self.created = int(time.time())
+        self.prompt = prompt
+        self.echo = echo
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "session_id": self.run.session_id,
+            "choices": [{"index": 0, "logprobs": None, "finish_reason": None} | choice],
+        }
+
+    def delta(self, ev: StreamDelta) -> dict[str, Any] | None:
+        if not ev.text or ev.kind == "input":
+            return None
+        if ev.kind == "reasoning":
+            return self._chunk(
+                {"text": "", "reasoning_content": ev.text, "reasoning": ev.text, "stream": ev.stream}
+            )
+        return self._chunk({"text": ev.text, "stream": ev.stream})
+
+    def completion(self, done: Done) -> dict[str, Any]:
+        text = answer_text(done)
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": self.prompt + text if self.echo else text,
+            "logprobs": None,
+            "finish_reason": finish_reason(done, self.run.cancelled),
+        }
+        reasoning = joined_reasoning(done)
+        if reasoning:
+            choice["reasoning_content"] = reasoning
+            choice["reasoning"] = reasoning
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "session_id": self.run.session_id,
+            "choices": [choice],
+            "usage": chat_usage(done, done.prompt_tokens or 0),
+        }
+
+
+async def completion_chunks(
+    shape: CompletionShape,
+    first: StreamDelta | Done | None,
+    rest: AsyncIterator[StreamDelta | Done],
+    include_usage: bool,
+) -> AsyncIterator[dict[str, Any]]:
+    if shape.echo:
+        yield shape._chunk({"text": shape.prompt, "stream": "output"})
+
+    async for ev in chain(first, rest):
+        if isinstance(ev, Done):
+            yield shape._chunk({"text": "", "finish_reason": finish_reason(ev, shape.run.cancelled)})
+            if include_usage:
+                usage = shape._chunk({})
+                usage["choices"] = []
+                usage["usage"] = chat_usage(ev, ev.prompt_tokens or 0)
+                yield usage
+            return
+        chunk = shape.delta(ev)
+        if chunk is not None:
+            yield chunk
