@@ -6,7 +6,6 @@ so the same checkpoint is the reference for the attention policies.
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import time
 
@@ -399,25 +398,44 @@ def test_from_model_dir_loads_on_the_engine_thread(tiny_dir, default_model_dir, 
         Engine.from_model_dir(tiny_dir, EngineConfig(dtype="float32", quantization="int8"))
 
 
+def _run_capturing_prompt_kv(engine, prompt, streams, **kw):
+    """Runs a session and returns it with the prompt's KV as its slot held it at the first event."""
+    kv: list[torch.Tensor] = []
+    c, cb = collector(len(streams))
+
+    def on_event(ev):  # the engine thread: the session is active and owns its slot
+        if not kv:
+            slot = engine.scheduler.active[ev.session_id].slot
+            kv.append(engine.pool.export_prefix(slot, len(prompt)).clone())
+        cb(ev)
+
+    engine.submit(prompt, streams, on_event=on_event, **kw)
+    assert c.done.wait(60)
+    return c, kv[0]
+
+
 def test_prefix_kv_handoff_equals_a_local_prefill(tiny_engine):
-    """prefill -> decode at engine level: an imported prefix gives the same logits and tokens
-    as prefilling locally, and nothing of the prompt is recomputed."""
+    """prefill -> decode at engine level: an imported prefix puts the same KV in the slot and
+    gives the same logits and tokens as prefilling locally; nothing of the prompt is recomputed."""
     from backend.engine import PrefixKV
 
     prompt = list(range(300, 323))
     streams = lambda: [StreamSpec("o", sampling=SamplingParams(max_tokens=6, ignore_eos=True))]  # noqa: E731
     rec = LogitRecorder(tiny_engine)
-    local = run(tiny_engine, prompt, streams())
+    local, local_kv = _run_capturing_prompt_kv(tiny_engine, prompt, streams())
     local_logits = dict(rec.logits)
     exported = tiny_engine.prefill_export(prompt, timeout=60)
     assert exported.kv.shape[3] == len(prompt) and exported.logits.shape[0] == 1
+    torch.testing.assert_close(exported.kv, local_kv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exported.logits[0], local_logits[("o", len(prompt) - 1)], rtol=1e-5, atol=1e-5)
     before = tiny_engine.stats()["tokens_processed"]
     rec.logits.clear()
-    imported = run(
+    imported, imported_kv = _run_capturing_prompt_kv(
         tiny_engine, prompt, streams(), prefix_kv=PrefixKV(exported.kv.clone(), exported.logits.clone())
     )
     # 6 tokens: the first sampled from the imported logits, 5 rows fed. No prompt token.
     assert tiny_engine.stats()["tokens_processed"] - before == 5
+    assert torch.equal(imported_kv, exported.kv)
     assert imported.tokens("o") == local.tokens("o")
     assert rec.logits.keys() == local_logits.keys()
     for key, value in local_logits.items():
@@ -425,17 +443,7 @@ def test_prefix_kv_handoff_equals_a_local_prefill(tiny_engine):
     # The KV covers exactly the prompt: anything else is refused, naming both lengths.
     with pytest.raises(ValueError, match="covers 22 tokens but the prompt has 23"):
         tiny_engine.submit(prompt, streams(), prefix_kv=PrefixKV(exported.kv[:, :, :, :-1], exported.logits))
-
-
-def test_several_prefills_at_once_match_one_by_one(tiny_engine):
-    """prefill's execute() exports several prompts together; batching must not change them."""
-    prompts = [list(range(500, 517)), list(range(600, 611)), list(range(700, 730))]
-    alone = [tiny_engine.prefill_export(p, timeout=60) for p in prompts]
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        together = list(pool.map(lambda p: tiny_engine.prefill_export(p, timeout=60), prompts))
-    for a, b in zip(alone, together, strict=True):
-        torch.testing.assert_close(a.kv, b.kv, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    # Several prompts exported together: tests/test_behaviour_engine.py (they share steps).
 
 
 def test_channel_embedding_is_added_per_stream_row(tiny_dir, tiny_hf, default_model_dir, tmp_path):
