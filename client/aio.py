@@ -30,6 +30,7 @@ from .core import (
     documents_options,
     make_request,
     raise_if_lost,
+    routing_headers,
 )
 from .errors import MultiStreamError, from_exception
 from .events import Done, Event
@@ -126,7 +127,9 @@ class AsyncGeneration(GenerationCore):
 
         triton = grpcaio.InferenceServerClient(c.url, verbose=c.verbose)
         try:
-            call = triton._client_stub.ModelStreamInfer(requests())
+            call = triton._client_stub.ModelStreamInfer(
+                requests(), metadata=tuple(routing_headers(self.request.session_id).items()) or None
+            )
             self._call = call
             self._start_clock()
             responses = call.__aiter__()
@@ -170,7 +173,9 @@ class AsyncGeneration(GenerationCore):
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 self._start_clock()
                 async with session.post(
-                    f"http://{c.url}{path}", data=body, headers={"Content-Type": "application/json"}
+                    f"http://{c.url}{path}",
+                    data=body,
+                    headers={"Content-Type": "application/json", **routing_headers(self.request.session_id)},
                 ) as resp:
                     self._call = _AiohttpCancel(resp)
                     if resp.status != 200:
@@ -300,6 +305,10 @@ class AsyncMultiStreamClient(ClientCore):
             if self._control_batched is None:
                 self._control_batched = control_batched(await c.get_model_config(self.control_model))
             inputs, outputs = self._control_args(session_id, action, text)
-            return control_accepted(await c.infer(self.control_model, inputs, outputs=outputs))
+            return control_accepted(
+                await c.infer(
+                    self.control_model, inputs, outputs=outputs, headers=routing_headers(session_id)
+                )
+            )
         except Exception as exc:
             raise from_exception(exc, self.url) from exc

@@ -38,6 +38,10 @@ from .request import OPTIONS, GenerateRequest, ensure_session_id, infer_inputs, 
 
 MODEL_NAME = "multistream"
 CONTROL_MODEL = "session_control"
+#: Header (gRPC metadata) naming the session a request belongs to, so that a router in front
+#: of several replicas sends all of a session's requests to the replica holding it
+#: (docs/kubernetes.md). A single server ignores it.
+ROUTING_HEADER = "x-multistream-session"
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 #: Seconds without any response before a generation gives up.
 IDLE_TIMEOUT_S = 300.0
@@ -172,6 +176,11 @@ class ClientCore:
         """Path and JSON body of HTTP ``generate_stream`` (or ``generate`` without streaming)."""
         path = f"/v2/models/{self.model_name}/{'generate_stream' if request.stream else 'generate'}"
         return path, json.dumps(request.json_body()).encode("utf-8")
+
+
+def routing_headers(session_id: str | None) -> dict[str, str]:
+    """The routing header for a session's requests (generation and ``session_control``)."""
+    return {ROUTING_HEADER: session_id} if session_id else {}
 
 
 class StallWatch:

@@ -30,6 +30,7 @@ from .core import (
     documents_options,
     make_request,
     raise_if_lost,
+    routing_headers,
 )
 from .errors import MultiStreamError, from_exception
 from .events import Done, Event
@@ -105,7 +106,7 @@ class Generation(GenerationCore):
         triton = c._take_stream_client()
         try:
             try:
-                triton.start_stream(callback=callback)
+                triton.start_stream(callback=callback, headers=routing_headers(self.request.session_id))
                 self._cancel_hook = lambda: triton.stop_stream(cancel_requests=True)
                 if self._cancelled:
                     raise self._cancelled_error()
@@ -176,7 +177,11 @@ class Generation(GenerationCore):
                     "POST",
                     path,
                     body=body,
-                    headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+                    headers={
+                        "Content-Type": "application/json",
+                        "Accept": "text/event-stream",
+                        **routing_headers(self.request.session_id),
+                    },
                 )
                 resp = conn.getresponse()
             except http.client.BadStatusLine as exc:
@@ -339,6 +344,8 @@ class MultiStreamClient(ClientCore):
             if self._control_batched is None:
                 self._control_batched = control_batched(c.get_model_config(self.control_model))
             inputs, outputs = self._control_args(session_id, action, text)
-            return control_accepted(c.infer(self.control_model, inputs, outputs=outputs))
+            return control_accepted(
+                c.infer(self.control_model, inputs, outputs=outputs, headers=routing_headers(session_id))
+            )
         except Exception as exc:
             raise from_exception(exc, self.url) from exc

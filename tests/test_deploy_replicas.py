@@ -11,32 +11,40 @@ that kills a replica runs last.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from backend.serving.session_ids import REPLICA_ENV, replica_of
+from client import Done, MultiStreamClient, StreamDelta
 from deploy.router import Replica, RouterHandle, find_nginx, start_router
 from launcher.serve import DEFAULT_REPOSITORY, ServerHandle, list_models, start_server
 from tests.deploy_helpers import (
     K8S,
     MONITORING,
     TEST_NAMESPACE,
+    HttpStreamSession,
     Prometheus,
     StreamSession,
     adapter_query,
     control,
     dashboard_queries,
+    http_control,
     promql_operands,
     rules_file,
 )
@@ -48,30 +56,69 @@ NAMES = ("r0", "r1")
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
 
 
-def _start_replica(name: str) -> ServerHandle:
-    # The replica name reaches the stubs through tritonserver's environment, as the pod
-    # spec's MULTISTREAM_REPLICA does; servers start one after the other so each sees its own.
+def _spawned(run_dir: Path) -> bool:
+    """Whether the tritonserver of ``run_dir`` exists yet (it copied our environment then)."""
+    marker = str(run_dir / "model_repository")
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            if marker in proc.info["cmdline"]:
+                return True
+    return False
+
+
+def _start_replicas() -> dict[str, ServerHandle]:
+    """Both replicas, started side by side; each sees its own ``MULTISTREAM_REPLICA``.
+
+    The name reaches the stubs through tritonserver's environment, as the pod spec's does.
+    tritonserver copies the environment when it is spawned, so the next name is set only
+    once the previous server's process exists.
+    """
+    handles: dict[str, ServerHandle] = {}
+    errors: dict[str, BaseException] = {}
+
+    def start(name: str, run_dir: Path) -> None:
+        try:
+            handles[name] = start_server(
+                DEFAULT_REPOSITORY,
+                model_dir=os.environ.get("MULTISTREAM_TEST_MODEL_DIR", "default"),
+                decode_instances=1,
+                reasoning_instances=1,
+                prefill_instances=1,
+                preprocessing_instances=1,
+                threads={"decode": 1, "reasoning": 1, "prefill": 1},
+                max_sessions=8,
+                max_context=512,
+                log_level="warning",
+                run_dir=run_dir,
+                ready_timeout=float(os.environ.get("MULTISTREAM_TEST_READY_TIMEOUT", "600")),
+            )
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other one is stopped
+            errors[name] = e
+
     old = os.environ.get(REPLICA_ENV)
-    os.environ[REPLICA_ENV] = name
+    threads = []
     try:
-        return start_server(
-            DEFAULT_REPOSITORY,
-            model_dir=os.environ.get("MULTISTREAM_TEST_MODEL_DIR", "default"),
-            decode_instances=1,
-            reasoning_instances=1,
-            prefill_instances=1,
-            preprocessing_instances=1,
-            threads={"decode": 1, "reasoning": 1, "prefill": 1},
-            max_sessions=8,
-            max_context=512,
-            log_level="warning",
-            ready_timeout=float(os.environ.get("MULTISTREAM_TEST_READY_TIMEOUT", "600")),
-        )
+        for name in NAMES:
+            run_dir = Path(tempfile.mkdtemp(prefix=f"multistream-{name}-"))
+            os.environ[REPLICA_ENV] = name
+            t = threading.Thread(target=start, args=(name, run_dir), daemon=True)
+            t.start()
+            threads.append(t)
+            deadline = time.monotonic() + 300
+            while t.is_alive() and not _spawned(run_dir) and time.monotonic() < deadline:
+                time.sleep(0.05)
     finally:
         if old is None:
             os.environ.pop(REPLICA_ENV, None)
         else:
             os.environ[REPLICA_ENV] = old
+    for t in threads:
+        t.join()
+    if errors:
+        for handle in handles.values():
+            handle.stop()
+        raise next(iter(errors.values()))
+    return handles
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +126,8 @@ def replicas(gil_check: None) -> Iterator[dict[str, ServerHandle]]:
     if not list_models(DEFAULT_REPOSITORY):
         pytest.skip(f"{DEFAULT_REPOSITORY} has no models yet")
     find_nginx()  # a missing nginx is a failure with the install hint, not a skip
-    servers: dict[str, ServerHandle] = {}
+    servers = _start_replicas()
     try:
-        for name in NAMES:
-            servers[name] = _start_replica(name)
         yield servers
     finally:
         for handle in servers.values():
@@ -120,17 +165,35 @@ def _sessions(url: str, n: int, max_tokens: int) -> list[StreamSession]:
 
 
 def test_pushes_and_cancels_reach_their_sessions(replicas, router, prom):
-    """N sessions through the router: every push is accepted by its session, every cancel ends it."""
-    sessions = _sessions(router.grpc_url, 6, max_tokens=96)
-    owners = {s.session_id: replica_of(s.session_id) for s in sessions}
-    assert set(owners.values()) <= set(NAMES), owners
-    # New sessions went to the least-loaded replica: with 6 open, both have some.
-    assert set(owners.values()) == set(NAMES), f"least_conn put every session on one replica: {owners}"
+    """Concurrent sessions through the router, gRPC and HTTP, minted and client-chosen ids:
+    every push is accepted by its session, every cancel ends it."""
+    tag = uuid.uuid4().hex[:8]
+    grpc_minted = [StreamSession(router.grpc_url, f"{PROMPT} ({i})", 96) for i in range(3)]
+    grpc_chosen = [StreamSession(router.grpc_url, PROMPT, 96, session_id=f"chat-{tag}-{i}") for i in range(2)]
+    http_minted = [HttpStreamSession(router.http_url, PROMPT, 96)]
+    http_chosen = [HttpStreamSession(router.http_url, PROMPT, 96, session_id=f"chat-{tag}-http")]
+    sessions = [*grpc_minted, *grpc_chosen, *http_minted, *http_chosen]
+    for s in sessions:
+        assert s.first.wait(120) and s.error is None, s.error
+    for s in (*grpc_minted, *http_minted):
+        assert replica_of(s.session_id) in NAMES, s.session_id
+    # New sessions went to the least-loaded replica: 3 open gRPC streams are on both.
+    assert {replica_of(s.session_id) for s in grpc_minted} == set(NAMES), [s.session_id for s in grpc_minted]
 
     def push_then_maybe_cancel(i_s):
         i, s = i_s
-        accepted = control(router.grpc_url, s.session_id, "input", " Answer in French.")
-        cancelled = control(router.grpc_url, s.session_id, "cancel") if i % 2 == 0 else None
+        # A session's requests use its protocol: the hash ring of client-chosen ids is per
+        # protocol (docs/kubernetes.md); a minted id names its replica for either.
+        ctl, url = (
+            (http_control, router.http_url)
+            if isinstance(s, HttpStreamSession)
+            else (control, router.grpc_url)
+        )
+        accepted = ctl(url, s.session_id, "input", " Answer in French.")
+        if replica_of(s.session_id):
+            accepted &= http_control(router.http_url, s.session_id, "status")
+            accepted &= control(router.grpc_url, s.session_id, "status")
+        cancelled = ctl(url, s.session_id, "cancel") if i % 2 == 0 else None
         return accepted, cancelled
 
     with ThreadPoolExecutor(len(sessions)) as pool:
@@ -140,10 +203,30 @@ def test_pushes_and_cancels_reach_their_sessions(replicas, router, prom):
     for i, s in enumerate(sessions):
         assert s.wait(180), f"session {s.session_id} did not finish"
         assert s.error is None, s.error
-        if i % 2 == 0:
-            assert s.finish.get("output") == "cancelled", (s.session_id, s.finish)
-        else:
-            assert s.finish.get("output") in ("stop", "length"), (s.session_id, s.finish)
+        expected = ("cancelled",) if i % 2 == 0 else ("stop", "length")
+        assert s.finish.get("output") in expected, (s.session_id, s.finish)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_project_client_routes_push_and_cancel(replicas, router, protocol):
+    """The project's client (its own client-chosen ids) sends the header: push and cancel land."""
+    url = router.grpc_url if protocol == "grpc" else router.http_url
+
+    def one(i: int) -> tuple[bool, bool, Done]:
+        with MultiStreamClient(url, protocol=protocol) as mc:
+            gen = mc.generate(f"{PROMPT} [{i}]", max_tokens=96)
+            events = iter(gen)
+            next(e for e in events if isinstance(e, StreamDelta))
+            pushed = mc.push_input(gen.session_id, " Answer in French.")
+            cancelled = mc.cancel(gen.session_id)
+            done = [e for e in events if isinstance(e, Done)]
+            return pushed, cancelled, done[-1]
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(one, range(4)))
+    for pushed, cancelled, done in outcomes:
+        assert pushed and cancelled, outcomes
+        assert done.finish_reasons.get("output") == "cancelled", done.finish_reasons
 
 
 def test_round_robin_control_misroutes_session_requests(replicas):

@@ -21,8 +21,6 @@ import uuid
 
 #: Environment variable naming this server's replica (the launcher's caller or the pod spec sets it).
 REPLICA_ENV = "MULTISTREAM_REPLICA"
-#: The header (gRPC metadata key) a client sets so the proxy can route a session's requests.
-ROUTING_HEADER = "x-multistream-session"
 #: A DNS label (RFC 1123): what a replica name must be, because the proxy resolves it as one.
 _REPLICA_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 #: A server-minted id with a replica prefix; the proxy's nginx map uses the same pattern.
