@@ -21,11 +21,7 @@ from pathlib import Path
 
 import torch
 
-from backend.engine.attention import (
-    EMBED_USER,
-    USER_CHANNEL,
-    visibility,
-)
+from backend.engine.attention import EMBED_USER, USER_CHANNEL, grid_visibility, visibility
 from backend.engine.batch import pack
 from backend.engine.config import EngineConfig, resolve_dtype, resolve_kv_dtype, resolve_quantization
 from backend.engine.errors import ContextLengthError, EngineBusyError
@@ -55,6 +51,18 @@ class PrefixKV:
 
     kv: torch.Tensor
     logits: torch.Tensor
+
+
+def distribution_stats(logits: torch.Tensor, bias: tuple[tuple[int, float], ...] = ()) -> tuple[float, float]:
+    """``(entropy in nats, top-1 probability)`` of ``softmax(logits + bias)``: how sure a
+    channel was, as the paper records per row and channel (before temperature)."""
+    if bias:
+        logits = logits.clone()
+        for token, delta in bias:
+            logits[token] += delta
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return float(-(p * logp).sum()), float(p.max())
 
 
 class Engine:
@@ -155,6 +163,7 @@ class Engine:
         prefix_kv: PrefixKV | None = None,
         rules: GridRules | None = None,
         user_ids: Sequence[int] = (),
+        channel_stats: bool = False,
     ) -> str:
         """Queues a session; returns its id. Raises ``ValueError`` for bad requests.
 
@@ -164,6 +173,8 @@ class Engine:
         name their ``channel``. ``user_ids``: tokens queued for the User channel, one per
         row after the prefix. ``prefix_kv``: the prefix's KV and last-row logits as
         :meth:`prefill_export` made them in another process: nothing is recomputed.
+        ``channel_stats``: every event carries the entropy and top-1 probability of the
+        distribution each of its tokens was sampled from (the paper's ``record_logits``).
         """
         if not isinstance(prefix, Prefix):
             if not prefix:
@@ -200,13 +211,18 @@ class Engine:
             silence_token_id=self.config.silence_token_id,
         )
         session.imported = prefix_kv is not None
+        session.channel_stats = channel_stats
         self._enqueue(session, prefix_kv)
         return session.id
 
-    def prefill_export(self, prefix: Sequence[int] | Prefix, timeout: float | None = None) -> PrefixKV:
+    def prefill_export(
+        self, prefix: Sequence[int] | Prefix, timeout: float | None = None, rules: GridRules | None = None
+    ) -> PrefixKV:
         """Runs a prefix and returns its KV and last row's logits for another process.
 
         The prefill is batched with whatever else the engine is running, then the slot is freed.
+        ``rules``: the paper's grid, whose start rows see each other block-causally (and hide
+        silence keys with ``skip_silence``), exactly as the session that imports them would.
         """
         if not isinstance(prefix, Prefix):
             if not prefix:
@@ -218,11 +234,12 @@ class Engine:
             uuid.uuid4().hex,
             prefix,
             [],
-            visibility("isolated", []),
+            grid_visibility(rules.num_channels) if rules is not None else visibility("isolated", []),
             "isolated",
             None,
             user_channel=USER_CHANNEL,
             user_embed=EMBED_USER,
+            rules=rules,
             export=fut,
         )
         self._enqueue(session, None)
@@ -373,17 +390,19 @@ class Engine:
             return logits[index if row_of is None else row_of[index]]
 
         sampled = []
+        stats: list[tuple[float, float] | None] = []
         for s in plan.samples:
             row_logits = at(s.index)
             if self.logits_hook is not None:
                 self.logits_hook(s.session.id, s.stream.name, s.row - 1, row_logits)
             assert s.stream.sampler is not None
             sampled.append(s.stream.sampler.sample(row_logits, s.bias))
+            stats.append(distribution_stats(row_logits, s.bias) if s.session.channel_stats else None)
         for session, indices in plan.exports:
             assert session.export is not None
             kv = self.pool.export_prefix(session.slot, len(session.prefix)).clone()
             session.export.set_result(PrefixKV(kv, torch.stack([at(i) for i in indices])))
-        self._deliver(self.scheduler.update(plan, sampled))
+        self._deliver(self.scheduler.update(plan, sampled, stats))
 
     def _deliver(self, events: list[tuple[Session, StreamEvent]]) -> None:
         for session, event in events:

@@ -355,16 +355,25 @@ class Scheduler:
         return ((rules.silence_id, -penalty),) if penalty else ()
 
     # ------------------------------------------------------------------ update
-    def update(self, plan: StepPlan, sampled: list[int]) -> list[tuple[Session, StreamEvent]]:
-        """Records the step's samples; returns the events to deliver, in order."""
+    def update(
+        self,
+        plan: StepPlan,
+        sampled: list[int],
+        stats: Sequence[tuple[float, float] | None] | None = None,
+    ) -> list[tuple[Session, StreamEvent]]:
+        """Records the step's samples; returns the events to deliver, in order.
+
+        ``stats[i]``: the entropy and top-1 probability of sample ``i``, for sessions that
+        asked for them (``Session.channel_stats``), else None."""
         events = self.take_pending_events()
         for session, tok, row in plan.echoes:
             events.append((session, StreamEvent(session.id, "user", "user", [tok], "", row=row)))
         for s in plan.forced:
             s.next_input = s.forced.popleft()
         silent: dict[str, bool] = {}
-        for sample, tok in zip(plan.samples, sampled, strict=True):
+        for i, (sample, tok) in enumerate(zip(plan.samples, sampled, strict=True)):
             session, s = sample.session, sample.stream
+            stat = [stats[i]] if stats is not None and stats[i] is not None else []
             if session.id not in self.active or s.finished:
                 continue
             if session.rules is not None:
@@ -375,11 +384,15 @@ class Scheduler:
             if acc.finished:
                 s.finished = True
                 ids = [tok] if acc.visible else []
-                events.append((session, self._event(session, s, ids, acc.text, sample.row, acc.reason)))
+                ev = self._event(session, s, ids, acc.text, sample.row, acc.reason)
+                ev.stats = stat if acc.visible else []
+                events.append((session, ev))
                 continue
             s.next_input = tok
             if acc.visible:
-                events.append((session, self._event(session, s, [tok], acc.text, sample.row)))
+                ev = self._event(session, s, [tok], acc.text, sample.row)
+                ev.stats = stat
+                events.append((session, ev))
         for session, _ in plan.exports:  # the engine has taken the KV and logits
             events += self.finish(session, "stop", None)
         decoding = plan.decoding()

@@ -78,6 +78,10 @@ class StreamEvent:
     error: str | None = None
     row: int = -1
     t: float = field(default_factory=time.monotonic)
+    #: Per token of the delta, ``(entropy, top-1 probability)`` of the distribution it was
+    #: sampled from (after the silence penalty, before temperature); only for sessions that
+    #: asked for them (``Engine.submit(channel_stats=True)``), else empty.
+    stats: list[tuple[float, float]] = field(default_factory=list)
 
 
 EventCallback = Callable[[StreamEvent], None]
@@ -247,6 +251,8 @@ class Session:
         self.silent_rows = 0  # consecutive all-silent rows (the paper's layout)
         self.rows_generated = 0
         self.t_submit = time.monotonic()
+        #: Report ``StreamEvent.stats`` for every sampled token.
+        self.channel_stats = False
 
     @property
     def in_prefill(self) -> bool:

@@ -174,6 +174,19 @@ class TensorSource:
         return self._handles[self._where[name]].get_tensor(name)
 
 
+def channel_embedding_rows(path: Path | str) -> int | None:
+    """Rows of the checkpoint's learned channel embedding (under any of
+    :data:`CHANNEL_EMBEDDING_KEYS`), or None for an ordinary checkpoint. Reads only the
+    safetensors headers, so it is cheap enough for a process that never loads the weights."""
+    for f in safetensors_files(Path(path)):
+        with safe_open(str(f), framework="pt") as fh:
+            keys = set(fh.keys())
+            for key in CHANNEL_EMBEDDING_KEYS:
+                if key in keys:
+                    return int(fh.get_slice(key).get_shape()[0])
+    return None
+
+
 def safetensors_files(path: Path) -> list[Path]:
     """The weight shards of a folder (``model.safetensors`` or an index of shards)."""
     path = Path(path)
