@@ -33,6 +33,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.serve import free_port
+
 ROUTING_TEMPLATE = Path(__file__).resolve().parent / "k8s" / "base" / "router" / "routing.conf.template"
 BALANCES = ("session", "round_robin")
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -120,15 +122,23 @@ def render_pool(replicas: list[Replica], balance: str = "session") -> str:
 
 
 def render_config(
-    replicas: list[Replica], *, grpc_port: int, http_port: int, run_dir: Path, balance: str = "session"
+    replicas: list[Replica],
+    *,
+    grpc_port: int,
+    http_port: int,
+    run_dir: Path,
+    balance: str = "session",
+    address: str = "127.0.0.1",
 ) -> str:
-    """A whole nginx.conf (main context, routing rules, pool) that runs as a foreground process."""
+    """A whole nginx.conf (main context, routing rules, pool) that runs as a foreground process.
+
+    ``address`` is where the router listens (loopback by default, as the servers' launcher does).
+    """
     routing = substitute(
         ROUTING_TEMPLATE.read_text(encoding="utf-8"),
         {"MS_GRPC_PORT": str(grpc_port), "MS_HTTP_PORT": str(http_port)},
     )
-    # Listen on loopback only: this is a one-host router; put it behind your own edge otherwise.
-    routing = re.sub(r"listen (\d+)", r"listen 127.0.0.1:\1", routing)
+    routing = re.sub(r"listen (\d+)", lambda m: f"listen {address}:{m.group(1)}", routing)
     temp = {k: run_dir / k for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for path in temp.values():
         path.mkdir(parents=True, exist_ok=True)
@@ -156,12 +166,6 @@ def find_nginx() -> str:
             "nginx not found: scripts/setup.sh installs Debian's nginx (apt-get install nginx-light)"
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -228,6 +232,7 @@ def start_router(
     grpc_port: int = 0,
     http_port: int = 0,
     balance: str = "session",
+    address: str = "127.0.0.1",
     run_dir: str | Path | None = None,
     keep_run_dir: bool = False,
     ready_timeout: float = 20.0,
@@ -242,7 +247,9 @@ def start_router(
     grpc_port, http_port = grpc_port or free_port(), http_port or free_port()
     conf = base / "nginx.conf"
     conf.write_text(
-        render_config(replicas, grpc_port=grpc_port, http_port=http_port, run_dir=base, balance=balance),
+        render_config(
+            replicas, grpc_port=grpc_port, http_port=http_port, run_dir=base, balance=balance, address=address
+        ),
         encoding="utf-8",
     )
     check = subprocess.run(
@@ -265,7 +272,7 @@ def start_router(
         if process.poll() is not None:
             handle.keep_run_dir = True
             raise RouterError(f"nginx exited with {process.returncode}:\n{handle.error_log()[-2000:]}")
-        if all(_listening(p) for p in (grpc_port, http_port)):
+        if all(_listening(address, p) for p in (grpc_port, http_port)):
             return handle
         if time.monotonic() > deadline:
             handle.stop()
@@ -273,10 +280,10 @@ def start_router(
         time.sleep(0.05)
 
 
-def _listening(port: int) -> bool:
+def _listening(address: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex(("127.0.0.1" if address in ("0.0.0.0", "*") else address, port)) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replica", action="append", required=True, type=Replica.parse, help="NAME=GRPC,HTTP")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--address", default="127.0.0.1", help="where the router listens (0.0.0.0: everywhere)")
     p.add_argument("--balance", choices=BALANCES, default="session")
     p.add_argument("--print", action="store_true", help="print the rendered nginx.conf and exit")
     args = p.parse_args(argv)
@@ -296,11 +304,16 @@ def main(argv: list[str] | None = None) -> int:
                     http_port=args.http_port,
                     run_dir=Path(tmp),
                     balance=args.balance,
+                    address=args.address,
                 )
             )
         return 0
     with start_router(
-        args.replica, grpc_port=args.grpc_port, http_port=args.http_port, balance=args.balance
+        args.replica,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        balance=args.balance,
+        address=args.address,
     ) as r:
         print(f"router: gRPC {r.grpc_url}, HTTP {r.http_url} -> {[x.name for x in args.replica]}", flush=True)
         try:
