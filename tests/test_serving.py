@@ -290,7 +290,9 @@ def test_tensorrt_llm_style_client(triton_server) -> None:
             while True:
                 result, error = got.get(timeout=60)
                 assert error is None, error
-                texts.append(result.as_numpy("text_output")[0, 0].decode())
+                out = result.as_numpy("text_output")
+                assert out.shape == (1,)  # TensorRT-LLM's shape: its clients read out[0] as bytes
+                texts.append(out[0].decode())
                 if not streaming or result.get_response().parameters["triton_final_response"].bool_param:
                     break
                 if len("".join(texts)) and result.as_numpy("finish_reason")[0, 0]:

@@ -195,6 +195,7 @@ class DecodeRequest:
                 finish_reason=finish_reason,
                 session_id=self.sid,
                 timing=timing if timing is not None else self.pump.stamp(stream),
+                prompt_tokens=self.cfg.prompt_tokens,
             )
         )
 
@@ -261,6 +262,7 @@ class DecodeRequest:
                 finish_reason=reason,
                 session_id=self.sid,
                 timing=self.pump.stamp(name),
+                prompt_tokens=self.cfg.prompt_tokens,
             )
         )
 

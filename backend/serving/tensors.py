@@ -27,6 +27,10 @@ CLIENT_OUTPUTS = (
     "session_id",
     "timing_ms",
 )
+#: Text outputs shaped ``[1]``, not ``[1, 1]``: TensorRT-LLM's ensemble returns ``text_output``
+#: one-dimensional (one entry per sequence), and its clients read ``as_numpy("text_output")[0]``
+#: as bytes; the reasoning text follows the answer's shape.
+ONE_D_OUTPUTS = ("text_output", "reasoning_output")
 #: Outputs of a ``reasoning`` response (CONTRACTS §4).
 REASONING_OUTPUTS = ("stream_name", "reasoning_output", "output_ids", "finish_reason", "timing_ms")
 
@@ -64,6 +68,7 @@ def delta_tensors(
     session_id: str | None = None,
     timing: tuple[float, float] = (0.0, 0.0),
     names: tuple[str, ...] = CLIENT_OUTPUTS,
+    prompt_tokens: int | None = None,
 ) -> list[Any]:
     values = {
         "text_output": text,
@@ -78,8 +83,12 @@ def delta_tensors(
             out.append(pb_utils.Tensor(name, np.array([list(ids)], dtype=np.int32).reshape(1, -1)))
         elif name == "timing_ms":
             out.append(pb_utils.Tensor(name, np.array([list(timing)], dtype=np.float32)))
+        elif name in ONE_D_OUTPUTS:
+            out.append(pb_utils.Tensor(name, np.array([values[name].encode("utf-8")], dtype=np.object_)))
         else:
             out.append(text_tensor(name, values[name]))
+    if prompt_tokens is not None:  # TensorRT-LLM's num_input_tokens: the prompt's length
+        out.append(pb_utils.Tensor("num_input_tokens", np.array([[prompt_tokens]], dtype=np.int32)))
     return out
 
 
