@@ -54,6 +54,8 @@ class DeployConfig:
     parameters: dict[str, dict[str, str]] = field(
         default_factory=dict
     )  # extra per-model parameters; "*" = all
+    # The prefill -> decode KV wire (launcher/gpu.py): auto = bfloat16 on KIND_GPU with a bf16 engine, else float32.
+    handoff_dtype: str = "auto"
     log_level: str = "warning"  # error | warning | info | verbose
     # Each stub talks to the server through its own /dev/shm region (1 MiB, +1 MiB steps by default);
     # KV-cache hand-offs are tens of MiB, so start bigger and grow in big steps.

@@ -31,6 +31,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher import gpu
 from launcher.deploy_config import HEAVY_MODELS, DeployConfig, is_ensemble, render_pbtxt
 from launcher.triton_env import build_backend_dir, check_numpy, find_triton, server_env
 
@@ -91,8 +92,10 @@ def render_repository(src: Path, dest: Path, cfg: DeployConfig, kind: str) -> li
         if is_ensemble(text):
             continue
         model_kind = kind if name in HEAVY_MODELS else "KIND_CPU"
+        params = {**cfg.model_params(name), **gpu.handoff_params(name, model_kind)}
+        text = gpu.render_handoff(text, name, gpu.handoff_type(cfg, kind))
         path.write_text(
-            render_pbtxt(text, cfg.instances.get(name, 1), model_kind, cfg.model_params(name)),
+            render_pbtxt(text, cfg.instances.get(name, 1), model_kind, params),
             encoding="utf-8",
         )
     return models

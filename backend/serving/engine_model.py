@@ -55,7 +55,7 @@ class EngineModel:
     def initialize(self, args: dict[str, Any]) -> None:
         enable_crash_traces()
         self.params = instance_parameters(args)
-        self.engine = build_engine(args)
+        self.engine = build_engine(args, role=self.role)
         self.tokenizer = self.engine.tokenizer
         self.vocab_size = self.engine.model.cfg.vocab_size
         self.group_tokens = max(1, int(self.params.get("response_group_tokens", "1")))

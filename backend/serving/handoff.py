@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from backend.engine import PrefixKV
+from backend.serving import gpu_handoff
 from backend.serving.tensors import input_array
 
 try:  # only inside the Triton python stub
@@ -42,7 +43,9 @@ def to_arrays(prefix: PrefixKV) -> dict[str, np.ndarray]:
 
 
 def to_tensors(prefix: PrefixKV) -> list[Any]:
-    """The hand-off as ``pb_utils.Tensor`` outputs of ``prefill``."""
+    """The hand-off as ``pb_utils.Tensor`` outputs of ``prefill`` (GPU / BF16: ``gpu_handoff``)."""
+    if gpu_handoff.uses_dlpack(prefix):
+        return gpu_handoff.to_tensors(prefix)
     return [pb_utils.Tensor(name, arr) for name, arr in to_arrays(prefix).items()]
 
 
@@ -65,4 +68,7 @@ def from_arrays(kv: np.ndarray | None, logits: np.ndarray | None, vocab_size: in
 
 def from_request(request: Any, vocab_size: int) -> PrefixKV:
     """The :class:`PrefixKV` that ``prefill`` sent, read from a decode / reasoning request."""
+    prefix = gpu_handoff.from_request(request, vocab_size)  # GPU / BF16 tensors, else None
+    if prefix is not None:
+        return prefix
     return from_arrays(input_array(request, "prompt_kv"), input_array(request, "prompt_logits"), vocab_size)

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from backend.engine import Engine, EngineConfig
+from backend.engine import Engine, EngineConfig, cuda_graphs, shared_weights
+from backend.serving import gpu_handoff, trtllm_prefill
 from backend.serving.parameters import model_parameters
 
 
@@ -74,18 +75,31 @@ def engine_config(params: dict[str, str], device: str, **overrides: Any) -> Engi
     return cfg
 
 
-def build_engine(args: dict[str, Any], **overrides: Any) -> Engine:
-    """The engine of this instance; on CUDA it runs on its own ``torch.cuda.Stream``."""
+def build_engine(args: dict[str, Any], role: str | None = None, **overrides: Any) -> Engine:
+    """The engine of this instance. On CUDA (docs/gpu.md): weights shared with the device's
+    other instances (parameter ``share_weights``), steps replayed as CUDA graphs
+    (``cuda_graphs``), forwards on the instance's own ``torch.cuda.Stream``; a ``prefill``
+    instance may hand plain prompts to TensorRT-LLM (``prefill_backend``)."""
     from backend.model_store import resolve_model_dir
 
     params = instance_parameters(args)
     device = instance_device(args)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
+    gpu_handoff.configure(json.loads(args["model_config"]), device)
     model_dir = resolve_model_dir(params.get("model_dir") or "default")
-    engine = Engine.from_model_dir(model_dir, engine_config(params, device, **overrides))
+    config = engine_config(params, device, **overrides)
+    if shared_weights.sharing_wanted(params.get("share_weights", "auto"), device):
+        root = shared_weights.weights_root(args.get("model_repository"))
+        engine = shared_weights.engine_with_shared_weights(model_dir, config, root)
+    else:
+        engine = Engine.from_model_dir(model_dir, config)
     if device.startswith("cuda"):
+        if cuda_graphs.graphs_wanted(params.get("cuda_graphs", "auto"), device):
+            cuda_graphs.install(engine)
         use_own_cuda_stream(engine, torch.cuda.Stream(device=torch.device(device)))
+    if role == "prefill":
+        trtllm_prefill.attach(engine, params, model_dir, device)
     return engine
 
 

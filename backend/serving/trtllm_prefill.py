@@ -1,0 +1,447 @@
+"""A TensorRT-LLM prefill backend: TRT-LLM computes the prompt, a KV cache connector hands
+its blocks over in the project's ``prompt_kv`` layout.
+
+Targets **TensorRT-LLM 1.1.0** (the version in ``nvcr.io/nvidia/tritonserver:25.12-trtllm-
+python-py3``, the image the Dockerfile pins): its LLM API with the PyTorch backend
+(``tensorrt_llm.LLM(backend="pytorch")``) and the KV cache connector interface of
+``tensorrt_llm._torch.pyexecutor.kv_cache_connector`` (``KvCacheConnectorScheduler`` /
+``KvCacheConnectorWorker``, configured through ``llm_args.KvCacheConnectorConfig``).
+
+Why a connector: the LLM API returns tokens and logits, not the KV cache. TRT-LLM calls a
+connector's scheduler half once per step with the blocks each request owns, and its worker
+half at the end of every forward (``wait_for_save``). :class:`PromptKVScheduler` notes the
+step in which a request's last prompt token is computed; :class:`PromptKVWorker` then
+gathers that request's blocks from the registered pool (``[blocks, layers, 2,
+tokens_per_block * kv_heads * head_dim]``) into ``[layers, 2, kv_heads, P, head_dim]``
+(:func:`gather_prompt_kv`) on TRT-LLM's stream and hands it to the waiting caller through
+:data:`SINK`. TRT-LLM runs its executor in this process for that
+(``TLLM_WORKER_USE_SINGLE_PROCESS=1``), so the connector and the caller share memory.
+
+Chosen by the prefill parameter ``prefill_backend``: ``torch`` (the engine), ``trtllm``, or
+``auto`` = trtllm when ``tensorrt_llm`` imports, the instance is on a GPU and the checkpoint
+has no channel embedding (TRT-LLM knows nothing of the paper's channels). Prompts of the
+paper's layout (grid prefixes) always go to the torch engine.
+
+Not proven on a GPU yet: ``python -m bench.gpu_check --trtllm`` in the TensorRT-LLM image
+compares this backend's KV and first token with the torch prefill and reports which block
+layout (``HND`` / ``NHD``, parameter ``trtllm_kv_layout``) the pool has (docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import importlib.util
+import math
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend.engine import Prefix, PrefixKV
+from backend.models.config import ModelConfig
+
+#: The TensorRT-LLM release whose API this module is written against.
+TRTLLM_VERSION = "1.1.0"
+BACKENDS = ("auto", "torch", "trtllm")
+#: Block layouts of TRT-LLM's pool: per (block, layer, K|V), ``[kv_heads, tokens, head_dim]``
+#: (its C++ attention kernels) or ``[tokens, kv_heads, head_dim]``.
+LAYOUTS = ("HND", "NHD")
+
+try:  # only in the TensorRT-LLM image
+    from tensorrt_llm._torch.pyexecutor.kv_cache_connector import (
+        KvCacheConnectorScheduler as _SchedulerBase,
+    )
+    from tensorrt_llm._torch.pyexecutor.kv_cache_connector import (
+        KvCacheConnectorWorker as _WorkerBase,
+    )
+except Exception:  # noqa: BLE001 - ImportError, or a broken install: the torch backend serves
+
+    class _SchedulerBase:  # type: ignore[no-redef]
+        def __init__(self, llm_args: Any):
+            self._llm_args = llm_args
+
+    class _WorkerBase:  # type: ignore[no-redef]
+        def __init__(self, llm_args: Any):
+            self._llm_args = llm_args
+            self._metadata: Any = None
+
+        def bind_connector_meta(self, metadata: Any) -> None:
+            self._metadata = metadata
+
+        def get_connector_meta(self) -> Any:
+            return self._metadata
+
+
+# ---------------------------------------------------------------------- selection
+def trtllm_available() -> tuple[bool, str]:
+    """Whether ``tensorrt_llm`` imports here, and its version or why not."""
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return False, "tensorrt_llm is not installed"
+    try:
+        import tensorrt_llm
+    except Exception as exc:  # noqa: BLE001 - a wheel that cannot load (no GPU driver, ...)
+        return False, f"tensorrt_llm does not import: {type(exc).__name__}: {exc}"
+    return True, str(getattr(tensorrt_llm, "__version__", "unknown"))
+
+
+def select_backend(
+    setting: str,
+    *,
+    device: str | torch.device,
+    channel_embedding: bool,
+    available: tuple[bool, str] | None = None,
+) -> tuple[str, str]:
+    """``(backend, reason)`` for the ``prefill_backend`` parameter on this instance.
+
+    ``trtllm`` asked for but impossible is an error naming the missing condition; ``auto``
+    falls back to ``torch`` and says why.
+    """
+    setting = (setting or "auto").lower()
+    if setting not in BACKENDS:
+        raise ValueError(f"prefill_backend must be one of {', '.join(BACKENDS)}, got {setting!r}")
+    if setting == "torch":
+        return "torch", "prefill_backend=torch"
+    ok, detail = available if available is not None else trtllm_available()
+    problems = []
+    if not ok:
+        problems.append(detail)
+    if torch.device(device).type != "cuda":
+        problems.append(f"the instance runs on {device}, TensorRT-LLM needs a GPU")
+    if channel_embedding:
+        problems.append("the checkpoint has a channel embedding, which TensorRT-LLM does not compute")
+    if problems:
+        if setting == "trtllm":
+            raise ValueError("prefill_backend=trtllm: " + "; ".join(problems))
+        return "torch", "auto: " + "; ".join(problems)
+    return "trtllm", f"tensorrt_llm {detail}"
+
+
+# ---------------------------------------------------------------------- block gather
+def gather_prompt_kv(
+    pool: torch.Tensor,
+    block_ids: Sequence[int],
+    num_tokens: int,
+    *,
+    num_kv_heads: int,
+    head_dim: int,
+    layout: str = "HND",
+) -> torch.Tensor:
+    """A request's first ``num_tokens`` cached tokens as ``[layers, 2, kv_heads, P, head_dim]``.
+
+    ``pool`` is what TRT-LLM registers with a connector: ``[blocks, layers, 2, X]`` with
+    ``X = tokens_per_block * kv_heads * head_dim`` in ``layout``; ``block_ids`` are the
+    request's blocks in token order.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"trtllm_kv_layout must be one of {LAYOUTS}, got {layout!r}")
+    if pool.dim() != 4:
+        raise ValueError(f"the KV pool must be [blocks, layers, 2, X], got shape {tuple(pool.shape)}")
+    _, layers, kv_factor, per_block = pool.shape
+    if kv_factor != 2 or per_block % (num_kv_heads * head_dim):
+        raise ValueError(
+            f"KV pool block of {kv_factor} x {per_block} values does not hold K and V of "
+            f"{num_kv_heads} heads x {head_dim}"
+        )
+    tokens_per_block = per_block // (num_kv_heads * head_dim)
+    needed = math.ceil(num_tokens / tokens_per_block)
+    if len(block_ids) < needed:
+        raise ValueError(
+            f"{num_tokens} tokens need {needed} blocks of {tokens_per_block}, got {len(block_ids)}"
+        )
+    ids = torch.as_tensor(list(block_ids[:needed]), dtype=torch.long, device=pool.device)
+    blocks = pool.index_select(0, ids)  # [nb, L, 2, X]
+    nb = blocks.shape[0]
+    if layout == "HND":
+        grid = blocks.view(nb, layers, 2, num_kv_heads, tokens_per_block, head_dim).permute(1, 2, 3, 0, 4, 5)
+    else:
+        grid = blocks.view(nb, layers, 2, tokens_per_block, num_kv_heads, head_dim).permute(1, 2, 4, 0, 3, 5)
+    flat = grid.reshape(layers, 2, num_kv_heads, nb * tokens_per_block, head_dim)
+    return flat[:, :, :, :num_tokens].contiguous()
+
+
+# ---------------------------------------------------------------------- connector <-> caller
+@dataclass
+class Capture:
+    """One request whose prompt is complete after the current forward: gather its blocks."""
+
+    request_id: int
+    prompt: tuple[int, ...]
+    block_ids: list[int]
+
+
+class PromptSink:
+    """Where the worker delivers gathered KV and the caller waits for it, keyed by prompt.
+
+    Keyed by the prompt's token ids because TensorRT-LLM's request ids are its own; two
+    identical prompts in flight get identical KV, so first come, first served is exact.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[int, ...], collections.deque[concurrent.futures.Future]] = {}
+        self.num_kv_heads = 0
+        self.head_dim = 0
+        self.layout = "HND"
+
+    def configure(self, *, num_kv_heads: int, head_dim: int, layout: str) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"trtllm_kv_layout must be one of {LAYOUTS}, got {layout!r}")
+        self.num_kv_heads, self.head_dim, self.layout = num_kv_heads, head_dim, layout
+
+    def expect(self, prompt: Sequence[int]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._waiting.setdefault(tuple(prompt), collections.deque()).append(fut)
+        return fut
+
+    def forget(self, prompt: Sequence[int], fut: concurrent.futures.Future) -> None:
+        with self._lock:
+            queue = self._waiting.get(tuple(prompt))
+            if queue is not None and fut in queue:
+                queue.remove(fut)
+                if not queue:
+                    del self._waiting[tuple(prompt)]
+
+    def deliver(self, prompt: tuple[int, ...], value: Any) -> bool:
+        """Hands ``value`` to the oldest caller waiting for ``prompt``; False if none waits."""
+        with self._lock:
+            queue = self._waiting.get(prompt)
+            if not queue:
+                return False
+            fut = queue.popleft()
+            if not queue:
+                del self._waiting[prompt]
+        fut.set_result(value)
+        return True
+
+
+#: The one sink of this process: TRT-LLM builds the connector classes by name, so they find
+#: their caller here.
+SINK = PromptSink()
+
+
+class PromptKVScheduler(_SchedulerBase):
+    """Scheduler half: tracks each request's blocks; says when its prompt is computed."""
+
+    def __init__(self, llm_args: Any):
+        super().__init__(llm_args)
+        self._prompts: dict[int, tuple[int, ...]] = {}
+        self._blocks: dict[int, list[int]] = {}
+
+    def build_connector_meta(self, scheduler_output: Any) -> list[Capture]:
+        captures: list[Capture] = []
+        for req in scheduler_output.new_requests:
+            self._prompts[req.request_id] = tuple(req.new_tokens)
+            self._blocks[req.request_id] = list(req.new_block_ids)
+            self._check(req, captures)
+        for req in scheduler_output.cached_requests:
+            if req.request_id in self._blocks:
+                self._blocks[req.request_id].extend(req.new_block_ids)
+                self._check(req, captures)
+        return captures
+
+    def _check(self, req: Any, captures: list[Capture]) -> None:
+        prompt = self._prompts[req.request_id]
+        if req.computed_position + req.num_scheduled_tokens >= len(prompt):
+            captures.append(Capture(req.request_id, prompt, list(self._blocks.pop(req.request_id))))
+            del self._prompts[req.request_id]
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        return 0, False  # nothing to load: this connector only reads
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
+        pass
+
+    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
+        rid = getattr(request, "request_id", None)
+        self._prompts.pop(rid, None)
+        self._blocks.pop(rid, None)
+        return False  # the gather already happened, synchronously ordered on the stream
+
+
+class PromptKVWorker(_WorkerBase):
+    """Worker half: at the end of a forward, gathers the blocks of the prompts it completed."""
+
+    def __init__(self, llm_args: Any):
+        super().__init__(llm_args)
+        self.pool: torch.Tensor | None = None
+        self.sink = SINK
+
+    def register_kv_caches(self, kv_cache_tensor: torch.Tensor) -> None:
+        self.pool = kv_cache_tensor
+
+    def start_load_kv(self, stream: Any) -> None:
+        pass
+
+    def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
+        pass
+
+    def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
+        pass
+
+    def wait_for_save(self, stream: Any) -> None:
+        captures: list[Capture] = self.get_connector_meta() or []
+        if not captures:
+            return
+        if self.pool is None:
+            raise RuntimeError("the KV pool was never registered with the prompt_kv connector")
+        ctx = (
+            torch.cuda.stream(stream)
+            if stream is not None and self.pool.is_cuda
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            for cap in captures:
+                kv = gather_prompt_kv(
+                    self.pool,
+                    cap.block_ids,
+                    len(cap.prompt),
+                    num_kv_heads=self.sink.num_kv_heads,
+                    head_dim=self.sink.head_dim,
+                    layout=self.sink.layout,
+                )
+                ready = None
+                if kv.is_cuda:
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+                self.sink.deliver(cap.prompt, (kv, ready))
+
+    def get_finished(
+        self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
+    ) -> tuple[list, list]:
+        return [], []
+
+
+# ---------------------------------------------------------------------- the backend
+class TrtllmPrefill:
+    """``prefill_export`` for plain prompts, computed by TensorRT-LLM's LLM API."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_context: int,
+        kv_layout: str = "HND",
+        kv_fraction: float = 0.2,
+        tokens_per_block: int = 32,
+        timeout_s: float = 120.0,
+    ):
+        os.environ.setdefault("TLLM_WORKER_USE_SINGLE_PROCESS", "1")  # the connector lives here
+        from tensorrt_llm import LLM
+        from tensorrt_llm.llmapi import KvCacheConfig
+        from tensorrt_llm.llmapi.llm_args import KvCacheConnectorConfig
+
+        cfg = ModelConfig.from_dir(Path(model_dir))
+        SINK.configure(num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, layout=kv_layout)
+        self.vocab_size = cfg.vocab_size
+        self.timeout_s = timeout_s
+        self.llm = LLM(
+            model=str(model_dir),
+            backend="pytorch",
+            skip_tokenizer_init=True,
+            max_seq_len=max_context,
+            disable_overlap_scheduler=True,
+            cuda_graph_config=None,
+            kv_cache_config=KvCacheConfig(
+                free_gpu_memory_fraction=kv_fraction,
+                enable_block_reuse=False,
+                tokens_per_block=tokens_per_block,
+            ),
+            kv_connector_config=KvCacheConnectorConfig(
+                connector_module=__name__,
+                connector_scheduler_class=PromptKVScheduler.__name__,
+                connector_worker_class=PromptKVWorker.__name__,
+            ),
+        )
+
+    def prefill_export(self, prompt_ids: Sequence[int]) -> PrefixKV:
+        from tensorrt_llm import SamplingParams
+
+        prompt = [int(t) for t in prompt_ids]
+        fut = SINK.expect(prompt)
+        try:
+            params = SamplingParams(max_tokens=1, temperature=0.0, return_generation_logits=True)
+            out = self.llm.generate_async(prompt, sampling_params=params).result(timeout=self.timeout_s)
+            kv, ready = fut.result(timeout=self.timeout_s)
+        except BaseException:
+            SINK.forget(prompt, fut)
+            raise
+        if ready is not None:
+            ready.synchronize()
+            kv.record_stream(torch.cuda.current_stream(kv.device))
+        logits = out.outputs[0].generation_logits
+        if logits is None:
+            raise RuntimeError("TensorRT-LLM returned no generation logits for the prefill")
+        last = torch.as_tensor(logits).reshape(-1, self.vocab_size)[:1]
+        return PrefixKV(kv=kv, logits=last.float())
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def plain_prompt(prefix: Any) -> list[int] | None:
+    """The token ids of a plain prompt (ids or ``Prefix.prompt``); None for a grid prefix."""
+    if isinstance(prefix, Prefix):
+        return list(prefix.tokens) if prefix == Prefix.prompt(prefix.tokens) else None
+    return [int(t) for t in prefix]
+
+
+def attach(engine: Any, params: dict[str, str], model_dir: str | Path, device: str) -> str:
+    """Routes ``engine.prefill_export`` of plain prompts to TensorRT-LLM when selected.
+
+    Returns the backend in use. ``auto`` that fails to start TensorRT-LLM logs why and keeps
+    the torch engine; an explicit ``trtllm`` raises, so the instance does not start.
+    """
+    setting = params.get("prefill_backend", "auto") or "auto"
+    backend, reason = select_backend(
+        setting, device=device, channel_embedding=engine.model.channel_embedding is not None
+    )
+    if backend == "torch":
+        print(f"[prefill] backend torch ({reason})", flush=True)
+        return "torch"
+    try:
+        adapter = TrtllmPrefill(
+            model_dir,
+            max_context=engine.config.max_context,
+            kv_layout=params.get("trtllm_kv_layout", "HND") or "HND",
+            kv_fraction=float(params.get("trtllm_kv_fraction", "0.2") or 0.2),
+        )
+    except Exception as exc:
+        if setting == "trtllm":
+            raise
+        print(f"[prefill] backend torch (auto: TensorRT-LLM did not start: {exc!r})", flush=True)
+        return "torch"
+    original = engine.prefill_export
+
+    def prefill_export(prefix: Any, *args: Any, **kwargs: Any) -> PrefixKV:
+        ids = plain_prompt(prefix)
+        if ids is None or args or any(v is not None for k, v in kwargs.items() if k != "timeout"):
+            return original(prefix, *args, **kwargs)
+        return adapter.prefill_export(ids)
+
+    engine.prefill_export = prefill_export
+    engine.trtllm_prefill = adapter
+    print(f"[prefill] backend trtllm ({reason})", flush=True)
+    return "trtllm"
+
+
+__all__ = [
+    "SINK",
+    "TRTLLM_VERSION",
+    "Capture",
+    "PromptKVScheduler",
+    "PromptKVWorker",
+    "PromptSink",
+    "TrtllmPrefill",
+    "attach",
+    "gather_prompt_kv",
+    "plain_prompt",
+    "select_backend",
+    "trtllm_available",
+]
