@@ -18,6 +18,7 @@ import argparse
 import atexit
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -78,6 +79,29 @@ def model_dir_for_render(spec: str) -> str:
         raise ServerError(f"--model-dir {spec}: {e}") from e
 
 
+#: Other names the ``multistream`` ensemble is served under: ``ensemble`` is the one every
+#: TensorRT-LLM client script defaults to (NVIDIA's ``end_to_end_grpc_client.py`` accepts only
+#: it and ``tensorrt_llm_bls``). An alias is the same config rendered under another name,
+#: never a second file to keep in step.
+ENSEMBLE_ALIASES = {"ensemble": "multistream"}
+
+
+def render_aliases(dest: Path) -> list[str]:
+    """Write each alias of ``ENSEMBLE_ALIASES`` into the rendered ``dest``; its names."""
+    out = []
+    for alias, target in ENSEMBLE_ALIASES.items():
+        config = dest / target / "config.pbtxt"
+        if not config.exists() or (dest / alias).exists():
+            continue
+        text = re.sub(
+            r'^name:\s*"[^"]*"', f'name: "{alias}"', config.read_text(encoding="utf-8"), count=1, flags=re.M
+        )
+        (dest / alias / "1").mkdir(parents=True)
+        (dest / alias / "config.pbtxt").write_text(text, encoding="utf-8")
+        out.append(alias)
+    return out
+
+
 def render_repository(src: Path, dest: Path, cfg: DeployConfig, kind: str) -> list[str]:
     """Copy ``src`` to ``dest`` and rewrite each config.pbtxt from ``cfg``; return the model names."""
     if dest.exists():
@@ -98,7 +122,7 @@ def render_repository(src: Path, dest: Path, cfg: DeployConfig, kind: str) -> li
             render_pbtxt(text, cfg.instances.get(name, 1), model_kind, params),
             encoding="utf-8",
         )
-    return models
+    return models + render_aliases(dest)
 
 
 @dataclass
@@ -471,6 +495,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="once ready, stream one request (answer + a reasoning stream) to this terminal",
     )
     p.add_argument("--exit-after-demo", action="store_true", help="stop the server after the demo request")
+    p.add_argument("--openai-port", type=int, default=9000, help="port of the OpenAI-compatible front")
+    p.add_argument(
+        "--openai-host",
+        default=None,
+        help="interface of the OpenAI front (default 127.0.0.1; 0.0.0.0 when $MULTISTREAM_API_KEY is set)",
+    )
+    p.add_argument(
+        "--no-openai", action="store_true", help="do not start the OpenAI front (python -m frontend)"
+    )
     p.add_argument(
         "--render-only",
         metavar="DIR",
@@ -532,6 +565,45 @@ def run_demo(handle: ServerHandle, prompt: str) -> int:
     return code if code >= 0 else 128 - code
 
 
+def start_front(handle: ServerHandle, port: int, host: str | None) -> subprocess.Popen[bytes] | None:
+    """The OpenAI front (``python -m frontend``) beside tritonserver, once it answers ``/health``.
+
+    Why a child process: the launcher imports neither the client nor the front (the server side
+    must not depend on them, tests/test_layering.py). The API key, if any, reaches it through
+    ``$MULTISTREAM_API_KEY``. A front that cannot start (port taken) is reported, and Triton
+    keeps serving. Returns ``None`` then.
+    """
+    argv = [sys.executable, "-m", "frontend", "--triton", handle.grpc_url, "--port", str(port)]
+    if host:
+        argv += ["--host", host]
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+    shown = host or ("0.0.0.0" if os.environ.get("MULTISTREAM_API_KEY") else "127.0.0.1")
+    probe = "127.0.0.1" if shown in ("0.0.0.0", "::") else shown
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        if _get(f"http://{probe}:{port}/health") == 200:
+            print(f"  OpenAI   http://{shown}:{port}/v1   (python -m frontend; --no-openai turns it off)")
+            return child
+        time.sleep(0.2)
+    print(
+        f"warning: the OpenAI front did not start on port {port} (--openai-port / --no-openai)",
+        file=sys.stderr,
+    )
+    stop_front(child)
+    return None
+
+
+def stop_front(child: subprocess.Popen[bytes] | None) -> None:
+    if child is None or child.poll() is not None:
+        return
+    child.terminate()  # uvicorn's graceful stop: its running sessions are cancelled first
+    try:
+        child.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: start, print the endpoints, serve until Ctrl-C/SIGTERM, stop cleanly."""
     args = _parse(argv)
@@ -586,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  HTTP     http://{handle.http_url}")
     print(f"  metrics  {handle.metrics_url}")
     print(f"  log      {handle.log_path}")
+    front = None
     try:
+        front = None if args.no_openai else start_front(handle, args.openai_port, args.openai_host)
         if args.demo:
             code = run_demo(handle, args.demo)
             if args.exit_after_demo:
@@ -612,8 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("stopping tritonserver ...", file=sys.stderr)
+        stop_front(front)  # first, so its open sessions are cancelled while Triton is still up
         code = handle.stop()
         print(f"stopped (exit code {code})", file=sys.stderr)
         return 0
     finally:
+        stop_front(front)
         handle.stop()

@@ -478,3 +478,18 @@ def test_front_cli_defaults_to_loopback_without_key() -> None:
     assert settings_from(build_parser().parse_args(["--api-key", "k"])).host_default() == "0.0.0.0"
     if not os.environ.get("MULTISTREAM_API_KEY"):
         assert s.host_default() == "127.0.0.1"
+
+
+def test_launcher_starts_the_front_beside_triton(triton_server) -> None:
+    """What ``scripts/run.sh`` (``python -m launcher``) does once tritonserver is ready."""
+    from launcher.serve import start_front, stop_front
+
+    port = free_port()
+    child = start_front(triton_server, port, None)
+    try:
+        assert child is not None
+        assert _get(f"http://127.0.0.1:{port}/health/ready")[0] == 200
+        assert json.loads(_get(f"http://127.0.0.1:{port}/v1/models")[1])["data"][0]["id"] == MODEL
+    finally:
+        stop_front(child)
+    assert child.poll() is not None
