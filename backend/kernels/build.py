@@ -43,19 +43,34 @@ def kernels_dir() -> Path:
     return default_cache_dir() / "kernels"
 
 
-def library_path(name: str, sources: Sequence[Path], cflags: Sequence[str], ldflags: Sequence[str]) -> Path:
-    """Where the built library of this exact source and flag set lives (built or not)."""
+def library_path(
+    name: str,
+    sources: Sequence[Path],
+    cflags: Sequence[str],
+    ldflags: Sequence[str],
+    hashed_extra: Sequence[Path] = (),
+) -> Path:
+    """Where the built library of this exact source and flag set lives (built or not).
+
+    ``hashed_extra``: files that are not compiled themselves but change the build (headers).
+    """
     import torch
 
     h = hashlib.sha256()
-    for src in sources:
+    for src in [*sources, *hashed_extra]:
         h.update(Path(src).read_bytes())
     h.update(repr((list(cflags), list(ldflags), torch.__version__, sys.version_info[:2])).encode())
     return kernels_dir() / f"{name}-{h.hexdigest()[:16]}.so"
 
 
-def is_built(name: str, sources: Sequence[Path], cflags: Sequence[str], ldflags: Sequence[str]) -> bool:
-    return library_path(name, sources, cflags, ldflags).is_file()
+def is_built(
+    name: str,
+    sources: Sequence[Path],
+    cflags: Sequence[str],
+    ldflags: Sequence[str],
+    hashed_extra: Sequence[Path] = (),
+) -> bool:
+    return library_path(name, sources, cflags, ldflags, hashed_extra).is_file()
 
 
 def _import(name: str, path: Path) -> ModuleType:
@@ -95,13 +110,14 @@ def load(
     cflags: Sequence[str] = (),
     ldflags: Sequence[str] = (),
     say: Callable[[str], None] | None = None,
+    hashed_extra: Sequence[Path] = (),
 ) -> ModuleType:
     """The extension module, built now if this machine has not built this source yet.
 
     Raises whatever the compiler step raises (callers fall back where they can).
     """
     say = say or log.warning
-    final = library_path(name, sources, cflags, ldflags)
+    final = library_path(name, sources, cflags, ldflags, hashed_extra)
     if final.is_file():
         return _import(name, final)
     with _build_lock(final.parent / f".{name}.lock", say):

@@ -6,7 +6,7 @@
 // widened once to bf16 and then used by one VDPBF16PS per row (two multiply-adds each), so
 // extra rows are nearly free until the kernel becomes compute-bound.
 //
-// Layout (built by backend/int4_kernel.py from the same q / scale / zero as the torch
+// Layout (built by backend/kernels/int4.py from the same q / scale / zero as the torch
 // kernel, so the weights are the same numbers):
 //   packed  uint8 [N/16][K/2][16]: byte j of pair p holds q[n0+j][2p] (low nibble) and
 //           q[n0+j][2p+1] (high nibble); widened, that is the VNNI-2 order VDPBF16PS wants.
@@ -14,13 +14,16 @@
 // Per row and per group of 32 inputs: sum_k x_k w_k = scale * sum_k x_k q_k
 // + (zero - 8 scale) * sum_k x_k. Every row goes through the same instructions in the same
 // order whatever the number of rows, so a token's result does not depend on its batch.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
+#include "cpu_kernels.h"
+
+namespace msk {
 namespace {
 
 constexpr int64_t kGroup = 32;
@@ -33,7 +36,7 @@ inline __m512 load_bf16x16(const at::BFloat16* p) {
 
 template <int64_t R>
 void block_rows(const at::BFloat16* x, int64_t ldx, const float* xsum, int64_t groups, const uint8_t* w,
-                const at::BFloat16* sz, at::BFloat16* out, int64_t ldo, int64_t K) {
+                const at::BFloat16* sz, at::BFloat16* out, int64_t ldo) {
   // bf16 of 0..15, indexed by the widened nibble (VPERMW uses the low 5 bits of each word).
   static const __m512i lut = _mm512_set_epi16(
       0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -74,44 +77,49 @@ void block_rows(const at::BFloat16* x, int64_t ldx, const float* xsum, int64_t g
   }
 }
 
-using BlockFn = void (*)(const at::BFloat16*, int64_t, const float*, int64_t, const uint8_t*,
-                         const at::BFloat16*, at::BFloat16*, int64_t, int64_t);
-const BlockFn kBlock[kMaxRows + 1] = {nullptr,        block_rows<1>, block_rows<2>, block_rows<3>, block_rows<4>,
+using BlockFn = void (*)(const at::BFloat16*, int64_t, const float*, int64_t, const uint8_t*, const at::BFloat16*,
+                         at::BFloat16*, int64_t);
+const BlockFn kBlock[kMaxRows + 1] = {nullptr,       block_rows<1>, block_rows<2>, block_rows<3>, block_rows<4>,
                                       block_rows<5>, block_rows<6>, block_rows<7>, block_rows<8>};
 
 }  // namespace
 
+void int4_mm_raw(const at::BFloat16* x, int64_t M, int64_t K, const uint8_t* packed, const at::BFloat16* sz,
+                 int64_t N, at::BFloat16* out, int64_t ldo) {
+  const int64_t NB = N / 16, groups = K / kGroup;
+  // Per row and group, the sum of the inputs (fp32), for the zero-point term.
+  std::vector<float> xsum(M * groups);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t k = 0; k < kGroup; ++k) s += static_cast<float>(x[m * K + g * kGroup + k]);
+      xsum[m * groups + g] = s;
+    }
+  const float* xs = xsum.data();
+  at::parallel_for(0, NB, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t nb = lo; nb < hi; ++nb) {
+      const uint8_t* w = packed + nb * (K / 2) * 16;
+      const at::BFloat16* s = sz + nb * groups * 32;
+      for (int64_t m = 0; m < M; m += kMaxRows) {
+        const int64_t rows = std::min(kMaxRows, M - m);
+        kBlock[rows](x + m * K, K, xs + m * groups, groups, w, s, out + m * ldo + nb * 16, ldo);
+      }
+    }
+  });
+}
+
 // x [M, K] bf16 contiguous; packed [N/16, K/2, 16] uint8; sz [N/16, K/32, 2, 16] bf16 -> [M, N] bf16.
-torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz) {
+at::Tensor int4_mm(at::Tensor x, at::Tensor packed, at::Tensor sz) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "int4_mm: x must be 2-D bfloat16");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == 16, "int4_mm: bad packed");
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.dim() == 4, "int4_mm: bad scales");
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), N = NB * 16, groups = K / kGroup;
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16;
   TORCH_CHECK(K % kGroup == 0 && packed.size(1) * 2 == K, "int4_mm: K mismatch");
-  auto out = torch::empty({M, N}, x.options());
-  // Per row and group, the sum of the inputs (fp32), for the zero-point term.
-  auto xsum = x.view({M, groups, kGroup}).to(torch::kFloat).sum(-1).contiguous();
-  const auto* xp = x.data_ptr<at::BFloat16>();
-  const auto* wp = packed.data_ptr<uint8_t>();
-  const auto* sp = sz.data_ptr<at::BFloat16>();
-  const float* xs = xsum.data_ptr<float>();
-  auto* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, NB, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t nb = lo; nb < hi; ++nb) {
-      const uint8_t* w = wp + nb * (K / 2) * 16;
-      const at::BFloat16* s = sp + nb * groups * 32;
-      for (int64_t m = 0; m < M; m += kMaxRows) {
-        const int64_t rows = std::min(kMaxRows, M - m);
-        kBlock[rows](xp + m * K, K, xs + m * groups, groups, w, s, op + m * N + nb * 16, N, K);
-      }
-    }
-  });
+  auto out = at::empty({M, N}, x.options());
+  int4_mm_raw(x.data_ptr<at::BFloat16>(), M, K, packed.data_ptr<uint8_t>(), sz.data_ptr<at::BFloat16>(), N,
+              out.data_ptr<at::BFloat16>(), N);
   return out;
 }
 
-// The GIL is released for the call, as torch's own ops do: a serving process has Python
-// threads (response senders, BLS consumers) that must run while the engine computes.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_mm", &int4_mm, "int4 x bf16 decode matmul", pybind11::call_guard<pybind11::gil_scoped_release>());
-}
+}  // namespace msk
