@@ -11,6 +11,7 @@ that kills a replica runs last.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import os
@@ -31,7 +32,7 @@ import pytest
 import yaml
 
 from backend.serving.session_ids import REPLICA_ENV, replica_of
-from client import Done, MultiStreamClient, StreamDelta
+from client import AsyncMultiStreamClient, Done, MultiStreamClient, StreamDelta
 from deploy.router import Replica, RouterHandle, find_nginx, start_router
 from launcher.serve import DEFAULT_REPOSITORY, ServerHandle, list_models, start_server
 from tests.deploy_helpers import (
@@ -229,6 +230,30 @@ def test_project_client_routes_push_and_cancel(replicas, router, protocol):
         assert done.finish_reasons.get("output") == "cancelled", done.finish_reasons
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_async_client_routes_push_and_cancel(replicas, router, protocol):
+    """The same through the asyncio client (its own gRPC stream call and aiohttp)."""
+    url = router.grpc_url if protocol == "grpc" else router.http_url
+
+    async def one(mc: AsyncMultiStreamClient, i: int) -> tuple[bool, bool, Done]:
+        gen = mc.generate(f"{PROMPT} <{i}>", max_tokens=96)
+        events = gen.__aiter__()
+        while not isinstance(await events.__anext__(), StreamDelta):
+            pass
+        pushed = await mc.push_input(gen.session_id, " Answer in French.")
+        cancelled = await mc.cancel(gen.session_id)
+        done = [e async for e in events if isinstance(e, Done)]
+        return pushed, cancelled, done[-1]
+
+    async def main() -> list[tuple[bool, bool, Done]]:
+        async with AsyncMultiStreamClient(url, protocol=protocol) as mc:
+            return await asyncio.gather(*(one(mc, i) for i in range(4)))
+
+    for pushed, cancelled, done in asyncio.run(main()):
+        assert pushed and cancelled
+        assert done.finish_reasons.get("output") == "cancelled", done.finish_reasons
+
+
 def test_round_robin_control_misroutes_session_requests(replicas):
     """The control: a plain round-robin balancer sends session_control to the wrong replica."""
     with start_router(_replica_specs(replicas), balance="round_robin") as rr:
@@ -334,6 +359,9 @@ def test_killed_replica_fails_its_sessions_only(replicas, router):
     sessions = _sessions(router.grpc_url, 4, max_tokens=160)
     by_replica = {n: [s for s in sessions if replica_of(s.session_id) == n] for n in NAMES}
     assert all(by_replica.values()), {n: [s.session_id for s in v] for n, v in by_replica.items()}
+    http = [HttpStreamSession(router.http_url, PROMPT, 160) for _ in range(2)]
+    for s in http:
+        assert s.first.wait(120) and s.error is None, s.error
     victim, survivor = replicas["r0"], replicas["r1"]
     os.killpg(victim.process.pid, signal.SIGKILL)  # tritonserver and its stubs: a lost pod
     victim.process.wait(timeout=30)
@@ -344,6 +372,16 @@ def test_killed_replica_fails_its_sessions_only(replicas, router):
     for s in by_replica["r1"]:
         assert s.wait(180), f"{s.session_id} on the survivor did not finish"
         assert s.error is None and s.finish.get("output") in ("stop", "length"), (s.error, s.finish)
+    # HTTP: the event stream of a lost session breaks off before its last delta (the project's
+    # client raises IncompleteStreamError on that); the survivor's ends normally.
+    for s in http:
+        assert s.wait(180), s.session_id
+        lost = replica_of(s.session_id) == "r0"
+        assert ("output" not in s.finish) if lost else (s.finish.get("output") in ("stop", "length")), (
+            s.session_id,
+            s.finish,
+            s.error,
+        )
     # A later request for a lost session gets the router's clear answer, not some other
     # replica's "unknown session".
     lost = by_replica["r0"][0].session_id

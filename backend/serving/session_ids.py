@@ -1,4 +1,4 @@
-"""Session ids that name the replica holding the session (docs/kubernetes.md, "Routing").
+"""Session ids that name the replica holding the session (docs/kubernetes.md, "How sessions stay on their replica").
 
 Why: a session lives in one server (its KV slot and its mailbox), so with several replicas
 behind a proxy every later request of that session (``session_control`` input / cancel)
@@ -30,8 +30,8 @@ MINTED_RE = re.compile(r"(?P<replica>[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)\.[0-9a-
 def replica_name(environ: dict[str, str] | None = None) -> str:
     """This server's replica name, or ``""`` when none is configured.
 
-    A name that is no DNS label is refused loudly at the first request rather than minted
-    into ids that no proxy can route.
+    A name that is no DNS label fails every request that needs an id (the error names the
+    variable) rather than being minted into ids that no router can route.
     """
     name = (os.environ if environ is None else environ).get(REPLICA_ENV, "").strip().lower()
     if name and not _REPLICA_RE.fullmatch(name):
