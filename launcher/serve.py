@@ -86,8 +86,22 @@ def model_dir_for_render(spec: str) -> str:
 ENSEMBLE_ALIASES = {"ensemble": "multistream"}
 
 
+#: Models whose ``input [...]`` block is rendered from another model's config: the
+#: client-facing ``tensorrt_llm_bls`` takes exactly the ensemble's inputs.
+DERIVED_INPUTS = {"tensorrt_llm_bls": "multistream"}
+_INPUT_BLOCK = re.compile(r"^input \[.*?^\]", re.S | re.M)
+
+
 def render_aliases(dest: Path) -> list[str]:
-    """Write each alias of ``ENSEMBLE_ALIASES`` into the rendered ``dest``; its names."""
+    """Write each alias of ``ENSEMBLE_ALIASES`` into the rendered ``dest``, and the input
+    blocks of ``DERIVED_INPUTS``; the names of the aliases."""
+    for model, source in DERIVED_INPUTS.items():
+        target, origin = dest / model / "config.pbtxt", dest / source / "config.pbtxt"
+        if target.exists() and origin.exists():
+            found = _INPUT_BLOCK.search(origin.read_text(encoding="utf-8"))
+            if found is not None:
+                text, block = target.read_text(encoding="utf-8"), found.group(0)
+                target.write_text(_INPUT_BLOCK.sub(lambda _m, b=block: b, text, count=1), encoding="utf-8")
     out = []
     for alias, target in ENSEMBLE_ALIASES.items():
         config = dest / target / "config.pbtxt"

@@ -25,6 +25,7 @@ from typing import Any
 
 from backend.engine import StreamEvent, StreamSpec
 from backend.serving import handoff
+from backend.serving.bls_wire import responder_for
 from backend.serving.engine_model import EngineModel
 from backend.serving.pump import POLL_S, CancelPoll, StreamPump
 from backend.serving.reasoning_wire import DeferredRelease, ReasoningCall, ReasoningDelta
@@ -280,6 +281,10 @@ class DecodeModel(EngineModel):
 
     def serve(self, request: Any, out: Responder) -> None:
         DecodeRequest(self, request, out).run()
+
+    def responder(self, request: Any) -> Responder:
+        """Packets for ``tensorrt_llm_bls``, which reaches decode through BLS (bls_wire)."""
+        return responder_for(request)
 
     def teardown(self) -> None:
         self.release_later.clear()

@@ -80,8 +80,12 @@ class EngineModel:
             ).start()
         return None
 
+    def responder(self, request: Any) -> Responder:
+        """How this request's responses go out (decode answers a BLS caller in packets)."""
+        return Responder(request)
+
     def _serve(self, request: Any) -> None:
-        out = Responder(request)
+        out = self.responder(request)
         try:
             self.serve(request, out)
         except Exception as e:  # noqa: BLE001 - every failure reaches the client

@@ -1,0 +1,80 @@
+"""``decode``'s responses as one BF16 packet, for a model that calls ``decode`` through BLS.
+
+Why: ``tensorrt_llm_bls`` (backend/serving/tensorrt_llm_bls.py) runs preprocessing ->
+prefill -> decode through BLS, and decode is decoupled. Triton 2.51 turns the ordinary output
+tensors of a decoupled BLS response into numpy arrays on a C++ thread without the GIL and
+crashes the caller's stub (backend/serving/reasoning_wire.py, workaround 1); the error
+response of a decoupled BLS callee does not reach the caller (workaround 3). So, exactly as
+``reasoning`` does for decode, decode answers a request that asks for ``delta_packet`` alone
+with that one BF16 tensor holding the response as JSON (``{output name: value}``, strings
+decoded, arrays flattened), ``{"error": message}`` for a failure, and ``"final": true`` on the
+response that carries the final flag (a BLS response in r24.10 has no flags or parameters the
+caller could read).
+
+Both ends are here: :class:`PacketResponder` (decode's side, chosen by :func:`responder_for`)
+and :func:`unpack` (the caller's side).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend.serving.reasoning_wire import PACKET, wants_packet
+from backend.serving.tensors import Responder
+
+try:  # only inside the Triton python stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover
+    pb_utils = None
+
+
+def pack(obj: dict[str, Any]) -> torch.Tensor:
+    """``obj`` as JSON bytes viewed as a ``[1, n]`` BF16 tensor (space-padded to even length)."""
+    raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if len(raw) % 2:
+        raw += b" "  # JSON ignores trailing whitespace
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(torch.bfloat16).reshape(1, -1)
+
+
+def unpack(packet: torch.Tensor) -> dict[str, Any]:
+    """Inverse of :func:`pack` (read on the caller's own thread, through DLPack)."""
+    raw = packet.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return json.loads(raw.decode("utf-8"))
+
+
+def _value(arr: np.ndarray) -> Any:
+    flat = arr.reshape(-1).tolist()
+    flat = [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else x for x in flat]
+    return flat
+
+
+def tensors_to_dict(tensors: list[Any]) -> dict[str, Any]:
+    """``pb_utils.Tensor`` s -> ``{name: flat list}``."""
+    return {t.name(): _value(t.as_numpy()) for t in tensors}
+
+
+class PacketResponder(Responder):
+    """A :class:`Responder` whose every response is one ``delta_packet``."""
+
+    def _packet(self, obj: dict[str, Any]) -> list[Any]:
+        return [pb_utils.Tensor.from_dlpack(PACKET, pack(obj))]
+
+    def send(self, tensors: list[Any]) -> bool:
+        return super().send(self._packet(tensors_to_dict(tensors)))
+
+    def finish(self, tensors: list[Any] | None = None, error: str | None = None) -> None:
+        obj: dict[str, Any] = {"final": True}
+        if error is not None:
+            obj["error"] = error
+        elif tensors is not None:
+            obj.update(tensors_to_dict(tensors))
+        super().finish(self._packet(obj))
+
+
+def responder_for(request: Any) -> Responder:
+    """The responder of a ``decode`` request: packets for a BLS caller that asks for them."""
+    return PacketResponder(request) if wants_packet(request) else Responder(request)

@@ -1,0 +1,167 @@
+"""The TensorRT-LLM drop-in, driven exactly as NVIDIA's ``end_to_end_grpc_client.py`` drives it.
+
+That client (TensorRT-LLM repository, ``triton_backend/inflight_batcher_llm/client/``) builds
+every input as a ``[1, 1]`` (or ``[1, n]`` for word lists) numpy array of a fixed dtype,
+always sends ``text_input``, ``max_tokens``, ``stream``, ``beam_width``, ``temperature`` and
+``exclude_input_in_output``, asks for ``text_output`` only (plus the log-prob outputs with
+``--return-log-probs``), addresses the model as ``ensemble`` or ``tensorrt_llm_bls``, and
+reads ``result.as_numpy("text_output")[0].decode()``: appended per response when streaming,
+the whole text otherwise. ``trtllm_call`` below is our own code doing the same.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from backend.serving import request as server_request
+
+pytestmark = pytest.mark.server
+
+PROMPT = "What is the capital of France?"
+MODELS = ("ensemble", "tensorrt_llm_bls")
+
+
+def _tensor(name: str, arr: np.ndarray) -> grpcclient.InferInput:
+    t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def trtllm_inputs(prompt: str, output_len: int, streaming: bool, **opt) -> dict[str, np.ndarray]:
+    """The inputs the TensorRT-LLM client sends, with its dtypes and shapes."""
+    prompt_arr = np.array([[prompt]]).astype(object)
+    inputs = {
+        "text_input": prompt_arr,
+        "max_tokens": np.ones_like(prompt_arr).astype(np.int32) * output_len,
+        "stream": np.array([[streaming]], dtype=bool),
+        "beam_width": np.array([[opt.get("beam_width", 1)]], dtype=np.int32),
+        "temperature": np.array([[opt.get("temperature", 1.0)]], dtype=np.float32),
+        "exclude_input_in_output": np.array([[opt.get("exclude_input_in_output", False)]], dtype=bool),
+    }
+    if opt.get("num_return_sequences") is not None:
+        inputs["num_return_sequences"] = np.array([[opt["num_return_sequences"]]], dtype=np.int32)
+    for words in ("bad_words", "stop_words"):
+        if opt.get(words):
+            inputs[words] = np.array([opt[words]], dtype=object)
+    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if opt.get(name) is not None:
+            inputs[name] = np.array([[opt[name]]], dtype=np.float32)
+    for name in ("return_log_probs", "return_context_logits", "return_generation_logits"):
+        if opt.get(name):
+            inputs[name] = np.array([[True]], dtype=bool)
+    for name in ("end_id", "pad_id"):
+        if opt.get(name) is not None:
+            inputs[name] = np.array([[opt[name]]], dtype=np.int32)
+    return inputs
+
+
+def trtllm_call(url: str, model: str, prompt: str, streaming: bool, output_len: int = 12, **opt) -> dict:
+    """One request as the client makes it; its text as the client reads it, and its errors."""
+    inputs = trtllm_inputs(prompt, output_len, streaming, **opt)
+    if opt.get("batch"):  # --batch-inputs: several prompts stacked on the batch dimension
+        inputs = {k: np.concatenate([v, v], axis=0) for k, v in inputs.items()}
+    outputs = [grpcclient.InferRequestedOutput("text_output")]
+    if opt.get("return_log_probs"):
+        outputs += [grpcclient.InferRequestedOutput(n) for n in ("cum_log_probs", "output_log_probs")]
+    got: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: got.put(error or result))
+    client.async_stream_infer(
+        model, [_tensor(k, v) for k, v in inputs.items()], outputs=outputs, request_id=""
+    )
+    client.stop_stream()  # waits for the server to close the stream, as the client does
+    client.close()
+    text, errors, shapes, logprobs = "", [], [], []
+    while not got.empty():
+        result = got.get()
+        if isinstance(result, InferenceServerException):
+            errors.append(result.message())
+            continue
+        output = result.as_numpy("text_output")
+        shapes.append(output.shape)
+        batch_index = result.as_numpy("batch_index")
+        assert batch_index is None  # not asked for
+        piece = output[0].decode("utf-8")  # the client's own read: crashes on a [1, 1] output
+        text = text + piece if streaming else piece
+        if opt.get("return_log_probs"):
+            logprobs.append((result.as_numpy("cum_log_probs"), result.as_numpy("output_log_probs")))
+    return {"text": text, "errors": errors, "shapes": shapes, "logprobs": logprobs}
+
+
+def test_ensemble_alias_and_bls_are_served(triton_server) -> None:
+    assert {"multistream", "ensemble", "tensorrt_llm_bls"} <= set(triton_server.models)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_client_defaults_streaming_and_not(triton_server, model: str) -> None:
+    """The client's defaults: temperature 1.0, exclude_input_in_output false."""
+    full = trtllm_call(triton_server.grpc_url, model, PROMPT, streaming=False)
+    assert not full["errors"], full
+    assert full["shapes"] == [(1,)]  # TensorRT-LLM's one-dimensional text_output
+    assert full["text"].startswith(PROMPT) and len(full["text"]) > len(PROMPT)  # prompt + output
+    part = trtllm_call(triton_server.grpc_url, model, PROMPT, streaming=True)
+    assert not part["errors"], part
+    assert part["text"].strip() and not part["text"].startswith(PROMPT)  # streaming: output only
+    assert set(part["shapes"]) == {(1,)} and len(part["shapes"]) > 1
+
+
+def test_bls_chain_answers_as_the_ensemble(triton_server) -> None:
+    """Greedy: the BLS chain (preprocessing -> prefill -> decode) equals the ensemble's answer."""
+    opts = dict(temperature=0.0, exclude_input_in_output=True)
+    a = trtllm_call(triton_server.grpc_url, "ensemble", PROMPT, streaming=False, **opts)
+    b = trtllm_call(triton_server.grpc_url, "tensorrt_llm_bls", PROMPT, streaming=False, **opts)
+    s = trtllm_call(triton_server.grpc_url, "tensorrt_llm_bls", PROMPT, streaming=True, **opts)
+    assert a["text"] and a["text"] == b["text"] == s["text"], (a, b, s)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_option_it_sends(triton_server, model: str) -> None:
+    opts = dict(
+        temperature=0.0,
+        exclude_input_in_output=True,
+        stop_words=["Lyon"],
+        repetition_penalty=1.1,
+        end_id=2,
+        pad_id=2,
+        num_return_sequences=1,
+    )
+    for streaming in (False, True):
+        r = trtllm_call(triton_server.grpc_url, model, PROMPT, streaming=streaming, **opts)
+        assert not r["errors"] and r["text"].strip(), r
+        assert "Lyon" not in r["text"]
+
+
+@pytest.mark.parametrize(
+    ("opts", "needle"),
+    [
+        (dict(beam_width=2), "beam"),
+        (dict(return_context_logits=True), "return_context_logits"),
+        (dict(return_generation_logits=True), "return_generation_logits"),
+        (dict(batch=True), "batch size 2"),
+    ],
+    ids=["beam_width", "context_logits", "generation_logits", "batch_inputs"],
+)
+def test_what_stays_unsupported_says_so(triton_server, opts: dict, needle: str) -> None:
+    for model in MODELS:
+        r = trtllm_call(triton_server.grpc_url, model, PROMPT, streaming=False, **opts)
+        assert r["errors"] and needle in r["errors"][0], r
+
+
+def test_bls_config_takes_the_ensembles_inputs(tmp_path: Path) -> None:
+    """The rendered tensorrt_llm_bls declares exactly the request inputs (one list, rendered)."""
+    from launcher.serve import DEFAULT_REPOSITORY, build_config, render_repository
+
+    cfg = build_config(model_dir="none")
+    render_repository(DEFAULT_REPOSITORY, tmp_path, cfg, "KIND_CPU")
+    text = (tmp_path / "tensorrt_llm_bls" / "config.pbtxt").read_text()
+    block = text.split("input [", 1)[1].split("]\noutput", 1)[0]
+    assert dict(re.findall(r'name: "(\w+)" data_type: (TYPE_\w+)', block)) == server_request.INPUTS
+    alias = (tmp_path / "ensemble" / "config.pbtxt").read_text()
+    assert re.search(r'^name: "ensemble"$', alias, re.M)
