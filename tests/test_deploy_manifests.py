@@ -101,6 +101,14 @@ def test_base_wires_replicas_router_and_autoscaler_together():
     )
     assert needed <= provided, f"router templates need {needed - provided} from the env"
     assert cm["data"]["routing.conf.template"] == ROUTING_TEMPLATE.read_text()
+    # The OpenAI front talks to the router's gRPC port, so its session requests are routed too.
+    front = next(d for d in kinds["Deployment"] if d["metadata"]["name"] == "multistream-openai")
+    (fc,) = front["spec"]["template"]["spec"]["containers"]
+    router_svc = services["multistream"]
+    assert router_svc["spec"]["selector"].items() <= router["spec"]["template"]["metadata"]["labels"].items()
+    triton_arg = fc["args"][fc["args"].index("--triton") + 1]
+    assert triton_arg == f"{router_svc['metadata']['name']}:8001"
+    assert {p["port"] for p in router_svc["spec"]["ports"]} == {8000, 8001}
     # The autoscaler scales the StatefulSet.
     (hpa,) = kinds["HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"] == {
