@@ -38,6 +38,8 @@ DATATYPES: dict[str, tuple[Any, type]] = {
 #: client never imports the server; ``tests/test_contract.py`` keeps them equal.
 ATTENTION_MODES = ("isolated", "cross")
 SYNC_MODES = ("none", "revise")
+#: The server's ``START_MODES`` of the paper's stream layout (``backend.engine.layout``).
+START_MODES = ("seed", "header", "grid")
 _META = "multistream"
 
 
@@ -229,6 +231,62 @@ class GenerateRequest:
     )
     raw_prompt: bool | None = param(
         None, datatype="BOOL", help="send the prompt as is, without the chat template", web=False
+    )
+    # The paper's stream layout (a deployment serving a stream-trained checkpoint); a
+    # project-layout deployment refuses these.
+    layout_start: str | None = param(
+        None,
+        datatype="BYTES",
+        help="paper layout: the grid starts from the seed row, the warm-start header, or grid_rows",
+        choices=START_MODES,
+        web=False,
+    )
+    grid_rows: str | None = param(
+        None,
+        datatype="BYTES",
+        help="paper layout: JSON rows of num_channels cells (token ids or words, '-' = silence)",
+        web=False,
+    )
+    skip_silence: bool | None = param(
+        None, datatype="BOOL", help="paper layout: silence keys are masked", web=False
+    )
+    ablate_channels: int | Sequence[int] | None = param(
+        None,
+        datatype="INT32",
+        help="paper layout: channels forced to silence (repeatable)",
+        repeated=True,
+        ge=1,
+        web=False,
+    )
+    silence_penalty: float | None = param(
+        None,
+        datatype="FP32",
+        help="paper layout: lowers Output's silence logit once the user stopped (default 10)",
+        ge=0,
+        web=False,
+    )
+    think_silence_penalty: float | None = param(
+        None,
+        datatype="FP32",
+        help="paper layout: the same for the thinking channels (default 0)",
+        ge=0,
+        web=False,
+    )
+    penalty_during_user_talk: bool | None = param(
+        None, datatype="BOOL", help="paper layout: apply the penalty while the user talks too", web=False
+    )
+    stop_silent_rows: int | None = param(
+        None,
+        datatype="INT32",
+        help="paper layout: stop after this many all-silent rows (0: never; default 1)",
+        ge=0,
+        web=False,
+    )
+    return_channel_stats: bool | None = param(
+        None,
+        datatype="BOOL",
+        help="paper layout: channel_stats output, entropy and top-1 probability per token",
+        web=False,
     )
 
     def validate(self) -> None:

@@ -413,7 +413,9 @@ def test_stop_on_an_all_silent_row_and_the_penalty_variants(grids, tok):
     assert margin > 0
     firsts = set()
     for penalty in (5 * margin / x for x in (4.5, 3.5, 2.5, 1.5, 0.5)):
-        opts = PaperOptions(num_channels=4, silence=SILENCE, max_rows=12, silence_penalty=penalty, stop_silent_rows=None)
+        opts = PaperOptions(
+            num_channels=4, silence=SILENCE, max_rows=12, silence_penalty=penalty, stop_silent_rows=None
+        )
         cells, _, _ = expect_same(g, seed, user, opts)
         firsts.add(min(r for (r, c) in cells if c == 1))
     assert len(firsts) >= 3, f"Output's first row barely moves with the penalty: {firsts}"

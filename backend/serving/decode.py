@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from backend.engine import StreamEvent, StreamSpec
+from backend.engine.layout import StreamLayout, user_tokens
 from backend.serving import handoff
 from backend.serving.bls_wire import responder_for
 from backend.serving.engine_model import EngineModel
@@ -62,12 +63,12 @@ def revision_prompt(tokenizer: Tokenizer, question: str, notes: dict[str, str]) 
 class DecodeRequest:
     """One request's decode loop (runs on its own thread)."""
 
-    def __init__(self, model: DecodeModel, request: Any, out: Responder):
+    def __init__(self, model: DecodeModel, request: Any, out: Responder, cfg: RequestConfig | None = None):
         self.model = model
         self.engine = model.engine
         self.out = out
         self.request = request
-        self.cfg = RequestConfig.from_json(request_json(request))
+        self.cfg = cfg if cfg is not None else RequestConfig.from_json(request_json(request))
         self.ids = input_ids(request)
         self.prefix: handoff.PrefixKV | None = handoff.from_request(request, model.vocab_size)
         self.sid = self.cfg.session_id
@@ -77,7 +78,12 @@ class DecodeRequest:
         self.cancelled = False
         self.cancel_deadline = 0.0
         self.error: str | None = None
-        names = [f"reasoning/{i}" for i in range(self.cfg.reasoning_streams)]
+        # The paper's grid computes its thinking channels in the same session: nothing over BLS.
+        names = (
+            [f"reasoning/{i}" for i in range(self.cfg.reasoning_streams)]
+            if self.cfg.layout != "paper"
+            else []
+        )
         self.reasoning = ReasoningCall(
             names,
             post=self.q.put,
@@ -108,13 +114,25 @@ class DecodeRequest:
         )
         self.engine_sids.append(engine_sid)
 
+    def _start(self) -> None:
+        """Submits the request's first session: the answer, from the imported prompt KV."""
+        self._submit(self.ids, "output", self.sid, prefix=self.prefix)
+
+    def _live(self) -> bool:
+        """Some stream the client waits for has not ended yet."""
+        return bool(self.pump.live()) or self.reasoning.live
+
+    def _input_ids(self, text: str) -> list[int]:
+        """Tokens of text pushed through ``session_control`` (``input``)."""
+        return self.model.tokenizer.encode(text)
+
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         cfg = self.cfg
         mailbox = self.model.mailbox
         mailbox.register(self.sid)
         try:
-            self._submit(self.ids, "output", self.sid, prefix=self.prefix)
+            self._start()
             self.prefix = None  # the engine holds it until admission
             self.model.poller.poll_now()  # the gauges show the session at once, not a period later
             if self.reasoning.live:
@@ -122,7 +140,7 @@ class DecodeRequest:
             revision_pending = cfg.sync == "revise"
             checks = CancelPoll(self.engine)
             while True:
-                if not self.pump.live() and not self.reasoning.live:
+                if not self._live():
                     if revision_pending and not self.cancelled and self.error is None:
                         revision_pending = False
                         prompt = revision_prompt(self.model.tokenizer, cfg.text, self.reasoning_text)
@@ -169,7 +187,7 @@ class DecodeRequest:
                 self._cancel()
                 return
             if action == "input" and text:
-                ids = self.model.tokenizer.encode(text)
+                ids = self._input_ids(text)
                 for esid in self.engine_sids:
                     try:
                         self.engine.inject(esid, ids, "user")
@@ -186,6 +204,8 @@ class DecodeRequest:
         ids: list[int] | None = None,
         finish_reason: str | None = None,
         timing: tuple[float, float] | None = None,
+        logprobs: tuple[list[float], float] | None = None,
+        stats: list[tuple[float, float]] | None = None,
     ) -> None:
         self.out.send(
             delta_tensors(
@@ -197,6 +217,8 @@ class DecodeRequest:
                 session_id=self.sid,
                 timing=timing if timing is not None else self.pump.stamp(stream),
                 prompt_tokens=self.cfg.prompt_tokens,
+                logprobs=logprobs,
+                stats=stats,
             )
         )
 
@@ -209,7 +231,7 @@ class DecodeRequest:
         if self.pump.finished(ev.stream) or ev.stream.startswith("reasoning/"):
             return  # external reasoning channels of a cross session end with it: nothing to send
         reason = ev.finish_reason if ev.finished else None
-        group = self.pump.push(ev.stream, ev.text, list(ev.token_ids), reason)
+        group = self.pump.push(ev.stream, ev.text, list(ev.token_ids), reason, ev.logprobs)
         if ev.finished and ev.finish_reason == "error":
             self.error = self.error or ev.error or f"stream {ev.stream} failed"
         if group is None or not self.cfg.stream or self.cancelled and not ev.finished:
@@ -220,6 +242,7 @@ class DecodeRequest:
             ids=group.ids,
             finish_reason=group.finish_reason,
             timing=group.timing,
+            logprobs=group.logprobs if self.cfg.return_log_probs else None,
         )
 
     def _forward_reasoning(self, deltas: list[ReasoningDelta]) -> None:
@@ -264,7 +287,82 @@ class DecodeRequest:
                 session_id=self.sid,
                 timing=self.pump.stamp(name),
                 prompt_tokens=self.cfg.prompt_tokens,
+                logprobs=self.pump.logprobs(name) if cfg.return_log_probs else None,
             )
+        )
+
+
+class GridRequest(DecodeRequest):
+    """One request on the paper's stream layout: the whole grid is ONE engine session.
+
+    Why not reasoning over BLS: in this layout the thinking channels must see Output's
+    earlier rows and Output theirs (the block-causal mask the checkpoint was trained
+    with), so they cannot live in another session or another process. Every channel is
+    computed; ``reasoning_streams`` only picks how many thinking channels the client sees
+    (the first ones), as ``reasoning/<channel name>`` deltas in ``reasoning_output``.
+    Silence is never sent as text. Pushed input joins channel 0's queue, tokenized as the
+    paper tokenizes user text.
+    """
+
+    def __init__(self, model: DecodeModel, request: Any, out: Responder, cfg: RequestConfig | None = None):
+        super().__init__(model, request, out, cfg)
+        self.layout = StreamLayout(self.cfg.num_channels, self.cfg.silence_id)
+        self.think = StreamPump("reasoning", model.metrics, self.cfg.arrival, model.group_tokens)
+        shown = self.layout.thinking_channels[: self.cfg.reasoning_streams]
+        self.shown = {self.layout.stream_name(c) for c in shown}
+        self.pending_stats: dict[str, list[tuple[float, float]]] = {}
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        self.pump.open("output")
+        for name in self.shown:
+            self.think.open(name)
+        self.engine.submit(
+            self.layout.prefix(self.ids),
+            self.layout.stream_specs(cfg.grid_sampling),
+            attention="cross",
+            on_event=lambda ev: self.q.put(("engine", ev)),
+            session_id=self.sid,
+            prefix_kv=self.prefix,
+            rules=cfg.grid_rules(),
+            user_ids=cfg.user_ids,
+            channel_stats=cfg.return_channel_stats,
+        )
+        self.engine_sids.append(self.sid)
+
+    def _live(self) -> bool:
+        return bool(self.pump.live()) or bool(self.think.live())
+
+    def _input_ids(self, text: str) -> list[int]:
+        return user_tokens(self.model.tokenizer, text)
+
+    def _on_engine(self, ev: StreamEvent) -> None:
+        if ev.kind == "user":
+            super()._on_engine(ev)
+            return
+        pump = self.pump if ev.stream == "output" else self.think
+        if ev.stream != "output" and ev.stream not in self.shown or pump.finished(ev.stream):
+            return  # a thinking channel the client did not ask to see: computed, not sent
+        if self.cfg.return_channel_stats:
+            self.pending_stats.setdefault(ev.stream, []).extend(ev.stats)
+        reason = ev.finish_reason if ev.finished else None
+        group = pump.push(ev.stream, ev.text, list(ev.token_ids), reason)
+        if ev.stream != "output":
+            self.reasoning_text[ev.stream] = self.reasoning_text.get(ev.stream, "") + ev.text
+        if ev.finished and ev.finish_reason == "error":
+            self.error = self.error or ev.error or f"stream {ev.stream} failed"
+        if group is None or not self.cfg.stream or self.cancelled and not ev.finished:
+            return
+        stats = self.pending_stats.pop(ev.stream, []) if self.cfg.return_channel_stats else None
+        text, reasoning = (group.text, "") if ev.stream == "output" else ("", group.text)
+        self._send(
+            group.stream,
+            text=text,
+            reasoning=reasoning,
+            ids=group.ids,
+            finish_reason=group.finish_reason,
+            timing=group.timing,
+            stats=stats,
         )
 
 
@@ -280,7 +378,9 @@ class DecodeModel(EngineModel):
         self.release_later = DeferredRelease()
 
     def serve(self, request: Any, out: Responder) -> None:
-        DecodeRequest(self, request, out).run()
+        cfg = RequestConfig.from_json(request_json(request))
+        kind = GridRequest if cfg.layout == "paper" else DecodeRequest
+        kind(self, request, out, cfg).run()
 
     def responder(self, request: Any) -> Responder:
         """Packets for ``tensorrt_llm_bls``, which reaches decode through BLS (bls_wire)."""

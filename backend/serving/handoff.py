@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from backend.engine import PrefixKV
+from backend.engine import Prefix, PrefixKV
 from backend.serving import gpu_handoff
+from backend.serving.request import RequestConfig
 from backend.serving.tensors import input_array
 
 try:  # only inside the Triton python stub
@@ -32,6 +33,18 @@ except ImportError:  # pragma: no cover
 
 #: The two tensors of the hand-off, in the order the ensemble maps them.
 HANDOFF_INPUTS = ("prompt_kv", "prompt_logits")
+
+
+def prefix_of(ids: list[int], cfg: RequestConfig) -> Prefix:
+    """The rows ``input_ids`` stand for: a prompt (one token per row) or, in the paper's
+    layout, whole grid rows of ``cfg.num_channels`` tokens. prefill and decode both read it
+    from here, so the KV one computes is the KV the other expects."""
+    if cfg.layout == "paper":
+        c = cfg.num_channels
+        if not ids or len(ids) % c:
+            raise ValueError(f"input_ids: {len(ids)} tokens are not whole rows of {c} channels")
+        return Prefix.grid([ids[i : i + c] for i in range(0, len(ids), c)])
+    return Prefix.prompt(ids)
 
 
 def to_arrays(prefix: PrefixKV) -> dict[str, np.ndarray]:

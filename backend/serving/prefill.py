@@ -13,7 +13,8 @@ from typing import Any
 
 from backend.serving import handoff
 from backend.serving.engine_model import EngineModel, error_message
-from backend.serving.tensors import input_ids
+from backend.serving.request import RequestConfig
+from backend.serving.tensors import input_ids, request_json
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
@@ -32,7 +33,9 @@ class PrefillModel(EngineModel):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="prefill")
 
     def _one(self, request: Any) -> Any:
-        prefix = self.engine.prefill_export(input_ids(request))
+        cfg = RequestConfig.from_json(request_json(request))
+        rules = cfg.grid_rules() if cfg.layout == "paper" else None
+        prefix = self.engine.prefill_export(handoff.prefix_of(input_ids(request), cfg), rules=rules)
         return pb_utils.InferenceResponse(handoff.to_tensors(prefix))
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from backend.engine.layout import LayoutError, StreamLayout, parse_grid, resolve_layout, user_tokens
 from backend.serving.instance import instance_parameters
 from backend.serving.request import Limits, RequestConfig, RequestError
 from backend.serving.tensors import input_array
@@ -23,13 +24,14 @@ except ImportError:  # pragma: no cover
     pb_utils = None
 
 
-def limits_from_params(params: dict[str, str]) -> Limits:
+def limits_from_params(params: dict[str, str], layout: StreamLayout | None = None) -> Limits:
     max_context = int(params.get("max_context", "2048"))
     return Limits(
         max_tokens_limit=int(params.get("max_tokens_limit", str(max_context))),
         max_reasoning_streams=int(params.get("max_reasoning_streams", "4")),
         max_reasoning_budget=int(params.get("max_reasoning_budget", str(max_context))),
         max_context=max_context,
+        num_channels=layout.num_channels if layout is not None else 0,
     )
 
 
@@ -48,21 +50,62 @@ def prompt_ids(
     return tokenizer.encode(text)
 
 
+def grid_ids(tokenizer: Tokenizer, layout: StreamLayout, cfg: RequestConfig, max_context: int) -> list[int]:
+    """The start rows of a paper-layout request, flattened; fills ``cfg.user_ids``."""
+    try:
+        grid = (
+            parse_grid(cfg.grid_rows, tokenizer, layout.silence_id, layout.num_channels)
+            if cfg.layout_start == "grid"
+            else None
+        )
+        rows = layout.start_rows(tokenizer, cfg.layout_start, grid, cfg.ablate_channels)
+    except LayoutError as e:
+        raise RequestError(str(e)) from None
+    cfg.user_ids = user_tokens(tokenizer, cfg.text)
+    cfg.silence_id = layout.silence_id
+    flat = [t for row in rows for t in row]
+    cfg.check_grid_context(len(flat), max_context)
+    return flat
+
+
+def bad_word_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
+    """Each bad word as token sequences: as written and with a leading space (a word inside a
+    sentence tokenizes differently from one at the start; vLLM bans both forms too)."""
+    out: list[list[int]] = []
+    for word in words:
+        for form in {word, " " + word.lstrip()}:
+            ids = tokenizer.encode(form)
+            if ids and ids not in out:
+                out.append(ids)
+    return out
+
+
 class PreprocessingModel:
     def initialize(self, args: dict[str, Any]) -> None:
         from backend.model_store import resolve_model_dir
 
         params = instance_parameters(args)
-        self.tokenizer = Tokenizer.from_dir(Path(resolve_model_dir(params.get("model_dir") or "default")))
-        self.limits = limits_from_params(params)
+        model_dir = Path(resolve_model_dir(params.get("model_dir") or "default"))
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        #: The paper's stream layout when the deployment serves it (None: the project's).
+        self.layout = resolve_layout(model_dir, self.tokenizer, params)
+        self.limits = limits_from_params(params, self.layout)
         self.chat_template = params.get("chat_template", "true").lower() != "false"
 
     def process(self, get: Any) -> tuple[list[int], RequestConfig]:
-        """Validated request and its prompt ids; raises :class:`RequestError`."""
+        """Validated request and its prompt ids; raises :class:`RequestError`.
+
+        The project's layout: the prompt inside the chat template, one token per row. The
+        paper's layout: ``input_ids`` are the start rows (seed row, header or the caller's
+        grid) flattened row by row, and the user's text goes into ``user_ids`` for channel 0.
+        """
         cfg = RequestConfig.from_inputs(get, self.limits)
-        ids = prompt_ids(self.tokenizer, cfg.text, self.chat_template and not cfg.raw_prompt, cfg.messages)
-        cfg.check_context(len(ids), self.limits.max_context)
-        return ids, cfg
+        cfg.bad_words_ids = bad_word_ids(self.tokenizer, cfg.bad_words)
+        if self.layout is None:
+            ids = prompt_ids(self.tokenizer, cfg.text, self.chat_template and not cfg.raw_prompt, cfg.messages)
+            cfg.check_context(len(ids), self.limits.max_context)
+            return ids, cfg
+        return grid_ids(self.tokenizer, self.layout, cfg, self.limits.max_context), cfg
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from backend.engine.attention import ATTENTION_MODES
+from backend.engine.layout import START_MODES
 from backend.engine.sampling import SamplingParams
+from backend.engine.session import GridRules
 from backend.serving.session_ids import mint_session_id
 
 SYNC_MODES = ("none", "revise")
@@ -55,6 +57,7 @@ INPUTS: dict[str, str] = {
     "frequency_penalty": "TYPE_FP32",
     "presence_penalty": "TYPE_FP32",
     "min_length": "TYPE_INT32",
+    "min_tokens": "TYPE_INT32",
     "reasoning_streams": "TYPE_INT32",
     "reasoning_budget": "TYPE_INT32",
     "attention_mode": "TYPE_STRING",
@@ -64,9 +67,35 @@ INPUTS: dict[str, str] = {
     # with the model's chat template instead of text_input; raw_prompt: text_input as is.
     "messages": "TYPE_STRING",
     "raw_prompt": "TYPE_BOOL",
+    # The paper's stream layout (stream-trained checkpoints; README "The paper's stream layout").
+    "layout_start": "TYPE_STRING",
+    "grid_rows": "TYPE_STRING",
+    "skip_silence": "TYPE_BOOL",
+    "ablate_channels": "TYPE_INT32",
+    "silence_penalty": "TYPE_FP32",
+    "think_silence_penalty": "TYPE_FP32",
+    "penalty_during_user_talk": "TYPE_BOOL",
+    "stop_silent_rows": "TYPE_INT32",
+    "return_channel_stats": "TYPE_BOOL",
 }
 #: Inputs whose second dimension may hold several values (a list of stop words).
-LIST_INPUTS = ("stop_words", "bad_words")
+LIST_INPUTS = ("stop_words", "bad_words", "ablate_channels")
+#: Inputs that only the paper's stream layout reads; a project-layout deployment refuses them.
+LAYOUT_INPUTS = (
+    "layout_start",
+    "grid_rows",
+    "skip_silence",
+    "ablate_channels",
+    "silence_penalty",
+    "think_silence_penalty",
+    "penalty_during_user_talk",
+    "stop_silent_rows",
+    "return_channel_stats",
+)
+#: Inputs of the project's layout that mean nothing on the paper's grid (refused there).
+PROJECT_ONLY_INPUTS = ("reasoning_budget", "attention_mode", "sync")
+#: The paper's sampling defaults (``sample_top_p``), used in its layout unless the request sets them.
+PAPER_SAMPLING = {"temperature": 0.8, "top_k": 20, "top_p": 0.95}
 
 #: Short "thinking" openers forced at the start of each reasoning stream, so that the
 #: streams of one request explore different directions even when sampled alike.
@@ -94,6 +123,8 @@ class Limits:
     max_reasoning_streams: int = 4
     max_reasoning_budget: int = 1024
     max_context: int = 2048
+    #: Channels of the deployment's paper layout; 0 = the project's layout.
+    num_channels: int = 0
 
 
 @dataclass
@@ -125,6 +156,32 @@ class RequestConfig:
     messages: list[dict[str, str]] = field(default_factory=list)
     #: ``text`` goes to the model as is, without the chat template (``/v1/completions``).
     raw_prompt: bool = False
+    #: The answer's sampling surface of OpenAI and TensorRT-LLM (``backend.engine.sampling``).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    bad_words: list[str] = field(default_factory=list)
+    #: ``bad_words`` as token sequences (preprocessing tokenizes them; ``bad_word_ids``).
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+    return_log_probs: bool = False
+    # ---- the paper's stream layout (``layout == "paper"``); defaults are the paper's
+    #: ``project`` or ``paper``: decided by the deployment, never by the client.
+    layout: str = "project"
+    num_channels: int = 0
+    silence_id: int = -1
+    layout_start: str = "seed"
+    #: The caller's start grid (``grid_rows``), raw JSON; preprocessing turns it into tokens.
+    grid_rows: str = ""
+    #: User tokens queued for channel 0 after the start rows (the paper's tokenization).
+    user_ids: list[int] = field(default_factory=list)
+    skip_silence: bool = False
+    ablate_channels: list[int] = field(default_factory=list)
+    silence_penalty: float = 10.0
+    think_silence_penalty: float = 0.0
+    penalty_during_user_talk: bool = False
+    #: End after this many consecutive all-silent rows; 0 = never on silence.
+    stop_silent_rows: int = 1
+    return_channel_stats: bool = False
 
     # ------------------------------------------------------------------ sampling
     def output_sampling(self) -> SamplingParams:
@@ -138,6 +195,11 @@ class RequestConfig:
             max_tokens=self.max_tokens,
             stop=list(self.stop),
             stop_token_ids=[self.end_id] if self.end_id is not None else [],
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            min_tokens=self.min_tokens,
+            bad_words_ids=[list(w) for w in self.bad_words_ids],
+            logprobs=self.return_log_probs,
         )
 
     def reasoning_sampling(self, index: int) -> SamplingParams:
@@ -154,6 +216,39 @@ class RequestConfig:
             seed=(base + 1 + index) & 0xFFFF_FFFF_FFFF_FFFF,
             repetition_penalty=self.repetition_penalty,
             max_tokens=self.reasoning_budget,
+        )
+
+    def grid_sampling(self, channel: int) -> SamplingParams:
+        """Sampling of channel ``channel`` of the paper's grid: the request's parameters, a seed
+        per channel (so a seeded request replays channel by channel), rows bounded by
+        ``max_tokens``, and no end-of-sequence stop (this layout never emits EOS; it ends on
+        silence). Stop words and ``end_id`` apply to Output only."""
+        base = self.seed if self.seed is not None else _stable_seed(self.session_id)
+        output = channel == 1
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=(base + channel) & 0xFFFF_FFFF_FFFF_FFFF,
+            repetition_penalty=self.repetition_penalty,
+            max_tokens=self.max_tokens,
+            stop=list(self.stop) if output else [],
+            stop_token_ids=[self.end_id] if output and self.end_id is not None else [],
+            ignore_eos=True,
+        )
+
+    def grid_rules(self) -> GridRules:
+        """The session rules of the paper's grid for this request."""
+        return GridRules(
+            silence_id=self.silence_id,
+            num_channels=self.num_channels,
+            silence_penalty=self.silence_penalty,
+            think_silence_penalty=self.think_silence_penalty,
+            penalty_during_user_talk=self.penalty_during_user_talk,
+            stop_silent_rows=self.stop_silent_rows or None,
+            max_rows=self.max_tokens,
+            skip_silence=self.skip_silence,
+            ablate=frozenset(self.ablate_channels),
         )
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -179,6 +274,7 @@ class RequestConfig:
         """
         limits = limits or Limits()
         reader = _Reader(get)
+        paper = limits.num_channels > 0
         text = reader.string("text_input", required=True)
         if not text.strip():
             raise RequestError("text_input must not be blank")
@@ -186,14 +282,15 @@ class RequestConfig:
         if not 1 <= max_tokens <= limits.max_tokens_limit:
             raise RequestError(f"max_tokens must be in 1..{limits.max_tokens_limit}, got {max_tokens}")
         cfg = cls(text=text, max_tokens=max_tokens, arrival=time.time())
+        defaults = PAPER_SAMPLING if paper else {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
         cfg.stream = reader.bool("stream", False)
-        cfg.temperature = reader.float("temperature", 0.0)
+        cfg.temperature = reader.float("temperature", defaults["temperature"])
         if not math.isfinite(cfg.temperature) or cfg.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {cfg.temperature}")
-        cfg.top_p = reader.float("top_p", 1.0)
+        cfg.top_p = reader.float("top_p", defaults["top_p"])
         if not 0.0 < cfg.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {cfg.top_p}")
-        cfg.top_k = reader.int("top_k", 0)
+        cfg.top_k = reader.int("top_k", defaults["top_k"])
         if cfg.top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {cfg.top_k}")
         seed = reader.int("seed", None)
@@ -207,28 +304,35 @@ class RequestConfig:
         cfg.end_id = reader.int("end_id", None)
         cfg.pad_id = reader.int("pad_id", None)
         cfg.stop = [s for s in reader.strings("stop_words") if s]
-        if [s for s in reader.strings("bad_words") if s]:
-            raise RequestError("bad_words is not supported by this server; leave it empty")
+        cfg.bad_words = [s for s in reader.strings("bad_words") if s]
         for name in ("beam_width", "num_return_sequences"):
             value = reader.int(name, 1)
             if value != 1:
                 raise RequestError(
                     f"{name} must be 1 (beam search / several sequences are not supported), got {value}"
                 )
-        for name in ("return_log_probs", "return_context_logits", "return_generation_logits"):
+        cfg.return_log_probs = reader.bool("return_log_probs", False)
+        for name in ("return_context_logits", "return_generation_logits"):
             if reader.bool(name, False):
                 raise RequestError(f"{name} is not supported by this server; send false or leave it out")
         for name in ("frequency_penalty", "presence_penalty"):
             value = reader.float(name, 0.0)
-            if value != 0.0:
-                raise RequestError(f"{name} is not supported (use repetition_penalty), got {value}")
-        if reader.int("min_length", 0) > 1:
-            raise RequestError("min_length is not supported by this server; leave it out")
+            if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise RequestError(f"{name} must be in [-2, 2], got {value}")
+            setattr(cfg, name, value)
+        min_length, min_tokens = reader.int("min_length", None), reader.int("min_tokens", None)
+        if min_length is not None and min_tokens is not None and min_length != min_tokens:
+            raise RequestError(f"min_tokens ({min_tokens}) and min_length ({min_length}) disagree; send one")
+        cfg.min_tokens = min_tokens if min_tokens is not None else (min_length or 0)
+        if not 0 <= cfg.min_tokens <= cfg.max_tokens:
+            raise RequestError(f"min_tokens must be in 0..max_tokens ({cfg.max_tokens}), got {cfg.min_tokens}")
         cfg.exclude_input_in_output = reader.bool("exclude_input_in_output", True)
         cfg.reasoning_streams = reader.int("reasoning_streams", 0)
-        if not 0 <= cfg.reasoning_streams <= limits.max_reasoning_streams:
+        max_streams = limits.num_channels - 2 if paper else limits.max_reasoning_streams
+        if not 0 <= cfg.reasoning_streams <= max_streams:
+            what = " (the thinking channels of this deployment's stream layout)" if paper else ""
             raise RequestError(
-                f"reasoning_streams must be in 0..{limits.max_reasoning_streams}, got {cfg.reasoning_streams}"
+                f"reasoning_streams must be in 0..{max_streams}{what}, got {cfg.reasoning_streams}"
             )
         cfg.reasoning_budget = reader.int("reasoning_budget", 256)
         if not 1 <= cfg.reasoning_budget <= limits.max_reasoning_budget:
@@ -253,7 +357,63 @@ class RequestConfig:
         cfg.raw_prompt = reader.bool("raw_prompt", False)
         if cfg.raw_prompt and cfg.messages:
             raise RequestError("raw_prompt cannot be combined with messages (messages use the chat template)")
+        if paper:
+            cfg._read_layout(reader, limits.num_channels)
+        else:
+            given = [n for n in LAYOUT_INPUTS if reader.present(n)]
+            if given:
+                raise RequestError(
+                    f"{given[0]} applies only to the paper's stream layout; this deployment serves the "
+                    "project's layout (serve a stream-trained checkpoint, or set stream_layout=paper)"
+                )
         return cfg
+
+    def _read_layout(self, reader: _Reader, num_channels: int) -> None:
+        """The paper-layout options; the project's options that mean nothing there are refused."""
+        for name in PROJECT_ONLY_INPUTS:
+            if reader.present(name):
+                raise RequestError(
+                    f"{name} does not apply to the paper's stream layout (one grid: every channel sees "
+                    "every channel's earlier rows, and max_tokens bounds the rows); leave it out"
+                )
+        self.sync, self.attention_mode, self.reasoning_budget = "none", "cross", 0
+        self.layout, self.num_channels = "paper", num_channels
+        self.layout_start = reader.string("layout_start", default="seed") or "seed"
+        if self.layout_start not in START_MODES:
+            raise RequestError(f"layout_start must be one of {START_MODES}, got {self.layout_start!r}")
+        self.grid_rows = reader.string("grid_rows", default="")
+        if (self.layout_start == "grid") != bool(self.grid_rows.strip()):
+            raise RequestError("grid_rows is needed exactly when layout_start is 'grid'")
+        self.skip_silence = reader.bool("skip_silence", False)
+        self.ablate_channels = sorted(set(reader.ints("ablate_channels")))
+        bad = [c for c in self.ablate_channels if not 1 <= c < num_channels]
+        if bad:
+            raise RequestError(
+                f"ablate_channels must name channels in 1..{num_channels - 1} (0 is User, never sampled), got {bad[0]}"
+            )
+        for name in ("silence_penalty", "think_silence_penalty"):
+            value = reader.float(name, getattr(self, name))
+            if not math.isfinite(value) or value < 0:
+                raise RequestError(f"{name} must be >= 0, got {value}")
+            setattr(self, name, value)
+        self.penalty_during_user_talk = reader.bool("penalty_during_user_talk", False)
+        self.stop_silent_rows = reader.int("stop_silent_rows", 1)
+        if self.stop_silent_rows < 0:
+            raise RequestError(
+                f"stop_silent_rows must be >= 0 (0 = never stop on silence), got {self.stop_silent_rows}"
+            )
+        self.return_channel_stats = reader.bool("return_channel_stats", False)
+
+    def check_grid_context(self, prefix_tokens: int, max_context: int) -> None:
+        """The paper's grid needs the start rows plus C positions per generated row."""
+        self.prompt_tokens = prefix_tokens
+        need = prefix_tokens + self.num_channels * self.max_tokens
+        if need > max_context:
+            raise RequestError(
+                f"max_tokens: {self.max_tokens} rows of {self.num_channels} channels after {prefix_tokens} start "
+                f"tokens need {need} positions, the context limit is {max_context}; ask for at most "
+                f"{max(0, (max_context - prefix_tokens) // self.num_channels)} rows"
+            )
 
     def check_context(self, prompt_tokens: int, max_context: int, preamble_tokens: int = 16) -> None:
         """Refuses a request whose rows cannot fit the engine's context (before any work).
@@ -333,6 +493,26 @@ class _Reader:
 
     def __init__(self, get: Callable[[str], np.ndarray | None]):
         self._get = get
+
+    def present(self, name: str) -> bool:
+        """The client sent ``name`` (an absent optional input is None)."""
+        return self._get(name) is not None
+
+    def ints(self, name: str) -> list[int]:
+        """All integers of a list input (``[1, n]``), each checked."""
+        arr = self._array(name, False)
+        if arr is None:
+            return []
+        out = []
+        for v in arr.tolist():
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise RequestError(f"{name} must hold integers, got {v!r}") from None
+            if not math.isfinite(f) or f != int(f):
+                raise RequestError(f"{name} must hold integers, got {v!r}")
+            out.append(int(f))
+        return out
 
     def _array(self, name: str, required: bool) -> np.ndarray | None:
         arr = self._get(name)

@@ -69,7 +69,11 @@ def delta_tensors(
     timing: tuple[float, float] = (0.0, 0.0),
     names: tuple[str, ...] = CLIENT_OUTPUTS,
     prompt_tokens: int | None = None,
+    logprobs: tuple[list[float], float] | None = None,
+    stats: list[tuple[float, float]] | None = None,
 ) -> list[Any]:
+    """The tensors of one response. ``stats`` (the paper layout's ``return_channel_stats``)
+    adds ``channel_stats``: ``[entropy, top-1 probability]`` per token, flattened."""
     values = {
         "text_output": text,
         "stream_name": stream,
@@ -87,8 +91,15 @@ def delta_tensors(
             out.append(pb_utils.Tensor(name, np.array([values[name].encode("utf-8")], dtype=np.object_)))
         else:
             out.append(text_tensor(name, values[name]))
+    if logprobs is not None:  # TensorRT-LLM's shapes: [batch, beam, tokens] and [batch, beam]
+        new, cum = logprobs
+        out.append(pb_utils.Tensor("output_log_probs", np.array(new, dtype=np.float32).reshape(1, 1, -1)))
+        out.append(pb_utils.Tensor("cum_log_probs", np.array([[cum]], dtype=np.float32)))
     if prompt_tokens is not None:  # TensorRT-LLM's num_input_tokens: the prompt's length
         out.append(pb_utils.Tensor("num_input_tokens", np.array([[prompt_tokens]], dtype=np.int32)))
+    if stats is not None:
+        flat = [x for pair in stats for x in pair]
+        out.append(pb_utils.Tensor("channel_stats", np.array([flat], dtype=np.float32).reshape(1, -1)))
     return out
 
 
