@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -25,6 +26,7 @@ from tests.deploy_helpers import K8S, MONITORING, promql_operands, rules_file
 #: The Kubernetes version the manifests are checked against (autoscaling/v2, StatefulSet
 #: ordinals and the sidecar-era fields all exist from 1.27 on).
 K8S_VERSION = "1.30"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 KUSTOMIZATIONS = ["overlays/cpu", "overlays/gpu", "monitoring"]
 #: Custom resources of the Prometheus Operator: not in the Kubernetes schema, checked by hand below.
 CRDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
@@ -123,6 +125,11 @@ def test_gpu_overlay_asks_for_a_gpu_and_gpu_instances():
     (triton,) = sts["spec"]["template"]["spec"]["containers"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"name": "INSTANCE_KIND", "value": "KIND_GPU"} in triton["env"]
+    # The image's entrypoint (MPS, CUDA pool) serves; it exists in the checkout the image is built from.
+    entry = Path(triton["command"][0])
+    assert entry.parts[:3] == ("/", "opt", "multistream")
+    assert (REPO_ROOT / Path(*entry.parts[3:])).is_file(), entry
+    assert triton["args"][0] == "serve"
     (cpu,) = _by_kind(render("overlays/cpu"))["StatefulSet"]
     assert {"name": "INSTANCE_KIND", "value": "KIND_CPU"} in cpu["spec"]["template"]["spec"]["containers"][0][
         "env"
