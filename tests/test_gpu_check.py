@@ -498,6 +498,28 @@ def test_connector_hands_each_prompt_over_once_complete():
     assert worker.get_finished([1], []) == ([], [])
 
 
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_layout_is_proven_against_the_torch_prefill(layout):
+    pool = FakeTrtllmPool(layout=layout)
+    kv = torch.randn(3, 2, 2, 10, 4)
+    pool.write(kv, [4, 1, 8])
+
+    def export(prompt, candidate):
+        got = trtllm_prefill.gather_prompt_kv(
+            pool.tensor, [4, 1, 8], 10, num_kv_heads=2, head_dim=4, layout=candidate
+        )
+        return sw_prefix(got, torch.zeros(1, 300))
+
+    chosen, scores = trtllm_prefill.choose_layout(export, sw_prefix(kv, torch.zeros(1, 300)), list(range(10)))
+    assert chosen == layout and scores[layout] == pytest.approx(1.0)
+    other = "NHD" if layout == "HND" else "HND"
+    assert scores[other] < 0.5
+    with pytest.raises(RuntimeError, match="matches the torch prefill under no block layout"):
+        trtllm_prefill.choose_layout(
+            export, sw_prefix(kv, torch.zeros(1, 300)), list(range(10)), layouts=(other,)
+        )
+
+
 def test_plain_prompts_only():
     assert trtllm_prefill.plain_prompt([1, 2, 3]) == [1, 2, 3]
     assert trtllm_prefill.plain_prompt(Prefix.prompt([4, 5])) == [4, 5]

@@ -238,6 +238,9 @@ class CudaGraphRunner:
         self.key_buckets = key_buckets(self.max_context)
         self.max_graphs = max_graphs
         self.stats = GraphStats(fallbacks={})
+        #: Set when a capture failed (the reason): graphs are off for good in this process,
+        #: because a failed capture can leave the allocator's graph pool in an unknown state.
+        self.broken: str | None = None
         self._static: dict[Bucket, StaticBatch] = {}
         self._graphs: dict[Bucket, tuple[Any, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
@@ -275,6 +278,9 @@ class CudaGraphRunner:
     def __call__(
         self, batch: PackedBatch, kv_k: list[torch.Tensor], kv_v: list[torch.Tensor]
     ) -> torch.Tensor:
+        if self.broken:
+            self._fallback("capture failed")
+            return self.forward(batch, kv_k, kv_v)
         bucket, reason = self.bucket_for(batch)
         pad = self.pad_slot(batch) if bucket is not None else None
         if bucket is not None and pad is None and bucket.tokens != batch.tokens.shape[0]:
@@ -295,7 +301,13 @@ class CudaGraphRunner:
             return self.forward(static.packed(for_capture=False), self.kv_k, self.kv_v)[rows]
         graph = self._graphs.get(bucket)
         if graph is None:
-            graph = self._capture(bucket, static)
+            try:
+                graph = self._capture(bucket, static)
+            except Exception as exc:  # noqa: BLE001 - a step must not fail because a capture did
+                self.broken = f"capture of {bucket} failed: {type(exc).__name__}: {exc}"
+                print(f"[cuda_graphs] {self.broken}; every step runs eagerly from now on", flush=True)
+                self._fallback("capture failed")
+                return self.forward(batch, kv_k, kv_v)
         graph[0].replay()
         self.stats.replays += 1
         return graph[1][rows]

@@ -102,7 +102,15 @@ def to_wire(prefix: PrefixKV, wire: Wire | None = None) -> tuple[torch.Tensor, t
     wire = wire or _WIRE
     kv = prefix.kv.to(wire.kv).unsqueeze(0).contiguous()
     logits = prefix.logits.to(wire.logits).reshape(1, -1).contiguous()
+    _settle(kv)
     return kv, logits
+
+
+def _settle(t: torch.Tensor) -> None:
+    """Waits for the kernels that wrote ``t``: Triton reads (and later reuses) DLPack memory
+    on its own streams, which know nothing of ours."""
+    if t.device.type == "cuda":
+        torch.cuda.current_stream(t.device).synchronize()
 
 
 def from_wire(kv: torch.Tensor, logits: torch.Tensor, vocab_size: int, wire: Wire | None = None) -> PrefixKV:
@@ -111,6 +119,7 @@ def from_wire(kv: torch.Tensor, logits: torch.Tensor, vocab_size: int, wire: Wir
     wire = wire or _WIRE
     kv = kv.reshape(kv.shape[-5:]).to(wire.device, copy=True)
     flat = logits.reshape(-1).to("cpu", torch.float32, copy=True)
+    _settle(kv)  # our copy is done before Triton may reuse the request's buffer
     if flat.numel() == 0 or flat.numel() % vocab_size:
         raise ValueError(
             f"prompt_logits has {flat.numel()} values, not a multiple of the vocabulary ({vocab_size})"

@@ -22,9 +22,14 @@ Chosen by the prefill parameter ``prefill_backend``: ``torch`` (the engine), ``t
 has no channel embedding (TRT-LLM knows nothing of the paper's channels). Prompts of the
 paper's layout (grid prefixes) always go to the torch engine.
 
+Before serving, the instance prefills a probe prompt through both backends and keeps the
+pool's block layout (``HND`` / ``NHD``; parameter ``trtllm_kv_layout``, default ``auto``)
+under which the KVs agree (:func:`choose_layout`): a wrong layout would not fail, it would
+answer from garbage. None agreeing: ``auto`` serves with torch, ``trtllm`` refuses to start.
+
 Not proven on a GPU yet: ``python -m bench.gpu_check --trtllm`` in the TensorRT-LLM image
-compares this backend's KV and first token with the torch prefill and reports which block
-layout (``HND`` / ``NHD``, parameter ``trtllm_kv_layout``) the pool has (docs/gpu.md).
+compares this backend's KV and first token with the torch prefill under both layouts
+(docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import importlib.util
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -381,8 +386,52 @@ class TrtllmPrefill:
         last = torch.as_tensor(logits).reshape(-1, self.vocab_size)[:1]
         return PrefixKV(kv=kv, logits=last.float())
 
+    def export_with_layout(self, prompt_ids: Sequence[int], layout: str) -> PrefixKV:
+        """:meth:`prefill_export` reading the pool as ``layout`` (for :func:`choose_layout`)."""
+        SINK.layout = layout
+        return self.prefill_export(prompt_ids)
+
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+#: Cosine between TensorRT-LLM's prompt KV and the torch engine's below which the blocks
+#: were read in the wrong layout (a wrong layout gives unrelated numbers, near 0; two
+#: correct bf16 computations agree to ~0.9999).
+MIN_KV_COSINE = 0.99
+
+
+def kv_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two prompt KVs; -1 when their shapes differ or it is not finite (a wrong
+    layout may read never-written memory)."""
+    if tuple(a.shape) != tuple(b.shape):
+        return -1.0
+    a, b = a.float().flatten(), b.float().to(a.device).flatten()
+    c = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    return c if math.isfinite(c) else -1.0
+
+
+def choose_layout(
+    export: Callable[[list[int], str], PrefixKV],
+    reference: PrefixKV,
+    prompt: list[int],
+    layouts: Sequence[str] = LAYOUTS,
+) -> tuple[str, dict[str, float]]:
+    """The block layout under which TensorRT-LLM's KV of ``prompt`` matches ``reference``
+    (the torch engine's), and the cosine of each candidate.
+
+    Why at start-up: a wrong layout is not an error, it is garbage KV and wrong answers. The
+    prefill instance has the torch engine loaded anyway, so it proves the layout once on a
+    probe prompt before serving; none matching raises.
+    """
+    scores = {layout: kv_cosine(reference.kv, export(prompt, layout).kv) for layout in layouts}
+    best = max(scores, key=lambda k: scores[k])
+    if scores[best] < MIN_KV_COSINE:
+        raise RuntimeError(
+            f"TensorRT-LLM's prompt KV matches the torch prefill under no block layout "
+            f"(cosine by layout: {scores}; needed >= {MIN_KV_COSINE})"
+        )
+    return best, scores
 
 
 def plain_prompt(prefix: Any) -> list[int] | None:
@@ -405,19 +454,32 @@ def attach(engine: Any, params: dict[str, str], model_dir: str | Path, device: s
     if backend == "torch":
         print(f"[prefill] backend torch ({reason})", flush=True)
         return "torch"
+    layout_setting = params.get("trtllm_kv_layout", "auto") or "auto"
+    if layout_setting != "auto" and layout_setting not in LAYOUTS:
+        raise ValueError(f"trtllm_kv_layout must be auto or one of {LAYOUTS}, got {layout_setting!r}")
+    original = engine.prefill_export
+    adapter = None
     try:
         adapter = TrtllmPrefill(
             model_dir,
             max_context=engine.config.max_context,
-            kv_layout=params.get("trtllm_kv_layout", "HND") or "HND",
             kv_fraction=float(params.get("trtllm_kv_fraction", "0.2") or 0.2),
         )
+        probe = [2 + i % (adapter.vocab_size - 2) for i in range(40)]  # more than one block
+        layout, scores = choose_layout(
+            adapter.export_with_layout,
+            original(probe),
+            probe,
+            LAYOUTS if layout_setting == "auto" else (layout_setting,),
+        )
+        SINK.layout = layout
     except Exception as exc:
+        if adapter is not None:
+            adapter.shutdown()
         if setting == "trtllm":
             raise
-        print(f"[prefill] backend torch (auto: TensorRT-LLM did not start: {exc!r})", flush=True)
+        print(f"[prefill] backend torch (auto: TensorRT-LLM not usable: {exc!r})", flush=True)
         return "torch"
-    original = engine.prefill_export
 
     def prefill_export(prefix: Any, *args: Any, **kwargs: Any) -> PrefixKV:
         ids = plain_prompt(prefix)
@@ -427,7 +489,7 @@ def attach(engine: Any, params: dict[str, str], model_dir: str | Path, device: s
 
     engine.prefill_export = prefill_export
     engine.trtllm_prefill = adapter
-    print(f"[prefill] backend trtllm ({reason})", flush=True)
+    print(f"[prefill] backend trtllm ({reason}; block layout {layout}, KV cosine {scores})", flush=True)
     return "trtllm"
 
 
@@ -440,7 +502,9 @@ __all__ = [
     "PromptSink",
     "TrtllmPrefill",
     "attach",
+    "choose_layout",
     "gather_prompt_kv",
+    "kv_cosine",
     "plain_prompt",
     "select_backend",
     "trtllm_available",
