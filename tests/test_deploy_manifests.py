@@ -238,6 +238,8 @@ def test_router_pattern_is_the_minted_id_pattern():
     text = ROUTING_TEMPLATE.read_text()
     (pattern,) = set(re.findall(r'"~\^\(\?<ms_name>(.+?)\)\\\.\[0-9a-f\]\{32\}\$"', text))
     assert pattern == session_ids.MINTED_RE.pattern.split(")\\.")[0].removeprefix("(?P<replica>")
+    # ... and the route map sends exactly those ids down the pinned route.
+    assert re.search(r'"~\^' + re.escape(pattern) + r'\\\.\[0-9a-f\]\{32\}\$"\s+pinned;', text)
     minted = session_ids.mint_session_id({session_ids.REPLICA_ENV: "multistream-3"})
     assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.[0-9a-f]{32}", minted)
 
