@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import select
 import shutil
 import statistics
 import subprocess
@@ -506,8 +505,14 @@ def row_step_section(check: Check) -> dict[str, Any]:
 
 
 def streams_section(check: Check) -> dict[str, Any]:
-    """Two engines of one process, each on its own CUDA stream (as two serving instances of
-    one process would be): how much their forwards overlap on the GPU (CUDA events)."""
+    """Two engines of one process, each on its own CUDA stream: how much their forwards
+    overlap on the GPU (CUDA events) and what that buys in wall time.
+
+    ``forward_on_stream`` is what a serving instance does (``use_own_cuda_stream``: only the
+    forward on the instance's stream; packing and reading logits stay on the shared default
+    stream); ``step_on_stream`` runs the whole step there, the shape "several engines in one
+    process" would need.
+    """
     if not check.cuda:
         return {"skipped": "needs CUDA"}
     from backend.serving.instance import use_own_cuda_stream
@@ -520,46 +525,63 @@ def streams_section(check: Check) -> dict[str, Any]:
     n = min(16, max(int(s) for s in a.sessions.split(",")))
     ref = torch.cuda.Event(enable_timing=True)
     ref.record()
-    for mode in ("eager", "graphs"):
-        engines, spans = [], []
-        for _ in range(2):
-            eng = engine_for(path, check.device, check.dtype, sessions=n, context=a.context)
-            if mode == "graphs":
-                _graphs(eng)
-            spans.append(_event_spans(eng, ref))  # inside the stream switch: events on the engine's stream
-            use_own_cuda_stream(eng, torch.cuda.Stream(device=torch.device(check.device)))
-            run_sessions(eng, prompt, n, 1, 4)
-            engines.append(eng)
-        alone = []
-        for eng in engines:
+    for variant in ("forward_on_stream", "step_on_stream"):
+        for mode in ("eager", "graphs"):
+            engines, spans = [], []
+            for _ in range(2):
+                eng = engine_for(path, check.device, check.dtype, sessions=n, context=a.context)
+                if mode == "graphs":
+                    _graphs(eng)
+                spans.append(_event_spans(eng, ref))  # inside the stream switch: on the engine's stream
+                stream = torch.cuda.Stream(device=torch.device(check.device))
+                if variant == "forward_on_stream":
+                    use_own_cuda_stream(eng, stream)
+                else:
+                    _step_on_stream(eng, stream)
+                run_sessions(eng, prompt, n, 1, 4)
+                engines.append(eng)
+            alone = []
+            for eng in engines:
+                t = time.perf_counter()
+                run_sessions(eng, prompt, n, 1, a.tokens)
+                alone.append(time.perf_counter() - t)
+            for s in spans:
+                s.clear()
             t = time.perf_counter()
-            run_sessions(eng, prompt, n, 1, a.tokens)
-            alone.append(time.perf_counter() - t)
-        for s in spans:
-            s.clear()
-        t = time.perf_counter()
-        threads = [
-            threading.Thread(target=run_sessions, args=(eng, prompt, n, 1, a.tokens)) for eng in engines
-        ]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        both = time.perf_counter() - t
-        torch.cuda.synchronize()
-        intervals = [s.intervals() for s in spans]
-        busy = [sum(e - b for b, e in iv) for iv in intervals]
-        inter = _intersection(intervals[0], intervals[1])
-        out[mode] = {
-            "sessions_per_engine": n,
-            "alone_s": [round(x, 3) for x in alone],
-            "together_s": round(both, 3),
-            "speedup_vs_sequential": round(sum(alone) / both, 3),
-            "forward_overlap_fraction": round(inter / min(busy), 3) if min(busy) > 0 else None,
-        }
-        for eng in engines:
-            eng.shutdown()
+            threads = [
+                threading.Thread(target=run_sessions, args=(eng, prompt, n, 1, a.tokens)) for eng in engines
+            ]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            both = time.perf_counter() - t
+            torch.cuda.synchronize()
+            intervals = [s.intervals() for s in spans]
+            busy = [sum(e - b for b, e in iv) for iv in intervals]
+            inter = _intersection(intervals[0], intervals[1])
+            out.setdefault(variant, {})[mode] = {
+                "sessions_per_engine": n,
+                "alone_s": [round(x, 3) for x in alone],
+                "together_s": round(both, 3),
+                "speedup_vs_sequential": round(sum(alone) / both, 3),
+                "forward_overlap_fraction": round(inter / min(busy), 3) if min(busy) > 0 else None,
+            }
+            for eng in engines:
+                eng.shutdown()
     return out
+
+
+def _step_on_stream(engine: Engine, stream: torch.cuda.Stream) -> None:
+    """Runs every step of ``engine`` (packing, forward, reading logits) on ``stream``."""
+    step = engine.step
+
+    def stepped() -> None:
+        stream.wait_stream(torch.cuda.default_stream(stream.device))  # prefix imports go there
+        with torch.cuda.stream(stream):
+            step()
+
+    engine.step = stepped
 
 
 class _Spans:
@@ -609,32 +631,51 @@ def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) ->
 # ---------------------------------------------------------------------- child processes
 class Child:
     """A ``python -m bench.gpu_check --child ...`` process speaking a line protocol:
-    it prints ``READY {json}``, waits for ``GO``, prints ``DONE {json}``, waits for ``EXIT``."""
+    it prints ``READY {json}``, waits for ``GO``, prints ``DONE {json}``, waits for ``EXIT``.
+    Its stdout is read by a thread (other lines are ignored), its stderr goes to a file."""
 
     def __init__(self, role: str, spec: dict[str, Any], env: dict[str, str] | None = None):
+        import queue
+
         cmd = [sys.executable, "-m", "bench.gpu_check", "--child", role, "--child-spec", json.dumps(spec)]
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             text=True,
             env={**os.environ, **(env or {})},
             cwd=str(Path(__file__).resolve().parent.parent),
         )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _stderr_tail(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()[-2000:]
 
     def expect(self, word: str, timeout: float = 300.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
+        import queue
+
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
                 self.kill()
-                raise TimeoutError(f"child did not say {word} in {timeout:.0f} s")
-            line = self.proc.stdout.readline()
-            if not line:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
-                raise RuntimeError(f"child exited before {word}: {err[-2000:]}")
+                raise TimeoutError(
+                    f"child did not say {word} in {timeout:.0f} s: {self._stderr_tail()}"
+                ) from None
+            if line is None:
+                self.proc.wait(timeout=10)
+                raise RuntimeError(f"child exited before {word}: {self._stderr_tail()}")
             if line.startswith(word + " "):
                 return json.loads(line[len(word) + 1 :])
 
@@ -650,6 +691,7 @@ class Child:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.kill()
+        self.stderr.close()
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):

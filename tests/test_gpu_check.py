@@ -25,7 +25,7 @@ import torch
 from backend.engine import Engine, EngineConfig, Prefix, SamplingParams, StreamSpec, cuda_graphs
 from backend.engine import shared_weights as sw
 from backend.models import LlamaModel, ModelConfig
-from backend.serving import gpu_handoff, trtllm_prefill
+from backend.serving import gpu_handoff, trtllm_connector, trtllm_prefill
 from backend.tokenizer import Tokenizer
 from bench.gpu_check import write_tokenizer
 from launcher import gpu
@@ -459,8 +459,8 @@ def test_connector_hands_each_prompt_over_once_complete():
     pool = FakeTrtllmPool(layout="HND")
     sink = trtllm_prefill.PromptSink()
     sink.configure(num_kv_heads=2, head_dim=4, layout="HND")
-    scheduler = trtllm_prefill.PromptKVScheduler(llm_args=None)
-    worker = trtllm_prefill.PromptKVWorker(llm_args=None)
+    scheduler = trtllm_connector.PromptKVScheduler(llm_args=None)
+    worker = trtllm_connector.PromptKVWorker(llm_args=None)
     worker.sink = sink
     worker.register_kv_caches(pool.tensor)
     long_prompt, short_prompt = tuple(range(100, 112)), (5, 6, 7)
