@@ -117,6 +117,21 @@ class _Pusher:
     def stop(self) -> None:
         self._stop.set()
 
+    def _push(self, text: str) -> bool:
+        """Pushes ``text``, waiting while the server does not know the session yet.
+
+        Why wait: the session id is the client's, but ``session_control`` only knows a session
+        once ``decode`` has started it (after preprocessing and prefill), so a line typed (or
+        piped) at once would be refused as "not a running session". Until the generation
+        ends (``stop``), that answer means "not yet".
+        """
+        while True:
+            try:
+                return self.client.push_input(self.session_id, text)
+            except MultiStreamError as exc:
+                if "not a running session" not in str(exc) or self._stop.wait(0.05):
+                    raise
+
     def _run(self) -> None:
         for line in sys.stdin:
             if self._stop.is_set():
@@ -125,7 +140,7 @@ class _Pusher:
             if not text.strip():
                 continue
             try:
-                ok = self.client.push_input(self.session_id, text + "\n")
+                ok = self._push(text + "\n")
                 self.pushed.append(text)
                 if not ok:
                     self.notes.append(f"not accepted: {text!r}")
