@@ -54,6 +54,11 @@ class Generation(GenerationCore):
         super().__init__(request)
         self._client = client
         self._cancel_hook: Callable[[], None] | None = None
+        #: Held while the ``session_control`` cancel is sent: an iteration that ends (and a
+        #: caller that then closes the client) waits for a ``cancel()`` still sending it on
+        #: another thread, or that cancel would fail on the closed client and the session
+        #: would generate on until ``max_tokens``.
+        self._server_cancel_lock = threading.Lock()
 
     def __iter__(self) -> Iterator[Event]:
         self._begin()
@@ -84,13 +89,14 @@ class Generation(GenerationCore):
 
     def _cancel_on_server(self) -> None:
         """``session_control`` cancel when the core's policy says so (best effort)."""
-        session_id = self._claim_server_cancel()
-        if session_id is None:
-            return
-        try:
-            self._client.cancel(session_id)
-        except MultiStreamError:  # the session may have ended already
-            pass
+        with self._server_cancel_lock:
+            session_id = self._claim_server_cancel()
+            if session_id is None:
+                return
+            try:
+                self._client.cancel(session_id)
+            except MultiStreamError:  # the session may have ended already
+                pass
 
     # -- gRPC -------------------------------------------------------------
     def _iter_grpc(self) -> Iterator[Event]:
