@@ -151,6 +151,22 @@ def scrape(metrics_url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
+def freed_within_s() -> float:
+    """How long after a cancel the gauges may still show a session, by the server's own rules.
+
+    decode waits at most ``CANCEL_GRACE_S`` for the engine and reasoning to confirm (they stop
+    within a step, checked at least every ``MAX_CHECK_S``); the stats poller then updates the
+    gauges within ``stats_period`` and the metrics flusher sends them within ``FLUSH_PERIOD_S``.
+    A bound derived from the code, not a guess at how loaded the machine is.
+    """
+    from backend.serving.decode import CANCEL_GRACE_S
+    from backend.serving.engine_model import EngineModel
+    from backend.serving.metrics import FLUSH_PERIOD_S
+    from backend.serving.pump import MAX_CHECK_S
+
+    return CANCEL_GRACE_S + MAX_CHECK_S + EngineModel.stats_period + FLUSH_PERIOD_S
+
+
 def gauge_sum(metrics: dict, family: str, model: str | None = None) -> float:
     return sum(v for labels, v in metrics.get(family, []) if model is None or labels.get("model") == model)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -28,6 +29,19 @@ from client import (
 pytestmark = pytest.mark.server
 
 PROMPT = "What is the capital of France? Answer briefly."
+#: Long enough an answer that text pushed at its first delta is read before it ends.
+STORY = "Write a long story about a dragon who learns to paint."
+#: Tokens of the answers compared with the greedy reference below.
+GREEDY_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def greedy(triton_server) -> Done:
+    """The greedy streamed gRPC answer to PROMPT: every other way of asking must give this text."""
+    with MultiStreamClient(triton_server.grpc_url) as c:
+        done = c.generate(PROMPT, max_tokens=GREEDY_TOKENS, temperature=0.0).result()
+    assert done.output_text.strip() and done.finish_reasons["output"] in ("stop", "length"), done
+    return done
 
 
 def _url(server, protocol: str) -> str:
@@ -78,10 +92,11 @@ def test_non_streaming_grpc_gives_one_response(triton_server):
     assert events[-1].output_text.strip()
 
 
-def test_non_streaming_http_generate(triton_server):
+def test_non_streaming_http_generate(triton_server, greedy):
     with MultiStreamClient(triton_server.http_url, "http") as c:
-        done = c.generate(PROMPT, max_tokens=6, stream=False).result()
-    assert done.output_text.strip()
+        done = c.generate(PROMPT, max_tokens=GREEDY_TOKENS, stream=False).result()
+    assert done.output_text == greedy.output_text
+    assert done.finish_reasons["output"] == greedy.finish_reasons["output"]
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -96,15 +111,15 @@ def test_async_client(triton_server, protocol):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_server_error_surfaces_with_message(triton_server, protocol):
+def test_server_error_surfaces_with_message(triton_server, protocol, greedy):
     with MultiStreamClient(_url(triton_server, protocol), protocol, idle_timeout_s=60) as c:
         t = time.monotonic()
         with pytest.raises(MultiStreamError) as e:
             list(c.generate(PROMPT, max_tokens=10_000_000))
         assert "max_tokens" in str(e.value)
         assert time.monotonic() - t < 30
-        # The client stays usable after an error.
-        assert c.generate(PROMPT, max_tokens=3).result().output_text is not None
+        # The client stays usable after an error: the next request gets the full greedy answer.
+        assert c.generate(PROMPT, max_tokens=GREEDY_TOKENS).result().output_text == greedy.output_text
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -136,19 +151,36 @@ def test_push_input_and_server_cancel_while_streaming(triton_server):
 
 
 def test_local_stream_cancel(triton_server):
+    """A local cancel (stream closed, and the session cancelled through session_control) frees
+    the server's session: the gauges are back to idle within the server's own cancel bound."""
+    from tests.reliability_helpers import freed_within_s, gauge_sum, scrape, wait_for
+
+    def busy() -> bool:
+        return gauge_sum(scrape(triton_server.metrics_url), "multistream_active_sessions") > 0
+
+    def idle() -> bool:
+        m = scrape(triton_server.metrics_url)
+        return (
+            gauge_sum(m, "multistream_active_sessions") + gauge_sum(m, "multistream_kv_cache_used_tokens")
+            == 0
+        )
+
+    assert wait_for(idle, 30), "the server is not idle before the test"
     with MultiStreamClient(triton_server.grpc_url) as c:
-        gen = c.generate(PROMPT, max_tokens=200)
+        gen = c.generate(STORY, max_tokens=800)  # many seconds of answer: only the cancel ends it soon
         n = 0
         with pytest.raises(MultiStreamCancelled):
             for _ev in gen:
                 n += 1
                 if n == 1:
+                    assert wait_for(busy, 5), "the gauges never showed the session"
+                    t_cancel = time.monotonic()
                     threading.Thread(target=gen.cancel).start()
-        # The server freed the session: a new request is served normally.
-        assert c.generate(PROMPT, max_tokens=3).result().output_text.strip()
+    limit = freed_within_s()
+    assert wait_for(idle, limit), f"session or KV still held {time.monotonic() - t_cancel:.1f}s after cancel"
 
 
-def test_cli_json(triton_server):
+def test_cli_json(triton_server, greedy):
     proc = subprocess.run(
         [
             sys.executable,
@@ -159,7 +191,7 @@ def test_cli_json(triton_server):
             triton_server.grpc_url,
             "--json",
             "--max-tokens",
-            "6",
+            str(GREEDY_TOKENS),
             "--reasoning-streams",
             "1",
             "--reasoning-budget",
@@ -171,11 +203,14 @@ def test_cli_json(triton_server):
     )
     assert proc.returncode == 0, proc.stderr
     obj = json.loads(proc.stdout)
-    assert obj["output_text"].strip() and "reasoning/0" in obj["reasoning_texts"]
+    # isolated (the default): reasoning does not change the answer
+    assert obj["output_text"] == greedy.output_text
+    assert obj["reasoning_texts"]["reasoning/0"].strip()
+    assert obj["tokens"]["reasoning/0"] == 6 or obj["finish_reasons"]["reasoning/0"] == "stop"
     assert obj["ttft_s"]["output"] > 0 and "output" in obj["tokens_per_s"]
 
 
-def test_cli_live_view_http(triton_server):
+def test_cli_live_view_http(triton_server, greedy):
     proc = subprocess.run(
         [
             sys.executable,
@@ -187,7 +222,7 @@ def test_cli_live_view_http(triton_server):
             "--protocol",
             "http",
             "--max-tokens",
-            "6",
+            str(GREEDY_TOKENS),
             "--reasoning-streams",
             "1",
             "--reasoning-budget",
@@ -196,9 +231,11 @@ def test_cli_live_view_http(triton_server):
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "COLUMNS": "240", "LINES": "40"},  # wide panels: the answer fits one line
     )
     assert proc.returncode == 0, proc.stderr
     assert "answer" in proc.stdout and "reasoning/0" in proc.stdout and "TTFT" in proc.stdout
+    assert greedy.output_text.strip() in proc.stdout, proc.stdout
 
 
 def test_cli_server_error_exit_1(triton_server):
@@ -211,18 +248,56 @@ def test_cli_server_error_exit_1(triton_server):
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and "max_tokens" in proc.stderr
 
 
-def test_pushed_input_is_echoed_and_request_completes(triton_server):
-    """Regression: the 'user' echo stream has no finish_reason and must not fail the request."""
+def test_pushed_input_is_echoed_and_request_completes(triton_server, default_model_dir):
+    """The 'user' echo stream carries exactly the pushed text's tokens, and (having no
+    finish_reason) does not fail the request."""
+    from backend.tokenizer import Tokenizer
+
+    pushed_text = " Paris?"
+    want = Tokenizer.from_dir(default_model_dir).encode(pushed_text)
     sid = "echo-" + uuid.uuid4().hex
     with MultiStreamClient(triton_server.grpc_url) as c, MultiStreamClient(triton_server.grpc_url) as ctl:
         events = []
         pushed = None
-        for ev in c.generate(PROMPT, max_tokens=24, session_id=sid):
+        for ev in c.generate(STORY, max_tokens=64, session_id=sid):
             events.append(ev)
             if pushed is None and isinstance(ev, StreamDelta) and ev.stream == "output":
-                pushed = ctl.push_input(sid, " Paris?")
+                pushed = ctl.push_input(sid, pushed_text)
     assert pushed is True
     done = events[-1]
     assert isinstance(done, Done) and done.finish_reasons["output"] in ("stop", "length")
     echo = [e for e in events[:-1] if e.stream == "user"]
-    assert all(e.kind == "input" for e in echo)
+    assert echo and all(e.kind == "input" for e in echo)
+    assert [t for e in echo for t in e.token_ids] == want, "the model did not read all of the pushed text"
+    assert done.tokens["user"] == len(want)
+
+
+def test_cli_interactive_pushes_typed_lines(triton_server, default_model_dir):
+    """``--interactive``: a line typed while the answer streams (here at once, before the
+    session has started) is pushed into the session and read in full by the model."""
+    from backend.tokenizer import Tokenizer
+
+    line = "Also, the dragon has a cat."
+    want = Tokenizer.from_dir(default_model_dir).encode(line + "\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client",
+            STORY,
+            "--url",
+            triton_server.grpc_url,
+            "--json",
+            "--interactive",
+            "--max-tokens",
+            "64",
+        ],
+        input=line + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    obj = json.loads(proc.stdout)
+    assert obj["pushed_inputs"] == [line], obj
+    assert obj["tokens"].get("user") == len(want), obj["tokens"]

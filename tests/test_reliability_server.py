@@ -3,8 +3,9 @@
 Why an own server: these tests fill every KV slot, cancel fifty requests and kill a stub;
 doing that to the shared session fixture would hurt every test after them. Settings:
 one decode instance with ``max_sessions`` 2 and ``max_queued`` 1 (so 4x capacity is only 8
-requests), a 4 s reasoning watchdog, and the ``fault_injection`` deploy parameter that
-makes reasoning fail (or go silent) for session ids with a test-only prefix.
+requests), a 4 s reasoning watchdog, the ``fault_injection`` deploy parameter that
+makes reasoning fail (or go silent) for session ids with a test-only prefix, and answer
+responses grouped by 4 tokens (``response_group_tokens``, which no other test needs).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 MAX_SESSIONS = 2
 MAX_QUEUED = 1
 REASONING_TIMEOUT_S = 4.0
+#: decode's ``response_group_tokens`` here: answer tokens per response (the shared server sends 1).
+GROUP_TOKENS = 4
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
@@ -64,7 +67,11 @@ def small_server(gil_check: None) -> Iterator[ServerHandle]:
         max_sessions=MAX_SESSIONS,
         max_context=512,
         parameters={
-            "decode": {"max_queued": str(MAX_QUEUED), "reasoning_timeout_s": str(REASONING_TIMEOUT_S)},
+            "decode": {
+                "max_queued": str(MAX_QUEUED),
+                "reasoning_timeout_s": str(REASONING_TIMEOUT_S),
+                "response_group_tokens": str(GROUP_TOKENS),
+            },
             "reasoning": {"fault_injection": "error_after:3:fault-err-,hang_after:3:fault-hang-"},
         },
         log_level="warning",
@@ -321,6 +328,26 @@ def test_reasoning_timeout_ends_the_reasoning_stream(small_server) -> None:
     _idle(small_server)
 
 
+def test_response_group_tokens_groups_the_answer(small_server) -> None:
+    """decode's ``response_group_tokens``: every answer response carries that many tokens but
+    the last (the rest, with the finish reason); the grouped text is the ungrouped decoding."""
+    from backend.model_store import resolve_model_dir
+    from backend.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(resolve_model_dir(small_server.config.model_dir))
+    with MultiStreamClient(small_server.grpc_url, idle_timeout_s=60) as client:
+        events = list(client.generate(PROMPT, max_tokens=4 * GROUP_TOKENS + 2))
+    done = events[-1]
+    answer = [e for e in events[:-1] if e.stream == "output"]
+    sizes = [len(e.token_ids) for e in answer]
+    assert sizes[:-1] == [GROUP_TOKENS] * (len(sizes) - 1) and 1 <= sizes[-1] <= GROUP_TOKENS, sizes
+    assert [e.finish_reason for e in answer] == [None] * (len(answer) - 1) + [done.finish_reasons["output"]]
+    ids = [t for e in answer for t in e.token_ids]
+    assert len(ids) == 4 * GROUP_TOKENS + 2 or done.finish_reasons["output"] == "stop", sizes
+    assert done.output_text == tok.decode([t for t in ids if t not in tok.eos_token_ids])
+    _idle(small_server)
+
+
 def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None:
     """SIGKILL the decode stub while two requests stream (sync and asyncio client).
 
@@ -351,7 +378,7 @@ def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None
                     if n == 3:
                         started.wait(timeout=60)
                 outcomes.append(("completed", time.monotonic() - t_kill))
-            except MultiStreamError as e:
+            except BaseException as e:  # noqa: BLE001 - every outcome is recorded and checked below
                 outcomes.append((e, time.monotonic() - t_kill))
 
     async def async_client() -> None:
@@ -364,7 +391,7 @@ def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None
                     if n == 3:
                         await asyncio.to_thread(started.wait, 60)
                 outcomes.append(("completed", time.monotonic() - t_kill))
-            except MultiStreamError as e:
+            except BaseException as e:  # noqa: BLE001 - every outcome is recorded and checked below
                 outcomes.append((e, time.monotonic() - t_kill))
 
     workers = [
@@ -379,6 +406,9 @@ def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None
     for w in workers:
         w.join(timeout=60)
     assert not any(w.is_alive() for w in workers), "a client hangs after its decode stub died"
+    # Both clients ended with an outcome (a thread that died of an unexpected exception
+    # recorded it too), and each is the error the library promises.
+    assert len(outcomes) == 2, f"expected an outcome from each of the 2 clients, got {outcomes}"
     for outcome, seconds in outcomes:
         assert isinstance(outcome, MultiStreamError), f"a request on the killed stub did not fail: {outcome}"
         assert seconds < 30, f"the client learnt of the dead stub only after {seconds:.0f}s"

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.reliability_helpers import freed_within_s
+
 pytestmark = pytest.mark.server
 
 STORY = "Write a long story about a dragon who learns to paint."
@@ -235,15 +237,61 @@ def test_answer_streams_before_reasoning_finishes(triton_server) -> None:
     assert res.text("reasoning/0") != res.text("reasoning/1"), "the reasoning streams should differ"
 
 
+def _infer(url: str, model: str, arrays: dict[str, tuple[np.ndarray, str]], outputs: list[str]) -> dict:
+    """One plain (not decoupled) call of a model of the ensemble, as the ensemble makes it."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, (arr, datatype) in arrays.items():
+        inp = grpcclient.InferInput(name, list(arr.shape), datatype)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    with grpcclient.InferenceServerClient(url) as client:
+        res = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs])
+        return {n: res.as_numpy(n) for n in outputs}
+
+
+def _decode_directly(url: str, handoff: dict[str, tuple[np.ndarray, str]]) -> list[int]:
+    """Streams ``decode`` itself (what the ensemble does after prefill); returns the answer's ids."""
+    import tritonclient.grpc as grpcclient
+
+    got: queue.Queue = queue.Queue()
+    inputs = []
+    for name, (arr, datatype) in handoff.items():
+        inp = grpcclient.InferInput(name, list(arr.shape), datatype)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        client.async_stream_infer("decode", inputs, enable_empty_final_response=True)
+        ids: list[int] = []
+        while True:
+            result, error = got.get(timeout=120)
+            assert error is None, error
+            name = result.as_numpy("stream_name")
+            if name is not None and name.reshape(-1)[0] == b"output":
+                ids += result.as_numpy("output_ids").reshape(-1).tolist()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return ids
+    finally:
+        client.stop_stream()
+        client.close()
+
+
 def test_greedy_matches_engine_in_process(triton_server) -> None:
-    """Same request, same dtype: the ensemble (prefill KV handed across processes) == the engine."""
+    """Same request, same dtype: the ensemble's answer is the in-process engine's, prefill's
+    ``prompt_kv`` / ``prompt_logits`` are the in-process export bit for bit, and ``decode``
+    takes the prompt from them instead of recomputing it: tampered hand-off tensors change
+    its answer (forced logits pick its first token, a zeroed KV changes the rest)."""
     import torch
 
     from backend.engine import Engine, EngineConfig, SamplingParams, StreamSpec
     from backend.model_store import resolve_model_dir
     from backend.serving.preprocessing import prompt_ids
 
-    res = stream(triton_server.grpc_url, text_input=STORY, max_tokens=32)
+    url = triton_server.grpc_url
+    res = stream(url, text_input=STORY, max_tokens=32)
     assert res.error is None, res.error
     threads = torch.get_num_threads()
     engine = Engine.from_model_dir(
@@ -261,11 +309,35 @@ def test_greedy_matches_engine_in_process(triton_server) -> None:
             text += ev.text
             if ev.finished:
                 break
+        local = engine.prefill_export(prompt, timeout=60)
+        forced_first = engine.tokenizer.encode(" Banana")[0]
     finally:
         engine.shutdown()
         torch.set_num_threads(threads)
     assert res.ids() == ids
     assert res.text() == text
+
+    # The ensemble's steps one by one: preprocessing -> prefill -> decode.
+    values = _tensors({"text_input": STORY, "max_tokens": 32, "stream": True})
+    pre = _infer(
+        url, "preprocessing", {n: (a, DTYPES[n][0]) for n, a in values.items()}, ["input_ids", "request_json"]
+    )
+    assert pre["input_ids"].reshape(-1).tolist() == prompt
+    request = {"input_ids": (pre["input_ids"], "INT32"), "request_json": (pre["request_json"], "BYTES")}
+    kv_logits = _infer(url, "prefill", request, ["prompt_kv", "prompt_logits"])
+    kv, logits = kv_logits["prompt_kv"], kv_logits["prompt_logits"]
+    assert torch.equal(torch.from_numpy(kv[0]), local.kv.float()), "prefill's prompt_kv != in-process export"
+    assert torch.equal(torch.from_numpy(logits).reshape(local.logits.shape), local.logits.float())
+    genuine = _decode_directly(url, {**request, "prompt_kv": (kv, "FP32"), "prompt_logits": (logits, "FP32")})
+    assert genuine == ids
+    forced = logits.copy()
+    forced[0, forced_first] = forced.max() + 10.0
+    first = _decode_directly(url, {**request, "prompt_kv": (kv, "FP32"), "prompt_logits": (forced, "FP32")})
+    assert first[0] == forced_first != ids[0], "decode did not sample its first token from prompt_logits"
+    blank = _decode_directly(
+        url, {**request, "prompt_kv": (np.zeros_like(kv), "FP32"), "prompt_logits": (logits, "FP32")}
+    )
+    assert blank[0] == ids[0] and blank != ids, "decode ignored prompt_kv (recomputed the prompt?)"
 
 
 def test_tensorrt_llm_style_client(triton_server) -> None:
@@ -327,43 +399,88 @@ def test_http_generate_and_generate_stream(triton_server) -> None:
     assert events[-1]["finish_reason"] in ("stop", "length")
 
 
-def test_input_while_generating_two_sessions(triton_server) -> None:
-    """Input pushed through session_control reaches the running session's User channel.
+def _owner_instance(server: Any, session_id: str, timeout: float = 60.0) -> str:
+    """The decode instance serving a session: the pid its mailbox entry names, looked up in the
+    server's live stubs (``ServerHandle.stubs``: instance name -> pid)."""
+    from backend.serving.session_control import Mailbox, mailbox_root
 
-    Two sessions at once on a server with two decode instances: the mailbox must reach
-    whichever instance owns each session.
+    mailbox = Mailbox(mailbox_root(str(server.run_dir / "model_repository" / "decode")))
+    deadline = time.monotonic() + timeout
+    while (pid := mailbox.owner_pid(session_id)) is None:
+        assert time.monotonic() < deadline, f"session {session_id} never registered"
+        time.sleep(0.02)
+    names = [name for name, p in server.stubs().items() if p == pid]
+    assert names and names[0].startswith("decode_"), f"pid {pid} is no decode stub: {server.stubs()}"
+    return names[0]
+
+
+def test_input_while_generating_two_sessions(triton_server) -> None:
+    """Input pushed through session_control reaches the running session's User channel, on
+    each of the two decode instances: the mailbox must reach whichever instance owns a session.
+
+    Triton picks the instance; sessions are started until both instances hold one (the extra
+    ones are cancelled), and the per-instance gauge agrees with the mailbox's owner.
     """
     assert triton_server.config.instances.get("decode") == 2
-    extra = " Also, the dragon has a cat."
-    pushed: dict[str, bool] = {}
-
-    def on_delta(call: StreamCall, d: Delta) -> None:
-        sid = call.values["session_id"]
-        if d.stream == "output" and sid not in pushed:
-            pushed[sid] = control(triton_server.grpc_url, sid, "input", extra)
-
-    calls = []
-    for i in range(2):
-        sid = f"test-input-{os.getpid()}-{i}"
-        values = {"text_input": STORY, "max_tokens": 48, "stream": True, "session_id": sid}
-        calls.append(StreamCall(triton_server.grpc_url, values, on_delta))
     from backend.model_store import resolve_model_dir
     from backend.tokenizer import Tokenizer
 
+    url = triton_server.grpc_url
+    extra = " Also, the dragon has a cat."
     want = Tokenizer.from_dir(resolve_model_dir(triton_server.config.model_dir)).encode(extra)
-    for call in calls:
+    wait_idle(triton_server)
+    calls: dict[str, StreamCall] = {}  # instance -> the call it serves
+    spare: list[StreamCall] = []
+    for i in range(6):
+        sid = f"test-input-{os.getpid()}-{i}"
+        values = {"text_input": STORY, "max_tokens": 64, "stream": True, "session_id": sid}
+        call = StreamCall(url, values)
+        where = _owner_instance(triton_server, sid)
+        if where in calls:
+            spare.append(call)
+        else:
+            calls[where] = call
+        if len(calls) == 2:
+            break
+    assert len(calls) == 2, f"6 sessions, all on {list(calls)}"
+    for call in spare:
+        control(url, call.values["session_id"], "cancel")
+    live = {}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        live = {
+            dict(labels)["instance"]: v
+            for (name, labels), v in scrape(triton_server.metrics_url).items()
+            if name == "multistream_active_sessions" and ("model", "decode") in labels
+        }
+        if all(live.get(inst, 0) >= 1 for inst in calls):
+            break
+        time.sleep(0.1)
+    assert all(live.get(inst, 0) >= 1 for inst in calls), (
+        f"per-instance gauges {live}, sessions on {list(calls)}"
+    )
+    for call in calls.values():
+        # Pushed once the answer streams (the session is registered from its start).
+        deadline = time.monotonic() + 60
+        while not call.result.of("output"):
+            assert time.monotonic() < deadline, "no answer delta"
+            time.sleep(0.02)
+        assert control(url, call.values["session_id"], "input", extra) is True
+    for where, call in calls.items():
         res = call.wait()
         assert res.error is None, res.error
-        assert pushed.get(call.values["session_id"]) is True
-        assert res.ids("user") == want, "the session did not read the pushed input"
+        assert res.ids("user") == want, f"the session on {where} did not read the pushed input"
         # The echo is interleaved with the answer: the session kept generating while reading it.
         user_t = [d.t for d in res.of("user")]
         assert any(d.t > user_t[0] for d in res.of("output"))
+    for call in spare:
+        assert call.wait().error is None
     # An ended (or unknown) session is a clear error naming the session id.
     import tritonclient.utils
 
+    first = next(iter(calls.values()))
     with pytest.raises(tritonclient.utils.InferenceServerException, match="session_id"):
-        control(triton_server.grpc_url, calls[0].values["session_id"], "input", "too late")
+        control(url, first.values["session_id"], "input", "too late")
 
 
 def _active(server: Any, model: str) -> float:
@@ -387,12 +504,13 @@ def wait_busy(server: Any, timeout: float = 3.0) -> None:
 
 
 def _long_call(server: Any, sid: str, on_delta=None) -> StreamCall:
+    # 800 + 800 tokens: many seconds even on a fast machine, so only a cancel ends them soon.
     values = {
         "text_input": STORY,
-        "max_tokens": 400,
+        "max_tokens": 800,
         "stream": True,
         "reasoning_streams": 1,
-        "reasoning_budget": 400,
+        "reasoning_budget": 800,
         "session_id": sid,
     }
     return StreamCall(server.grpc_url, values, on_delta)
@@ -401,8 +519,9 @@ def _long_call(server: Any, sid: str, on_delta=None) -> StreamCall:
 def test_cancel_frees_session(triton_server) -> None:
     """A cancel stops decode and reasoning within a step and hands back their KV.
 
-    With 400 answer + 400 reasoning tokens still to go, only the cancel can free the
-    sessions within seconds; the metrics show it (active sessions and KV back to idle).
+    With 800 answer + 800 reasoning tokens still to go, only the cancel can free the
+    sessions within seconds; the gauges show it (active sessions and KV back to idle in
+    every model) within the bound the server's own cancel grace and metric periods give.
     """
     wait_idle(triton_server)
     sid = f"test-cancel-{os.getpid()}"
@@ -417,36 +536,50 @@ def test_cancel_frees_session(triton_server) -> None:
     res = call.wait(30)
     assert res.error is None, res.error
     assert res.of("output")[-1].finish == "cancelled"
+    assert {d.stream: d.finish for d in res.deltas if d.finish}.get("reasoning/0") == "cancelled"
     assert len(res.ids()) < 200
-    samples = wait_idle(triton_server, timeout=10)
+    limit = freed_within_s()
+    samples = wait_idle(triton_server, timeout=limit)
     elapsed = time.monotonic() - t_cancel
-    assert metric(samples, "multistream_active_sessions") == 0, "sessions still alive after cancel"
-    assert metric(samples, "multistream_kv_cache_used_tokens") == 0, "KV not freed after cancel"
-    assert elapsed < 8, f"took {elapsed:.1f}s to free the sessions"
+    assert metric(samples, "multistream_active_sessions") == 0, (
+        f"sessions still alive {elapsed:.1f}s after cancel"
+    )
+    assert metric(samples, "multistream_kv_cache_used_tokens") == 0, (
+        f"KV still held {elapsed:.1f}s after cancel"
+    )
+    assert elapsed < limit, f"took {elapsed:.1f}s to free the sessions (bound {limit:.1f}s)"
+
+
+class CancelDidNotReachDecode(Exception):
+    """The known Triton 2.51 limitation this xfail test expects, and nothing else."""
 
 
 @pytest.mark.xfail(
     strict=True,
+    raises=CancelDidNotReachDecode,
     reason="tritonserver 2.51 checks an ensemble's cancellation only between steps: an in-flight "
     "decoupled step (decode) never sees is_cancelled(). Cancel through session_control instead.",
 )
 def test_grpc_client_cancel_reaches_decode(triton_server) -> None:
+    # Preconditions: plain asserts, outside the expected failure (a broken set-up fails loudly).
     wait_idle(triton_server)
     started = threading.Event()
     sid = f"test-grpc-cancel-{os.getpid()}"
     call = _long_call(triton_server, sid, lambda c, d: started.set() if len(c.result.deltas) >= 5 else None)
-    assert started.wait(60)
-    wait_busy(triton_server)
-    t_cancel = time.monotonic()
-    call.close(cancel=True)
     try:
-        samples = wait_idle(triton_server, timeout=5)
-        assert metric(samples, "multistream_active_sessions") == 0, (
-            f"still running {time.monotonic() - t_cancel:.1f}s after the client cancelled"
-        )
+        assert started.wait(60), "the session never streamed"
+        wait_busy(triton_server)
+        t_cancel = time.monotonic()
+        call.close(cancel=True)
+        samples = wait_idle(triton_server, timeout=freed_within_s())
+        if metric(samples, "multistream_active_sessions") != 0:
+            raise CancelDidNotReachDecode(
+                f"still running {time.monotonic() - t_cancel:.1f}s after the client cancelled its stream"
+            )
     finally:
         with contextlib.suppress(Exception):  # do not leave the session running for later tests
             control(triton_server.grpc_url, sid, "cancel")
+        wait_idle(triton_server)
 
 
 def test_client_library_cancel_stops_decode_and_reasoning(triton_server) -> None:
@@ -477,17 +610,31 @@ def test_client_library_cancel_stops_decode_and_reasoning(triton_server) -> None
     assert time.monotonic() - t_cancel < 10
 
 
+def _most_at_once(windows: list[tuple[float, float]]) -> int:
+    """The largest number of ``(start, end)`` windows open at one instant."""
+    edges = sorted([(s, 1) for s, _ in windows] + [(e, -1) for _, e in windows], key=lambda x: (x[0], x[1]))
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
 def test_eight_concurrent_streaming_clients(triton_server) -> None:
+    """Eight clients at once are served together (continuous batching on two decode instances),
+    each with its complete answer; a server that served them one (or two) at a time fails."""
     from backend.model_store import resolve_model_dir
     from backend.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(resolve_model_dir(triton_server.config.model_dir))
+    wait_idle(triton_server)
     prompts = [f"Tell me one fact about the number {i}." for i in range(8)]
     calls = [
         StreamCall(triton_server.grpc_url, {"text_input": p, "max_tokens": 20, "stream": True})
         for p in prompts
     ]
     results = [c.wait(180) for c in calls]
+    windows = []
     for res in results:
         assert res.error is None, res.error
         out = res.of("output")
@@ -498,27 +645,70 @@ def test_eight_concurrent_streaming_clients(triton_server) -> None:
         # complete: the streamed text is exactly the decoding of the streamed ids (minus EOS)
         body = [i for i in ids if i not in tok.eos_token_ids]
         assert res.text() == tok.decode(body)
+        windows.append((out[0].t, out[-1].t))
+    most = _most_at_once(windows)
+    assert most >= 4, f"at most {most} of 8 answers streamed at the same time: {windows}"
 
 
-def test_metrics_plausible(triton_server) -> None:
-    stream(triton_server.grpc_url, text_input=QUESTION, max_tokens=8, reasoning_streams=1, reasoning_budget=8)
-    samples = wait_idle(triton_server)
-    for kind, model in (("output", "decode"), ("reasoning", "reasoning")):
-        count = metric(samples, "multistream_time_to_first_token_ms_count", model=model, stream_kind=kind)
-        total = metric(samples, "multistream_time_to_first_token_ms_sum", model=model, stream_kind=kind)
-        assert count >= 1, kind
-        assert 0 < total / count < 60_000, (kind, total / count)
-        itl_n = metric(samples, "multistream_inter_token_latency_ms_count", model=model, stream_kind=kind)
-        itl = metric(samples, "multistream_inter_token_latency_ms_sum", model=model, stream_kind=kind)
-        assert itl_n >= 1 and 0 < itl / itl_n < 5_000
-        assert metric(samples, "multistream_generated_tokens_total", model=model, stream_kind=kind) >= count
-    cap = metric(samples, "multistream_kv_cache_capacity_tokens", model="decode")
+def test_metrics_count_exactly_what_one_request_produced(triton_server) -> None:
+    """/metrics scraped around one request (answer + 2 reasoning streams): every token the
+    client received is counted once per stream kind, one TTFT observation per stream, one
+    inter-token observation per later token, and the gauges fall back to idle."""
+    url = triton_server.metrics_url
+    wait_idle(triton_server)
+    before = scrape(url)
+    res = stream(
+        triton_server.grpc_url, text_input=QUESTION, max_tokens=8, reasoning_streams=2, reasoning_budget=8
+    )
+    assert res.error is None, res.error
+    think = {name: len(res.ids(name)) for name in ("reasoning/0", "reasoning/1")}
+    received = {("decode", "output"): len(res.ids("output")), ("reasoning", "reasoning"): sum(think.values())}
+    assert all(received.values()) and all(think.values()), (received, think)
+    streams = {("decode", "output"): 1, ("reasoning", "reasoning"): 2}
+
+    def delta(samples: dict, family: str, model: str, kind: str) -> float:
+        return metric(samples, family, model=model, stream_kind=kind) - metric(
+            before, family, model=model, stream_kind=kind
+        )
+
+    after: dict = {}
+
+    def counted() -> bool:  # the flusher sends every FLUSH_PERIOD_S: wait for the final values
+        nonlocal after
+        after = wait_idle(triton_server)
+        return all(
+            delta(after, "multistream_generated_tokens_total", m, k) >= n for (m, k), n in received.items()
+        ) and metric(after, "nv_inference_request_success", model="multistream") > metric(
+            before, "nv_inference_request_success", model="multistream"
+        )
+
+    deadline = time.monotonic() + 15
+    while not counted() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for (model, kind), n in received.items():
+        assert delta(after, "multistream_generated_tokens_total", model, kind) == n, (model, kind)
+        ttft_n = delta(after, "multistream_time_to_first_token_ms_count", model, kind)
+        assert ttft_n == streams[model, kind], f"{kind}: {ttft_n} TTFT observations"
+        itl_n = delta(after, "multistream_inter_token_latency_ms_count", model, kind)
+        assert itl_n == n - streams[model, kind], f"{kind}: {itl_n} inter-token observations for {n} tokens"
+        assert delta(after, "multistream_time_to_first_token_ms_sum", model, kind) > 0
+        assert delta(after, "multistream_inter_token_latency_ms_sum", model, kind) > 0
+    # The answer's TTFT counts from arrival in preprocessing, after the client sent the request.
+    out = res.of("output")
+    client_ttft_ms = (next(d.t for d in out if d.ids) - res.t0) * 1000
+    assert delta(after, "multistream_time_to_first_token_ms_sum", "decode", "output") <= client_ttft_ms
+    assert (
+        metric(after, "nv_inference_request_success", model="multistream")
+        - metric(before, "nv_inference_request_success", model="multistream")
+        == 1
+    )
+    cap = metric(after, "multistream_kv_cache_capacity_tokens", model="decode")
     assert (
         cap == 2 * triton_server.config.max_sessions * triton_server.config.max_context
     )  # 2 decode instances
-    assert metric(samples, "multistream_active_sessions") == 0
-    assert metric(samples, "multistream_kv_cache_utilization") == 0
-    assert metric(samples, "nv_inference_request_success", model="multistream") >= 1
+    assert metric(after, "multistream_active_sessions") == 0
+    assert metric(after, "multistream_kv_cache_used_tokens") == 0
+    assert metric(after, "multistream_kv_cache_utilization") == 0
 
 
 def test_bad_input_names_the_field_and_server_keeps_serving(triton_server) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 
 import pytest
 import torch
@@ -61,24 +62,45 @@ def test_device_placement() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_own_cuda_stream_gives_the_same_tokens(default_model_dir) -> None:  # pragma: no cover - GPU only
+    """Every forward runs on the engine's thread with the given stream current (a wrapper
+    that ignored the stream would still give the same tokens), and the tokens do not change."""
     from backend.engine import Engine, EngineConfig, SamplingParams, StreamSpec
     from backend.serving.instance import use_own_cuda_stream
 
-    def run(own_stream: bool) -> list[int]:
+    def run(stream: torch.cuda.Stream | None) -> tuple[list[int], list[tuple[object, object]]]:
         engine = Engine.from_model_dir(
             default_model_dir, EngineConfig(device="cuda:0", max_sessions=1, max_context=256)
         )
-        if own_stream:
-            use_own_cuda_stream(engine, torch.cuda.Stream())
+        seen: list[tuple[object, object]] = []  # (thread, current stream) of every forward
+        inner = engine.model.forward
+
+        def spy(*a, **kw):
+            seen.append((threading.current_thread(), torch.cuda.current_stream()))
+            return inner(*a, **kw)
+
+        engine.model.forward = spy
+        if stream is not None:
+            use_own_cuda_stream(engine, stream)
         q: queue.Queue = queue.Queue()
         prompt = engine.tokenizer.encode("The capital of France is")
         engine.submit(prompt, [StreamSpec("output", sampling=SamplingParams(max_tokens=12))], on_event=q.put)
         ids = []
-        while True:
-            ev = q.get(timeout=60)
-            ids += ev.token_ids
-            if ev.finished:
-                engine.shutdown()
-                return ids
+        try:
+            while True:
+                ev = q.get(timeout=60)
+                ids += ev.token_ids
+                if ev.finished:
+                    break
+        finally:
+            thread = engine._thread
+            engine.shutdown()
+        assert seen and all(t is thread for t, _ in seen), "a forward ran off the engine thread"
+        return ids, [s for _, s in seen]
 
-    assert run(True) == run(False)
+    own = torch.cuda.Stream()
+    assert own != torch.cuda.default_stream()
+    with_stream, streams = run(own)
+    assert all(s == own for s in streams), f"forwards ran on {set(map(str, streams))}, not on {own}"
+    plain, default_streams = run(None)
+    assert all(s == torch.cuda.default_stream() for s in default_streams)
+    assert with_stream == plain
