@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from backend.engine import Engine, EngineConfig, SamplingParams, StreamSpec
-from backend.engine.attention import PROMPT_CHANNEL, USER_CHANNEL
+from backend.engine.attention import MAX_CHANNELS, PROMPT_CHANNEL, USER_CHANNEL
 from backend.models import LlamaModel
 from backend.models.config import CHANNEL_EMBEDDING_KEYS
 from backend.tokenizer import Tokenizer
@@ -187,7 +187,7 @@ def flatten(prompt: list[int], streams: dict[str, list[Cell]], extra: list[Cell]
     [("isolated", {}), ("cross", {}), ("isolated", {"r0": "cross"}), ("cross", {"r1": "isolated"})],
 )
 def test_user_channel_and_per_stream_overrides_match_the_dense_reference(
-    tiny_engine, tiny_hf, tokenizer, mode, overrides
+    tiny_engine, tiny_hf, mode, overrides
 ):
     """Pushed User tokens are visible to the answer and to reasoning streams in both modes;
     a stream's own ``attention`` overrides the session's policy for that stream only."""
@@ -212,7 +212,7 @@ def test_user_channel_and_per_stream_overrides_match_the_dense_reference(
         for n in pre:
             sees = None if policy[n] == "cross" else isolated(chans[n])
             if not user_visible and sees is None:
-                sees = frozenset(set(range(16)) - {USER_CHANNEL})
+                sees = frozenset(set(range(MAX_CHANNELS)) - {USER_CHANNEL})
             elif not user_visible:
                 sees = sees - {USER_CHANNEL}
             inputs = pre[n] + out.tokens(n)[:-1]
@@ -413,12 +413,12 @@ def test_prefills_submitted_together_share_steps(tiny_engine):
     ]
     for t in threads:
         t.start()
-    deadline = threading.Event()
-    for _ in range(3000):
+    pause = threading.Event()
+    for _ in range(3000):  # until the three exports wait in the engine's command queue
         with tiny_engine._lock:
             if len(tiny_engine._commands) == 3:
                 break
-        deadline.wait(0.01)
+        pause.wait(0.01)
     steps = tiny_engine.stats()["steps"]
     gate.set()
     for t in threads:
