@@ -5,7 +5,10 @@ Measures, in one run and on the same weights, dtype and thread count:
 - ``single_stream_tok_s``: decode rate of one greedy stream;
 - ``hf_generate_tok_s``: ``transformers`` ``generate`` decode rate on the same prompt;
 - ``row_step_ms`` / ``tokens_per_s_by_streams``: one session advancing C streams per row;
-- ``batch_tok_s``: aggregate decode tokens/s of N concurrent single-stream sessions.
+- ``batch_tok_s``: aggregate decode tokens/s of N concurrent single-stream sessions;
+- ``paper_grid``: the paper's layout on the same checkpoint (C = 10 channels, every channel
+  in every row): the step of one 10-channel row against a one-stream step, and rows per
+  second for 1, 4 and 16 concurrent 10-channel sessions.
 
 With int4 decode weights (the default on a bf16 CPU), the same metrics are also reported
 for dense weights under ``"dense"``: int4 is ~4x cheaper for one row but its cost grows
@@ -29,7 +32,8 @@ import time
 
 import torch
 
-from backend.engine import Engine, EngineConfig, SamplingParams, StreamSpec, resolve_dtype
+from backend.engine import Engine, EngineConfig, GridRules, SamplingParams, StreamSpec, resolve_dtype
+from backend.engine.layout import StreamLayout, find_silence, seed_row, user_tokens
 from backend.model_store import resolve_model_dir
 from backend.tokenizer import Tokenizer
 
@@ -109,6 +113,62 @@ def bench_engine(engine: Engine, prompt: list[int], tokens: int, repeats: int) -
     }
 
 
+def _run_grids(engine: Engine, sessions: int, rows: int, channels: int = 10) -> float:
+    """Aggregate rows per second of ``sessions`` concurrent grids of the paper's layout.
+
+    Rows are counted from each session's first sampled row to its end (``max_rows``
+    reached): (rows - 1) per session over the span from the latest first row to the last end.
+    """
+    tok = engine.tokenizer
+    layout = StreamLayout(channels, find_silence(tok))
+    first: list[float | None] = [None] * sessions
+    end = [0.0] * sessions
+    done = threading.Semaphore(0)
+
+    def make_cb(i: int):
+        live = [channels - 1]
+
+        def cb(ev) -> None:
+            if ev.kind != "user" and first[i] is None:
+                first[i] = ev.t
+            if ev.finished and ev.kind != "user":
+                live[0] -= 1
+                if live[0] == 0:
+                    end[i] = ev.t
+                    done.release()
+
+        return cb
+
+    for i in range(sessions):
+        engine.submit(
+            layout.prefix(seed_row(tok, layout.silence_id, channels)),
+            layout.stream_specs(lambda c: SamplingParams(max_tokens=rows, ignore_eos=True)),
+            on_event=make_cb(i),
+            rules=GridRules(layout.silence_id, channels, stop_silent_rows=None, max_rows=rows),
+            user_ids=user_tokens(tok, PROMPT),
+        )
+    for _ in range(sessions):
+        done.acquire()
+    span = max(end) - max(t for t in first if t is not None)
+    return sessions * (rows - 1) / span if span > 0 else float("nan")
+
+
+def bench_grid(engine: Engine, prompt: list[int], tokens: int, repeats: int) -> dict:
+    """The paper's layout: a 10-channel row step against a one-stream step, and rows/s."""
+    _run_grids(engine, 1, 8)  # warm-up
+    one = max(_decode_rate(_run_sessions(engine, prompt, 1, 1, tokens)["stamps"][0]) for _ in range(repeats))
+    ten = max(_run_grids(engine, 1, tokens) for _ in range(repeats))
+    rows = {str(n): round(_run_grids(engine, n, tokens), 2) for n in (1, 4, 16)}
+    step = {"1": round(1000.0 / one, 3), "10": round(1000.0 / ten, 3)}
+    return {
+        "channels": 10,
+        "row_step_ms": step,
+        "ratio_step_c10_vs_c1": round(step["10"] / step["1"], 3),
+        "rows_per_s_by_sessions": rows,
+        "channel_tokens_per_s_by_sessions": {n: round(r * 10, 2) for n, r in rows.items()},
+    }
+
+
 def bench_hf(model_dir, dtype: torch.dtype, prompt: list[int], tokens: int, repeats: int) -> float:
     import transformers
 
@@ -178,6 +238,7 @@ def _run_part(args: argparse.Namespace, part: str) -> dict:
         "new_tokens": args.tokens,
     }
     result.update(bench_engine(engine, prompt, args.tokens, args.repeats))
+    result["paper_grid"] = bench_grid(engine, prompt, args.tokens, args.repeats)
     engine.shutdown()
     return result
 

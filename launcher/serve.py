@@ -497,6 +497,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-sessions", type=int, default=None)
     p.add_argument("--max-context", type=int, default=None)
+    p.add_argument(
+        "--stream-layout",
+        default=None,
+        choices=("auto", "paper", "project"),
+        help="auto: the paper's grid for a stream-trained checkpoint (README, the paper's stream layout)",
+    )
     p.add_argument("--config", default=None, help="TOML or JSON file with DeployConfig fields")
     p.add_argument("--run-dir", default=None, help="where to render the repository (default: a temp dir)")
     p.add_argument("--ready-timeout", type=float, default=600.0)
@@ -538,24 +544,31 @@ def _on_sigterm(_signum: int, _frame: object) -> None:
     raise _Terminated
 
 
-def run_demo(handle: ServerHandle, prompt: str) -> int:
+def serves_paper_layout(cfg: DeployConfig) -> bool:
+    """Whether the deployment serves the paper's stream layout (its requests take other options)."""
+    from backend.engine.layout import resolve_layout
+    from backend.tokenizer import Tokenizer
+
+    model_dir = model_dir_for_render(cfg.model_dir)
+    if not model_dir:
+        return False
+    params = cfg.model_params("preprocessing")
+    return resolve_layout(Path(model_dir), Tokenizer.from_dir(Path(model_dir)), params) is not None
+
+
+def run_demo(handle: ServerHandle, prompt: str, paper: bool = False) -> int:
     """Streams one multi-stream request through ``python -m client`` (live answer + reasoning panes).
 
     Why a subprocess: the launcher must not import the client (the server side would depend on
     it). The child inherits this terminal, so its live view draws as when run by hand. Returns
     the client's exit code (128 + N when signal N killed it, as a shell reports it).
     """
-    argv = [
-        prompt,
-        "--url",
-        handle.grpc_url,
-        "--reasoning-streams",
-        "1",
-        "--reasoning-budget",
-        "96",
-        "--max-tokens",
-        "96",
-    ]
+    # The paper's grid shows two thinking channels and has no reasoning budget (max_tokens
+    # bounds its rows); the project's layout one reasoning stream of 96 tokens.
+    thinking = (
+        ["--reasoning-streams", "2"] if paper else ["--reasoning-streams", "1", "--reasoning-budget", "96"]
+    )
+    argv = [prompt, "--url", handle.grpc_url, *thinking, "--max-tokens", "96"]
     # flush=True also flushes the endpoints printed before, so they come out before the child's output.
     print(f"demo: python -m client {shlex.join(argv)}", flush=True)
     child = subprocess.Popen([sys.executable, "-m", "client", *argv])
@@ -639,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=threads,
         max_sessions=args.max_sessions,
         max_context=args.max_context,
+        parameters={"*": {"stream_layout": args.stream_layout}} if args.stream_layout else None,
     )
     if args.render_only:
         cfg = build_config(**settings)
@@ -676,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         front = None if args.no_openai else start_front(handle, args.openai_port, args.openai_host)
         if args.demo:
-            code = run_demo(handle, args.demo)
+            code = run_demo(handle, args.demo, paper=serves_paper_layout(build_config(**settings)))
             if args.exit_after_demo:
                 return code
         print("Ctrl-C to stop", flush=True)

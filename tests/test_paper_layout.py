@@ -478,3 +478,19 @@ def test_channel_stats_are_the_distribution_of_each_sampled_token(grids, tok):
         assert ev.stats[0] == pytest.approx((ent, top1), abs=1e-4)
         checked += 1
     assert checked >= 5
+
+
+def test_the_launcher_knows_which_layout_a_deployment_serves(tmp_path, default_model_dir):
+    """``--stream-layout`` reaches every model's parameters, and the demo picks its options by it."""
+    from launcher.serve import build_config, render_repository, serves_paper_layout
+
+    assert not serves_paper_layout(build_config(model_dir="default"))
+    cfg = build_config(model_dir="default", parameters={"*": {"stream_layout": "paper"}})
+    assert serves_paper_layout(cfg)
+    cfg.model_dir = str(default_model_dir)
+    render_repository(
+        Path(__file__).resolve().parent.parent / "model_repository", tmp_path / "repo", cfg, "KIND_CPU"
+    )
+    for model in ("preprocessing", "prefill", "decode"):
+        text = (tmp_path / "repo" / model / "config.pbtxt").read_text()
+        assert 'key: "stream_layout"' in text and 'string_value: "paper"' in text, model
