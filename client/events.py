@@ -47,6 +47,8 @@ class StreamDelta:
     finish_reason: str | None
     timing_ms: list[float]
     t_received: float
+    #: Each token's log probability (``return_log_probs``), else empty.
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class StreamTracker:
             finish_reason=finish,
             timing_ms=[float(x) for x in fields.get("timing_ms") or []],
             t_received=t,
+            logprobs=[float(x) for x in fields.get("output_log_probs") or []],
         )
 
     def check_complete(self) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import MultiStreamError
 
 STRING_OUTPUTS = ("text_output", "reasoning_output", "stream_name", "finish_reason", "session_id")
-LIST_OUTPUTS = ("output_ids", "timing_ms")
+LIST_OUTPUTS = ("output_ids", "timing_ms", "output_log_probs")
 #: Integer outputs (TensorRT-LLM's names): the prompt's token count, on every response.
 INT_OUTPUTS = ("num_input_tokens",)
 # The ensemble cannot have an output named like one of its inputs (Triton treats them as one

@@ -232,6 +232,24 @@ class GenerateRequest:
     raw_prompt: bool | None = param(
         None, datatype="BOOL", help="send the prompt as is, without the chat template", web=False
     )
+    presence_penalty: float | None = param(
+        None, datatype="FP32", help="lowers a token's logit once it occurred in the answer", ge=-2, le=2
+    )
+    frequency_penalty: float | None = param(
+        None, datatype="FP32", help="lowers a token's logit per occurrence in the answer", ge=-2, le=2
+    )
+    min_tokens: int | None = param(
+        None, datatype="INT32", help="the answer cannot end before this many tokens", ge=0, web=False
+    )
+    bad_words: str | Sequence[str] | None = param(
+        None, datatype="BYTES", help="a word the answer never contains (repeatable)", repeated=True, web=False
+    )
+    return_log_probs: bool | None = param(
+        None,
+        datatype="BOOL",
+        help="output_log_probs / cum_log_probs: each answer token's log probability",
+        web=False,
+    )
     # The paper's stream layout (a deployment serving a stream-trained checkpoint); a
     # project-layout deployment refuses these.
     layout_start: str | None = param(

@@ -53,6 +53,7 @@ class Front:
         self.runs = Runs(self.client, self.metrics, settings.max_concurrent)
         self.store = responses.ResponseStore()
         self.defaults = Defaults(max_tokens=settings.default_max_tokens)
+        self.created = int(time.time())
 
     # ------------------------------------------------------------------ plumbing
     def endpoint(self, name: str, handler: Handler, *, auth: bool = True) -> Handler:
@@ -131,11 +132,9 @@ class Front:
         return {
             "id": self.settings.served_model_name,
             "object": "model",
-            "created": int(self.created),
+            "created": self.created,
             "owned_by": "multistream",
         }
-
-    created = time.time()
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -26,7 +26,7 @@ from client.events import Done, StreamDelta
 
 from .errors import bad_request
 from .options import Defaults, build_request, reasoning_effort, require
-from .runner import Run
+from .runner import Run, token_logprobs
 from .streaming import chain
 from .usage import answer_text, chat_usage, finish_reason, joined_reasoning, reasoning_texts
 
@@ -75,6 +75,16 @@ def conversation(messages: Any, param: str = "messages") -> list[dict[str, str]]
     return out
 
 
+def logprobs_content(pairs: list[tuple[str, float]]) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` of a choice: the sampled tokens only (no alternatives)."""
+    return {
+        "content": [
+            {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+            for t, lp in pairs
+        ]
+    }
+
+
 def last_user_text(msgs: list[dict[str, str]]) -> str:
     return next(m["content"] for m in reversed(msgs) if m["role"] == "user" and m["content"].strip())
 
@@ -100,14 +110,16 @@ class ChatShape:
         self.model = model
         self.created = int(time.time())
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    def _chunk(
+        self, delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
             "session_id": self.run.session_id,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
 
     def delta(self, ev: StreamDelta) -> dict[str, Any] | None:
@@ -116,7 +128,8 @@ class ChatShape:
             return None
         if ev.kind == "reasoning":
             return self._chunk({"reasoning_content": ev.text, "reasoning": ev.text, "stream": ev.stream})
-        return self._chunk({"content": ev.text, "stream": ev.stream})
+        lps = logprobs_content(token_logprobs(ev)) if ev.logprobs else None
+        return self._chunk({"content": ev.text, "stream": ev.stream}, logprobs=lps)
 
     def first(self) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""})
@@ -147,7 +160,9 @@ class ChatShape:
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": logprobs_content(self.run.answer_logprobs)
+                    if self.run.answer_logprobs
+                    else None,
                     "finish_reason": finish_reason(done, self.run.cancelled),
                 }
             ],

@@ -17,11 +17,11 @@ from client.events import Done, StreamDelta
 
 from .errors import bad_request
 from .options import Defaults, build_request, reasoning_effort, require
-from .runner import Run
+from .runner import Run, token_logprobs
 from .streaming import chain
 from .usage import answer_text, chat_usage, finish_reason, joined_reasoning
 
-COMPLETION_FIELDS = frozenset({"prompt", "stream", "echo", "reasoning_effort", "stream_options"})
+COMPLETION_FIELDS = frozenset({"prompt", "stream", "echo", "reasoning_effort", "stream_options", "logprobs"})
 
 
 def prompt_of(body: Mapping[str, Any]) -> str:
@@ -44,14 +44,39 @@ def request_for(body: Mapping[str, Any], defaults: Defaults) -> Any:
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise bad_request("echo must be true or false", param="echo")
+    # Completions' ``logprobs`` is how many alternatives to list per token: only the sampled
+    # token's own log probability (0) is known here.
+    n = body.get("logprobs")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 0):
+        raise bad_request(
+            f"logprobs must be 0 (the sampled tokens' log probabilities; alternatives are not supported), got {n!r}",
+            param="logprobs",
+        )
+    fixed: dict[str, Any] = {"raw_prompt": True}
+    if n is not None:
+        fixed["return_log_probs"] = True
     return build_request(
         body,
         prompt_of(body),
         endpoint_fields=COMPLETION_FIELDS,
         defaults=defaults,
-        fixed={"raw_prompt": True},
+        fixed=fixed,
         effort=reasoning_effort(body.get("reasoning_effort")),
     )
+
+
+def completion_logprobs(pairs: list[tuple[str, float]]) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object (sampled tokens only)."""
+    offsets, at = [], 0
+    for t, _ in pairs:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": [t for t, _ in pairs],
+        "token_logprobs": [lp for _, lp in pairs],
+        "top_logprobs": None,
+        "text_offset": offsets,
+    }
 
 
 class CompletionShape:
@@ -80,14 +105,17 @@ class CompletionShape:
             return self._chunk(
                 {"text": "", "reasoning_content": ev.text, "reasoning": ev.text, "stream": ev.stream}
             )
-        return self._chunk({"text": ev.text, "stream": ev.stream})
+        choice: dict[str, Any] = {"text": ev.text, "stream": ev.stream}
+        if ev.logprobs:
+            choice["logprobs"] = completion_logprobs(token_logprobs(ev))
+        return self._chunk(choice)
 
     def completion(self, done: Done) -> dict[str, Any]:
         text = answer_text(done)
         choice: dict[str, Any] = {
             "index": 0,
             "text": self.prompt + text if self.echo else text,
-            "logprobs": None,
+            "logprobs": completion_logprobs(self.run.answer_logprobs) if self.run.answer_logprobs else None,
             "finish_reason": finish_reason(done, self.run.cancelled),
         }
         reasoning = joined_reasoning(done)

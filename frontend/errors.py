@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from client.errors import MultiStreamConnectionError, MultiStreamError
+from client.errors import MultiStreamCancelled, MultiStreamConnectionError, MultiStreamError
 from client.request import PARAMS
 
 #: HTTP status -> OpenAI error ``type``.
@@ -27,6 +27,7 @@ ERROR_TYPES = {
     404: "not_found_error",
     409: "invalid_request_error",
     429: "rate_limit_error",
+    499: "client_closed_request",
     500: "server_error",
     503: "service_unavailable",
 }
@@ -116,6 +117,8 @@ def from_server(exc: MultiStreamError, names: dict[str, str] | None = None) -> A
     - a broken rule (the ensemble's validation, Triton's own input checks) -> 400 naming the
       field the client sent (``names``: option -> body key); anything else -> 500.
     """
+    if isinstance(exc, MultiStreamCancelled):  # the client went away (nginx's 499): nobody reads it
+        return APIError(499, "the client closed the request; its session was cancelled", code="cancelled")
     if isinstance(exc, MultiStreamConnectionError):
         return APIError(503, f"the inference server is unavailable: {exc.message}", code="triton_unavailable")
     message = _strip_prefixes(exc.message)

@@ -35,7 +35,6 @@ ALIASES: dict[str, str] = {
     "max_completion_tokens": "max_tokens",
     "max_output_tokens": "max_tokens",
     "n": "num_return_sequences",
-    "min_tokens": "min_length",
     "logprobs": "return_log_probs",
 }
 
@@ -43,10 +42,6 @@ ALIASES: dict[str, str] = {
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "num_return_sequences": (1,),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "logprobs": (False, 0),
-    "return_log_probs": (False,),
     "top_logprobs": (0,),
     "logit_bias": ({},),
     "tools": ([],),
@@ -56,7 +51,6 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "response_format": ({"type": "text"},),
     "text": ({"format": {"type": "text"}},),
     "modalities": (["text"],),
-    "min_length": (0, 1),
     "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
@@ -180,10 +174,6 @@ def build_request(
                 continue
             if name in given and given[name] != key:
                 raise bad_request(f"{key} and {given[name]} both set {name}; send one", param=key)
-            if name in ("num_return_sequences", "return_log_probs", "min_length") and _neutral(
-                value, NEUTRAL.get(key, ())
-            ):
-                continue  # neutral: leave the server default (and TensorRT-LLM's meaning) alone
             options[name] = _convert(OPTIONS[name], key, value)
             given[name] = key
             continue

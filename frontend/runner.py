@@ -25,10 +25,16 @@ from client.errors import MultiStreamCancelled, MultiStreamError
 from client.events import Done, StreamDelta
 from client.request import GenerateRequest
 
-from .errors import busy
+from .errors import bad_request, busy
 from .metrics import FrontMetrics
 
 _END = object()
+
+
+def token_logprobs(ev: StreamDelta) -> list[tuple[str, float]]:
+    """``(text, logprob)`` per token of a delta. A delta of several tokens (response grouping)
+    has one text: it goes with its first token, the others get ``""``."""
+    return [(ev.text if i == 0 else "", lp) for i, lp in enumerate(ev.logprobs)]
 
 
 class Run:
@@ -46,6 +52,8 @@ class Run:
         self.names: dict[str, str] = {}
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._first_answer = False
+        #: ``(text, logprob)`` per answer token when ``return_log_probs`` (OpenAI ``logprobs``).
+        self.answer_logprobs: list[tuple[str, float]] = []
         self.task = asyncio.get_running_loop().create_task(self._pump())
 
     async def _pump(self) -> None:
@@ -60,6 +68,8 @@ class Run:
                 ):
                     self._first_answer = True
                     metrics.ttft.labels(self.endpoint).observe(time.perf_counter() - self.t0)
+                if isinstance(ev, StreamDelta) and ev.logprobs and ev.kind == "output":
+                    self.answer_logprobs += token_logprobs(ev)
                 self._queue.put_nowait(ev)
         except MultiStreamCancelled:
             self._queue.put_nowait(MultiStreamCancelled("cancelled"))
@@ -108,11 +118,12 @@ class Runs:
                 f"server busy: {len(self.live)} requests in flight at the front "
                 f"(--max-concurrent {self.max_concurrent}); retry shortly"
             )
+        if request.session_id and request.session_id in self.live:
+            raise bad_request(
+                f"session_id {request.session_id!r} is already running; choose another", param="session_id"
+            )
         run = Run(self, request, endpoint)
         run.names = names or {}
-        if run.session_id in self.live:
-            run.cancel()
-            raise busy(f"session_id {run.session_id!r} is already running; choose another")
         self.live[run.session_id] = run
         self.metrics.inflight.set(len(self.live))
         return run

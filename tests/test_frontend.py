@@ -239,6 +239,42 @@ def test_completions_raw_prompt_sync_stream_and_echo(front: Front) -> None:
     assert full.usage.prompt_tokens < chat.usage.prompt_tokens
 
 
+def test_sampling_options_and_logprobs(front: Front) -> None:
+    sdk = front.sdk()
+    msgs = [{"role": "user", "content": QUESTION}]
+    r = sdk.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=12, logprobs=True, presence_penalty=0.5, frequency_penalty=0.5
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(t.logprob <= 0 for t in content)
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    streamed = list(
+        sdk.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, logprobs=True, stream=True)
+    )
+    lps = [
+        t.logprob
+        for c in streamed
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert len(lps) == 6 or 0 < len(lps) < 6 and streamed[-1].choices[0].finish_reason == "stop"
+    longer = sdk.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=60, extra_body={"min_tokens": 40}
+    )
+    assert longer.usage.completion_tokens >= 40
+    text = sdk.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, logprobs=0)
+    assert "".join(text.choices[0].logprobs.tokens) == text.choices[0].text
+    for bad, param in (
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"n": 2}, "n"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+    ):
+        status, err, _ = _post(
+            f"{front.url}/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": 2} | bad
+        )
+        assert status == 400 and err["error"]["param"] == param, err
+
+
 # ---------------------------------------------------------------------------------- responses
 
 

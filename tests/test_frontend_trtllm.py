@@ -128,6 +128,10 @@ def test_every_option_it_sends(triton_server, model: str) -> None:
         exclude_input_in_output=True,
         stop_words=["Lyon"],
         repetition_penalty=1.1,
+        presence_penalty=0.2,
+        frequency_penalty=0.2,
+        bad_words=["Paris"],
+        return_log_probs=True,
         end_id=2,
         pad_id=2,
         num_return_sequences=1,
@@ -135,7 +139,57 @@ def test_every_option_it_sends(triton_server, model: str) -> None:
     for streaming in (False, True):
         r = trtllm_call(triton_server.grpc_url, model, PROMPT, streaming=streaming, **opts)
         assert not r["errors"] and r["text"].strip(), r
-        assert "Lyon" not in r["text"]
+        assert "Lyon" not in r["text"] and "Paris" not in r["text"]
+        assert r["logprobs"], r
+
+
+def test_sampling_surface_changes_the_answer(triton_server) -> None:
+    """Greedy, so any change is the option's doing: bad words, min_tokens, penalties, logprobs."""
+    url = triton_server.grpc_url
+    base = dict(temperature=0.0, exclude_input_in_output=True)
+    plain = trtllm_call(url, "ensemble", PROMPT, streaming=False, output_len=40, **base)["text"]
+    assert "Paris" in plain  # the default model knows it
+    banned = trtllm_call(url, "ensemble", PROMPT, streaming=False, output_len=40, bad_words=["Paris"], **base)
+    assert banned["text"] and "Paris" not in banned["text"]
+    count = "List the numbers from 1 to 20, separated by commas."
+    repeats = trtllm_call(url, "ensemble", count, streaming=False, output_len=30, **base)["text"]
+    penalised = trtllm_call(
+        url, "ensemble", count, streaming=False, output_len=30, frequency_penalty=1.0, **base
+    )
+    assert repeats.count(",") > 5 and penalised["text"].count(",") < repeats.count(","), (repeats, penalised)
+    # min_tokens (TensorRT-LLM's name) holds the end of sequence back: a longer answer.
+    from client import MultiStreamClient
+
+    with MultiStreamClient(url) as c:
+        short = c.generate(PROMPT, max_tokens=60).result()
+        assert short.finish_reasons["output"] == "stop"  # ended by itself
+        longer = c.generate(PROMPT, max_tokens=60, min_tokens=short.tokens["output"] + 10).result()
+    assert longer.tokens["output"] >= short.tokens["output"] + 10
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_log_probs_in_tensorrt_llms_shapes(triton_server, model: str) -> None:
+    base = dict(temperature=0.0, exclude_input_in_output=True, return_log_probs=True)
+    full = trtllm_call(triton_server.grpc_url, model, PROMPT, streaming=False, **base)
+    ((cum, out),) = full["logprobs"]
+    assert out.shape[:2] == (1, 1) and out.shape[2] >= 1 and cum.shape == (1, 1)
+    assert (out <= 0).all() and abs(float(cum[0, 0]) - float(out.sum())) < 1e-3
+    streamed = trtllm_call(triton_server.grpc_url, model, PROMPT, streaming=True, **base)
+    per_token = np.concatenate([o.reshape(-1) for _, o in streamed["logprobs"]])
+    assert np.allclose(per_token, out.reshape(-1), atol=1e-4)  # greedy: the same tokens, the same numbers
+    assert abs(float(streamed["logprobs"][-1][0][0, 0]) - float(cum[0, 0])) < 1e-3  # cumulative at the end
+
+
+@pytest.mark.parametrize("entry", ["bls-grpc-cancel", "bls-http-disconnect"])
+def test_hung_up_clients_stop_costing_anything(triton_server, entry: str) -> None:
+    """The probe of bench.cancel_probe: clients read one response, then cancel or disconnect;
+    tensorrt_llm_bls sees it (is_cancelled) and the sessions end long before max_tokens."""
+    from bench.cancel_probe import probe
+
+    urls = {"grpc": triton_server.grpc_url, "http": triton_server.http_url}
+    res = probe(entry, urls, clients=2, max_tokens=400, give_up_s=20.0)
+    assert not res["errors"] and res["hung_up"] == 2, res
+    assert res["leaked_after_s"]["still_running"] == 0, res
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ shares the batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,18 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    #: OpenAI's / TensorRT-LLM's penalties over the tokens this stream generated: a token's
+    #: logit is lowered by ``presence_penalty`` once it occurred and by ``frequency_penalty``
+    #: per occurrence (negative values encourage it).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: End-of-sequence and ``stop_token_ids`` cannot be sampled before this many tokens.
+    min_tokens: int = 0
+    #: Token sequences never generated: the last token of each is banned whenever the stream's
+    #: latest tokens equal the rest of it (a one-token word is banned always).
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+    #: Record each sampled token's log probability (``StreamSampler.logprobs``).
+    logprobs: bool = False
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the field and the rule it breaks."""
@@ -40,6 +53,13 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in 0..max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -49,8 +69,14 @@ class SamplingParams:
 class StreamSampler:
     """Holds a stream's RNG and the token history its repetition penalty looks at."""
 
-    def __init__(self, params: SamplingParams, history: list[int] | None = None):
+    def __init__(self, params: SamplingParams, history: list[int] | None = None, eos_ids: Iterable[int] = ()):
         self.params = params
+        #: What ``min_tokens`` holds back: end of sequence and the stop tokens.
+        self._enders = torch.tensor(sorted({*eos_ids, *params.stop_token_ids}), dtype=torch.long)
+        self._counts: dict[int, int] = {}  # generated tokens (the penalties look only at these)
+        self._generated: list[int] = []
+        #: Log probability of each sampled token under the model's distribution (``logprobs``).
+        self.logprobs: list[float] = []
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator()
@@ -63,17 +89,56 @@ class StreamSampler:
             self._seen = torch.tensor(sorted(set(history or [])), dtype=torch.long)
 
     def observe(self, token: int) -> None:
+        self._counts[token] = self._counts.get(token, 0) + 1
+        self._generated.append(token)
         if self._seen is not None:
             self._seen = torch.unique(torch.cat([self._seen, torch.tensor([token])]))
 
     def needs_logits_processing(self) -> bool:
-        return self._seen is not None or not self.params.greedy
+        p = self.params
+        return (
+            self._seen is not None
+            or not p.greedy
+            or bool(
+                p.presence_penalty or p.frequency_penalty or p.min_tokens or p.bad_words_ids or p.logprobs
+            )
+        )
+
+    def _banned(self) -> list[int]:
+        """Tokens that may not come next: bad words whose prefix was just generated, and the
+        end of sequence while fewer than ``min_tokens`` were generated."""
+        out = []
+        for word in self.params.bad_words_ids:
+            head = word[:-1]
+            if not head or self._generated[-len(head) :] == head:
+                out.append(word[-1])
+        return out
+
+    def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Presence / frequency penalties, bad words and ``min_tokens`` (a new tensor if any)."""
+        p = self.params
+        if (p.presence_penalty or p.frequency_penalty) and self._counts:
+            ids = torch.tensor(list(self._counts), dtype=torch.long)
+            counts = torch.tensor(list(self._counts.values()), dtype=logits.dtype)
+            logits = logits.clone()
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        banned = self._banned()
+        early = len(self._generated) < p.min_tokens and self._enders.numel() > 0
+        if banned or early:
+            logits = logits.clone()
+            if banned:
+                logits[torch.tensor(banned, dtype=torch.long)] = float("-inf")
+            if early:
+                logits[self._enders] = float("-inf")
+        return logits
 
     def sample(self, logits: torch.Tensor, bias: tuple[tuple[int, float], ...] = ()) -> int:
         """``logits``: ``[vocab]`` fp32; ``bias``: ``(token, delta)`` pairs added first.
 
         Order of operations: repetition penalty (as HF's processor), then ``bias`` (the
-        paper's silence penalty is subtracted from the raw logit), then temperature, top-k,
+        paper's silence penalty is subtracted from the raw logit), then presence / frequency
+        penalties, bad words and ``min_tokens`` (``logprobs`` are taken before these, from the
+        model's distribution as vLLM reports it by default), then temperature, top-k,
         and top-p exactly as the paper's ``sample_top_p``: the probabilities are sorted,
         every token whose preceding mass already exceeds ``top_p`` is dropped, and the draw
         is made over the renormalised *sorted* probabilities. Drawing in sorted order (not
@@ -90,6 +155,15 @@ class StreamSampler:
             logits = logits.clone()
             for token, delta in bias:
                 logits[token] += delta
+        raw = logits
+        logits = self._penalise(logits)
+        token = self._draw(logits)
+        if p.logprobs:
+            self.logprobs.append(float(torch.log_softmax(raw.float(), dim=-1)[token]))
+        return token
+
+    def _draw(self, logits: torch.Tensor) -> int:
+        p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
         logits = logits / p.temperature

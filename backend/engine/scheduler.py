@@ -386,12 +386,14 @@ class Scheduler:
                 ids = [tok] if acc.visible else []
                 ev = self._event(session, s, ids, acc.text, sample.row, acc.reason)
                 ev.stats = stat if acc.visible else []
+                ev.logprobs = s.sampler.logprobs[-1:] if acc.visible and s.sampler.params.logprobs else []
                 events.append((session, ev))
                 continue
             s.next_input = tok
             if acc.visible:
                 ev = self._event(session, s, [tok], acc.text, sample.row)
                 ev.stats = stat
+                ev.logprobs = s.sampler.logprobs[-1:] if s.sampler.params.logprobs else []
                 events.append((session, ev))
         for session, _ in plan.exports:  # the engine has taken the KV and logits
             events += self.finish(session, "stop", None)

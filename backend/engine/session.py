@@ -82,6 +82,8 @@ class StreamEvent:
     #: sampled from (after the silence penalty, before temperature); only for sessions that
     #: asked for them (``Engine.submit(channel_stats=True)``), else empty.
     stats: list[tuple[float, float]] = field(default_factory=list)
+    #: Per token of the delta, its log probability (``SamplingParams.logprobs``), else empty.
+    logprobs: list[float] = field(default_factory=list)
 
 
 EventCallback = Callable[[StreamEvent], None]
@@ -195,7 +197,7 @@ class Stream:
         self.channel = channel
         self.embed_row = embed_row
         self.forced: collections.deque[int] = collections.deque(spec.preamble_ids)
-        self.sampler = None if spec.external else StreamSampler(spec.sampling, history)
+        self.sampler = None if spec.external else StreamSampler(spec.sampling, history, output.eos_ids)
         self.output = output
         self.next_input: int | None = None  # the token this stream feeds into the next row
         self.finished = False

@@ -39,6 +39,9 @@ class Group:
     ids: list[int]
     finish_reason: str | None
     timing: tuple[float, float]
+    #: The group's token log probabilities and the stream's cumulative one so far
+    #: (TensorRT-LLM's ``output_log_probs`` / ``cum_log_probs``); empty unless asked for.
+    logprobs: tuple[list[float], float] = ([], 0.0)
 
 
 @dataclass
@@ -47,6 +50,8 @@ class _Stream:
     ids: list[int] = field(default_factory=list)
     pending_text: str = ""
     pending_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    pending_logprobs: list[float] = field(default_factory=list)
     first_t: float | None = None
     last_t: float | None = None
     finish_reason: str | None = None
@@ -71,7 +76,14 @@ class StreamPump:
     def open(self, stream: str) -> None:
         self._streams.setdefault(stream, _Stream())
 
-    def push(self, stream: str, text: str, ids: list[int], finish_reason: str | None = None) -> Group | None:
+    def push(
+        self,
+        stream: str,
+        text: str,
+        ids: list[int],
+        finish_reason: str | None = None,
+        logprobs: list[float] | None = None,
+    ) -> Group | None:
         """Adds a delta; returns the group to send when it is due (full, or the stream ended)."""
         st = self._streams.setdefault(stream, _Stream())
         if ids:
@@ -89,12 +101,22 @@ class StreamPump:
         st.ids += ids
         st.pending_text += text
         st.pending_ids += ids
+        if logprobs:
+            st.logprobs += logprobs
+            st.pending_logprobs += logprobs
         if finish_reason:
             st.finish_reason = finish_reason
         if not finish_reason and len(st.pending_ids) < self.group_tokens:
             return None
-        group = Group(stream, st.pending_text, st.pending_ids, st.finish_reason, self.stamp(stream))
-        st.pending_text, st.pending_ids = "", []
+        group = Group(
+            stream,
+            st.pending_text,
+            st.pending_ids,
+            st.finish_reason,
+            self.stamp(stream),
+            (st.pending_logprobs, sum(st.logprobs)),
+        )
+        st.pending_text, st.pending_ids, st.pending_logprobs = "", [], []
         return group
 
     def stamp(self, stream: str) -> tuple[float, float]:
@@ -118,6 +140,12 @@ class StreamPump:
     def ids(self, stream: str) -> list[int]:
         st = self._streams.get(stream)
         return list(st.ids) if st else []
+
+    def logprobs(self, stream: str) -> tuple[list[float], float]:
+        """Every token log probability of the stream so far, and their sum."""
+        st = self._streams.get(stream)
+        lps = list(st.logprobs) if st else []
+        return lps, sum(lps)
 
     def finish_reason(self, stream: str) -> str | None:
         st = self._streams.get(stream)

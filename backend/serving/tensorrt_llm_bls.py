@@ -60,7 +60,9 @@ def client_tensors(obj: dict[str, Any]) -> list[Any]:
         if name == "final":
             continue
         name = RENAMED.get(name, name)
-        if name in INT_OUTPUTS:
+        if name == "output_log_probs":  # [batch, beam, tokens], as TensorRT-LLM's
+            arr = np.array(value, dtype=np.float32).reshape(1, 1, -1)
+        elif name in INT_OUTPUTS:
             arr = np.array([value], dtype=np.int32).reshape(1, -1)
         elif name in FLOAT_OUTPUTS:
             arr = np.array([value], dtype=np.float32).reshape(1, -1)
