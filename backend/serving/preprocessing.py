@@ -102,7 +102,9 @@ class PreprocessingModel:
         cfg = RequestConfig.from_inputs(get, self.limits)
         cfg.bad_words_ids = bad_word_ids(self.tokenizer, cfg.bad_words)
         if self.layout is None:
-            ids = prompt_ids(self.tokenizer, cfg.text, self.chat_template and not cfg.raw_prompt, cfg.messages)
+            ids = prompt_ids(
+                self.tokenizer, cfg.text, self.chat_template and not cfg.raw_prompt, cfg.messages
+            )
             cfg.check_context(len(ids), self.limits.max_context)
             return ids, cfg
         return grid_ids(self.tokenizer, self.layout, cfg, self.limits.max_context), cfg

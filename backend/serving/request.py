@@ -325,7 +325,9 @@ class RequestConfig:
             raise RequestError(f"min_tokens ({min_tokens}) and min_length ({min_length}) disagree; send one")
         cfg.min_tokens = min_tokens if min_tokens is not None else (min_length or 0)
         if not 0 <= cfg.min_tokens <= cfg.max_tokens:
-            raise RequestError(f"min_tokens must be in 0..max_tokens ({cfg.max_tokens}), got {cfg.min_tokens}")
+            raise RequestError(
+                f"min_tokens must be in 0..max_tokens ({cfg.max_tokens}), got {cfg.min_tokens}"
+            )
         cfg.exclude_input_in_output = reader.bool("exclude_input_in_output", True)
         cfg.reasoning_streams = reader.int("reasoning_streams", 0)
         max_streams = limits.num_channels - 2 if paper else limits.max_reasoning_streams
