@@ -454,9 +454,9 @@ def throughput_section(check: Check) -> dict[str, Any]:
         for mode in ("eager", "graphs"):
             eng = engine_for(path, check.device, check.dtype, sessions=max(sessions), context=a.context)
             runner = _graphs(eng) if mode == "graphs" else None
-            run_sessions(eng, prompt, min(2, max(sessions)), 1, 4)  # warm-up (and first captures)
             rates = {}
             for n in sessions:
+                run_sessions(eng, prompt, n, 1, 4)  # warm-up: this size's graphs are captured here
                 rates[str(n)] = round(run_sessions(eng, prompt, n, 1, a.tokens).decode_rate(), 1)
             row[mode] = {"tok_s": rates}
             same[mode] = greedy(eng, ps, a.agree_tokens)
@@ -485,11 +485,11 @@ def row_step_section(check: Check) -> dict[str, Any]:
             eng = engine_for(path, check.device, check.dtype, sessions=16, context=a.context)
             if mode == "graphs":
                 _graphs(eng)
-            run_sessions(eng, prompt, 1, max(streams), 4)
             res: dict[str, Any] = {}
             for n in (1, min(16, max(int(s) for s in a.sessions.split(",")))):
                 ms = {}
                 for c in streams:
+                    run_sessions(eng, prompt, n, c, 4)  # warm-up (captures)
                     run = run_sessions(eng, prompt, n, c, a.tokens)
                     rows_per_s = run.decode_rate() / (n * c)
                     ms[str(c)] = round(1000.0 / rows_per_s, 3) if rows_per_s > 0 else None

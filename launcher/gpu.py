@@ -180,15 +180,16 @@ def handoff_bytes(models: dict[str, ModelPlan]) -> int:
     model_dir = Path(prefill.params["model_dir"])
     try:
         cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+        layers = int(cfg["num_hidden_layers"])
+        vocab = int(cfg["vocab_size"])
+        max_context = int(prefill.params.get("max_context", "2048"))
+    except (OSError, ValueError, KeyError, TypeError):  # the model's own loader says what is wrong
         return 0
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
-    layers = int(cfg["num_hidden_layers"])
-    max_context = int(prefill.params.get("max_context", "2048"))
     elem = 2 if prefill.kv_type in ("TYPE_BF16", "TYPE_FP16") else 4
-    return layers * 2 * kv_heads * head_dim * max_context * elem + int(cfg["vocab_size"]) * 4
+    return layers * 2 * kv_heads * head_dim * max_context * elem + vocab * 4
 
 
 def plan(repo: Path, gpus: int) -> Plan:

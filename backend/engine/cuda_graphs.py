@@ -10,9 +10,9 @@ forward (``backend.models.llama.LlamaModel.forward``), which stays as it is:
   session, keys)``: every session gets exactly ``queries`` token slots, so the padded batch
   is a rectangle, and attention reads ``keys`` cache positions (the rest masked). Each
   bucket owns fixed-address input buffers; a step copies its tensors into them and
-  replays the bucket's graph. Greedy tokens are the same as eager; logits agree to
-  rounding (the padded matmuls may pick another cuBLAS kernel), which
-  ``python -m bench.gpu_check`` reports.
+  replays the bucket's graph. Logits agree with eager to rounding (the padded matmuls may
+  pick other cuBLAS kernels); whether greedy tokens stay identical on a GPU is what
+  ``python -m bench.gpu_check`` reports (on CPU the padded batch is checked against eager).
 - Padding is neutral by construction. Padding tokens write their K/V to the last cache
   position of a slot that has no token in the step (a KV position beyond a session's
   length is masked until that session writes it itself, in the step that reads it), and
@@ -233,7 +233,8 @@ class CudaGraphRunner:
         self.num_slots = kv_k[0].shape[0]
         self.max_context = kv_k[0].shape[2]
         self.channel_embedding = channel_embedding
-        self.session_buckets = tuple(b for b in session_buckets if b <= self.num_slots) or (self.num_slots,)
+        # Up to the pool's size, which is itself the last bucket (a full pool needs no padding).
+        self.session_buckets = tuple(b for b in session_buckets if b < self.num_slots) + (self.num_slots,)
         self.query_buckets = tuple(query_buckets)
         self.key_buckets = key_buckets(self.max_context)
         self.max_graphs = max_graphs

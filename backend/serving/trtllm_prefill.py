@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import importlib.util
+import json
 import math
 import os
 import threading
@@ -233,6 +234,8 @@ class TrtllmPrefill:
         SINK.configure(num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, layout=kv_layout)
         self.vocab_size = cfg.vocab_size
         self.timeout_s = timeout_s
+        eos = json.loads((Path(model_dir) / "config.json").read_text()).get("eos_token_id")
+        self.end_id = int((eos if isinstance(eos, int) else (eos or [0])[0]) or 0)
         self.llm = LLM(
             model=str(model_dir),
             backend="pytorch",
@@ -258,7 +261,15 @@ class TrtllmPrefill:
         prompt = [int(t) for t in prompt_ids]
         fut = SINK.expect(prompt)
         try:
-            params = SamplingParams(max_tokens=1, temperature=0.0, return_generation_logits=True)
+            params = SamplingParams(
+                max_tokens=1,
+                top_k=1,
+                end_id=self.end_id,  # no tokenizer (skip_tokenizer_init): the LLM API needs it given
+                pad_id=self.end_id,
+                ignore_eos=True,
+                detokenize=False,
+                return_generation_logits=True,
+            )
             out = self.llm.generate_async(prompt, sampling_params=params).result(timeout=self.timeout_s)
             kv, ready = fut.result(timeout=self.timeout_s)
         except BaseException:
@@ -270,7 +281,8 @@ class TrtllmPrefill:
         logits = out.outputs[0].generation_logits
         if logits is None:
             raise RuntimeError("TensorRT-LLM returned no generation logits for the prefill")
-        last = torch.as_tensor(logits).reshape(-1, self.vocab_size)[:1]
+        logits = torch.as_tensor(logits)
+        last = logits.reshape(-1, logits.shape[-1])[:1, : self.vocab_size]  # a padded vocabulary is cut
         return PrefixKV(kv=kv, logits=last.float())
 
     def export_with_layout(self, prompt_ids: Sequence[int], layout: str) -> PrefixKV:
