@@ -241,6 +241,9 @@ class GenerateRequest:
     min_tokens: int | None = param(
         None, datatype="INT32", help="the answer cannot end before this many tokens", ge=0, web=False
     )
+    ignore_eos: bool | None = param(
+        None, datatype="BOOL", help="generate max_tokens whatever the model says (benchmarks)", web=False
+    )
     bad_words: str | Sequence[str] | None = param(
         None, datatype="BYTES", help="a word the answer never contains (repeatable)", repeated=True, web=False
     )

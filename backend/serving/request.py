@@ -58,6 +58,7 @@ INPUTS: dict[str, str] = {
     "presence_penalty": "TYPE_FP32",
     "min_length": "TYPE_INT32",
     "min_tokens": "TYPE_INT32",
+    "ignore_eos": "TYPE_BOOL",
     "reasoning_streams": "TYPE_INT32",
     "reasoning_budget": "TYPE_INT32",
     "attention_mode": "TYPE_STRING",
@@ -160,6 +161,8 @@ class RequestConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_tokens: int = 0
+    #: Generate to ``max_tokens`` whatever the model says (fixed-length benchmarks: aiperf, vLLM).
+    ignore_eos: bool = False
     bad_words: list[str] = field(default_factory=list)
     #: ``bad_words`` as token sequences (preprocessing tokenizes them; ``bad_word_ids``).
     bad_words_ids: list[list[int]] = field(default_factory=list)
@@ -198,6 +201,7 @@ class RequestConfig:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
             bad_words_ids=[list(w) for w in self.bad_words_ids],
             logprobs=self.return_log_probs,
         )
@@ -328,6 +332,7 @@ class RequestConfig:
             raise RequestError(
                 f"min_tokens must be in 0..max_tokens ({cfg.max_tokens}), got {cfg.min_tokens}"
             )
+        cfg.ignore_eos = reader.bool("ignore_eos", False)
         cfg.exclude_input_in_output = reader.bool("exclude_input_in_output", True)
         cfg.reasoning_streams = reader.int("reasoning_streams", 0)
         max_streams = limits.num_channels - 2 if paper else limits.max_reasoning_streams
