@@ -143,6 +143,8 @@ def run(model_dir: str, n: int, workers: int, threads: int) -> dict[str, Any]:
         "post_input_rows": rows,
         "sequential_post_input_rows": seq_rows,
         "sequential_accuracy": s_seq["accuracy"],
+        # One token per state, " so", the answer: what a one-stream model cannot go below.
+        "sequential_min_rows": mean(len(ex.thoughts) + 2 for ex in examples),
         "post_input_rows_ratio": ratio,
         "served_matches_engine": mean(matches),
         "accuracy_by_family": s_grid["by_family"],

@@ -534,6 +534,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 DEMO_PROMPT = "Why do leaves change colour in autumn? Answer in three sentences."
+#: ``--model-dir streams-demo`` (docs/streams.md) answers its own task families: one of them,
+#: greedy, its thinking channel shown, no silence penalty (it answers on time by itself).
+STREAMS_DEMO = (
+    "facing north left left back right",
+    ["--reasoning-streams", "1", "--temperature", "0", "--silence-penalty", "0"],
+)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -556,7 +562,7 @@ def serves_paper_layout(cfg: DeployConfig) -> bool:
     return resolve_layout(Path(model_dir), Tokenizer.from_dir(Path(model_dir)), params) is not None
 
 
-def run_demo(handle: ServerHandle, prompt: str, paper: bool = False) -> int:
+def run_demo(handle: ServerHandle, prompt: str, paper: bool = False, options: list[str] | None = None) -> int:
     """Streams one multi-stream request through ``python -m client`` (live answer + reasoning panes).
 
     Why a subprocess: the launcher must not import the client (the server side would depend on
@@ -565,7 +571,7 @@ def run_demo(handle: ServerHandle, prompt: str, paper: bool = False) -> int:
     """
     # The paper's grid shows two thinking channels and has no reasoning budget (max_tokens
     # bounds its rows); the project's layout one reasoning stream of 96 tokens.
-    thinking = (
+    thinking = options or (
         ["--reasoning-streams", "2"] if paper else ["--reasoning-streams", "1", "--reasoning-budget", "96"]
     )
     argv = [prompt, "--url", handle.grpc_url, *thinking, "--max-tokens", "96"]
@@ -690,7 +696,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         front = None if args.no_openai else start_front(handle, args.openai_port, args.openai_host)
         if args.demo:
-            code = run_demo(handle, args.demo, paper=serves_paper_layout(build_config(**settings)))
+            prompt, options = args.demo, None
+            if args.model_dir == "streams-demo" and args.demo == DEMO_PROMPT:
+                prompt, options = STREAMS_DEMO
+            paper = serves_paper_layout(build_config(**settings))
+            code = run_demo(handle, prompt, paper=paper, options=options)
             if args.exit_after_demo:
                 return code
         print("Ctrl-C to stop", flush=True)
