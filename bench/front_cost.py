@@ -49,10 +49,7 @@ def _summary(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     }
 
 
-async def _via_front(base_url: str, prompt: str, max_tokens: int, extra: dict[str, Any]) -> Sample:
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+async def _via_front(client: Any, prompt: str, max_tokens: int, extra: dict[str, Any]) -> Sample:
     t0 = time.perf_counter()
     times: list[float] = []
     stream = await client.chat.completions.create(
@@ -65,7 +62,6 @@ async def _via_front(base_url: str, prompt: str, max_tokens: int, extra: dict[st
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             times.append(time.perf_counter())
-    await client.close()
     return Sample(
         times[0] - t0 if times else float("nan"),
         [b - a for a, b in zip(times, times[1:], strict=False)],
@@ -73,16 +69,14 @@ async def _via_front(base_url: str, prompt: str, max_tokens: int, extra: dict[st
     )
 
 
-async def _direct(grpc_url: str, prompt: str, max_tokens: int, extra: dict[str, Any]) -> Sample:
-    from client import AsyncMultiStreamClient, StreamDelta
+async def _direct(client: Any, prompt: str, max_tokens: int, extra: dict[str, Any]) -> Sample:
+    from client import StreamDelta
 
-    client = AsyncMultiStreamClient(grpc_url)
     t0 = time.perf_counter()
     times: list[float] = []
     async for ev in client.generate(prompt, max_tokens=max_tokens, **extra):
         if isinstance(ev, StreamDelta) and ev.kind == "output" and ev.text:
             times.append(time.perf_counter())
-    await client.close()
     return Sample(
         times[0] - t0 if times else float("nan"),
         [b - a for a, b in zip(times, times[1:], strict=False)],
@@ -90,9 +84,10 @@ async def _direct(grpc_url: str, prompt: str, max_tokens: int, extra: dict[str, 
     )
 
 
-async def _level(
-    call: Any, target: str, concurrency: int, requests: int, max_tokens: int, extra: dict
-) -> dict:
+async def _level(call: Any, make: Any, concurrency: int, requests: int, max_tokens: int, extra: dict) -> dict:
+    """One level: ``make()`` builds the client once (as a real caller keeps one); the
+    ``concurrency`` workers share it."""
+    client = make()
     queue: asyncio.Queue[str] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(PROMPTS[i % len(PROMPTS)])
@@ -101,11 +96,25 @@ async def _level(
     async def worker() -> None:
         while not queue.empty():
             prompt = queue.get_nowait()
-            samples.append(await call(target, prompt, max_tokens, extra))
+            samples.append(await call(client, prompt, max_tokens, extra))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return _summary(samples, time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    await client.close()
+    return _summary(samples, wall)
+
+
+def _openai(front_url: str) -> Any:
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{front_url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def _grpc(grpc_url: str) -> Any:
+    from client import AsyncMultiStreamClient
+
+    return AsyncMultiStreamClient(grpc_url)
 
 
 def compare(
@@ -120,8 +129,8 @@ def compare(
     out: dict[str, Any] = {}
     for c in levels:
         n = max(requests, c)
-        front = asyncio.run(_level(_via_front, f"{front_url}/v1", c, n, max_tokens, extra or {}))
-        direct = asyncio.run(_level(_direct, grpc_url, c, n, max_tokens, extra or {}))
+        front = asyncio.run(_level(_via_front, lambda: _openai(front_url), c, n, max_tokens, extra or {}))
+        direct = asyncio.run(_level(_direct, lambda: _grpc(grpc_url), c, n, max_tokens, extra or {}))
         out[str(c)] = {
             "front": front,
             "grpc": direct,
