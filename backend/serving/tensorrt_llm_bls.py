@@ -25,7 +25,6 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-import uuid
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ from backend.serving.instance import instance_parameters
 from backend.serving.reasoning_wire import DeferredRelease
 from backend.serving.request import INPUTS
 from backend.serving.session_control import Mailbox, SessionNotFound
+from backend.serving.session_ids import mint_session_id
 from backend.serving.tensors import ONE_D_OUTPUTS, Responder
 
 try:  # only inside the Triton python stub
@@ -144,7 +144,7 @@ class TensorrtLlmBlsModel:
                 )
             inputs.append(t)
         if not sid:
-            sid = f"bls-{uuid.uuid4().hex}"
+            sid = mint_session_id()  # as preprocessing would: the replica's name, for routing
             # Shaped like the batch, so that preprocessing's own rule (one prompt per request)
             # is what answers a batch, with the ensemble's message.
             ids = np.array([[sid.encode()]] * batch, dtype=np.object_)
