@@ -19,7 +19,12 @@ log = logging.getLogger(__name__)
 
 NAME = "multistream_cpu_kernels"
 HERE = Path(__file__).parent
-SOURCES = [HERE / "int4_bf16dp.cpp", HERE / "bindings.cpp"]
+SOURCES = [
+    HERE / "int4_bf16dp.cpp",
+    HERE / "int8_bf16dp.cpp",
+    HERE / "decode_step.cpp",
+    HERE / "bindings.cpp",
+]
 #: Hashed with the sources: a change to the header rebuilds too.
 HEADERS = [HERE / "cpu_kernels.h"]
 #: Named instruction sets only, never -march=native: some VMs advertise AMX and trap on it.
@@ -48,6 +53,11 @@ def module() -> ModuleType | None:
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, old binutils: fall back
         log.warning("CPU kernels not built (%s: %s); using torch's", type(exc).__name__, exc)
         return None
+
+
+def has(name: str) -> bool:
+    """Whether the built extension has ``name`` (False without the extension)."""
+    return hasattr(module(), name)
 
 
 def is_built() -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from backend.kernels import decode_step, int8
 from backend.kernels.quant import Int4Weight, int4_supported, quantize_int4
 from backend.models.config import (
     CHANNEL_EMBEDDING_KEYS,
@@ -79,6 +80,11 @@ class LlamaModel:
         #: Which int4 kernel the decode rows use: ``bf16dp`` (``backend.int4_kernel``) or
         #: ``torch`` (``torch._weight_int4pack_mm_for_cpu``); None when not quantized.
         self.int4_kernel: str | None = None
+        #: The LM head as the checkpoint's 8-bit values (int4 mode, with our kernels): half
+        #: the bytes of the bf16 head that every step reads whole. None: the dense head.
+        self.head_q8: int8.Int8Head | None = None
+        #: The whole decode step in C++ (``backend.kernels.decode_step``), built on first use.
+        self._fused: decode_step.FusedDecodeStep | None = None
         self._inv_freq = rope_inv_freq(cfg).to(device)
         self._rope_cache_len = 0
         self._cos = self._sin = torch.empty(0)
@@ -182,11 +188,12 @@ class LlamaModel:
     def quantize(self, mode: str) -> LlamaModel:
         """``int4``: add group-wise int4 copies of the matmul weights for decode rows.
 
-        Dense weights stay for prefill (large M is compute-bound and faster dense), for the
-        embedding lookup and for the LM head: SmolLM2's tied embedding is 8-bit in its GGUF
-        (4 bits visibly change answers), and the int8 kernel scales badly with rows
-        (2 ms for 1 row, 12 ms for 16, against ~5 ms dense for either). ``none`` leaves the
-        model as loaded.
+        Dense weights stay for prefill (large M is compute-bound and faster dense) and for
+        the embedding lookup. The LM head becomes int8 in groups of 32 where our kernels
+        build (``backend.kernels.int8``): SmolLM2's tied embedding is 8-bit in its GGUF
+        (4 bits visibly change answers), and that kernel, unlike torch's per-row int8 one
+        (2 ms for 1 row, 12 ms for 16), costs little more per extra row. ``none`` leaves
+        the model as loaded.
         """
         if mode == "none":
             return self
@@ -205,7 +212,22 @@ class LlamaModel:
         self.quantization = mode
         own = all(w.dp is not None for layer in self.layers for w in (layer.q4 or {}).values())
         self.int4_kernel = "bf16dp" if own else "torch"
+        if own and int8.supported(self.lm_head):
+            self.head_q8 = int8.quantize_int8_head(self.lm_head)
         return self
+
+    def _fused_step(self, batch: PackedBatch, kv_k: list[torch.Tensor]) -> decode_step.FusedDecodeStep | None:
+        """The C++ step when this batch is all int4 decode rows and the model suits it."""
+        split = batch.split
+        if self.head_q8 is None or split is None or not split.all_q4 or self.quantization == "none":
+            return None
+        if not decode_step.eligible(self, kv_k[0].dtype):
+            return None
+        if self._fused is None:
+            self._fused = decode_step.FusedDecodeStep(self, self.head_q8)
+        if int(batch.positions.max()) >= self._fused.max_positions:
+            return None
+        return self._fused
 
     def _linear(
         self, x: torch.Tensor, dense: torch.Tensor, q4: Int4Weight | None, split: PackedSplit | None
@@ -263,6 +285,9 @@ class LlamaModel:
         New keys/values are written in place at ``(batch.slot, batch.cache_index)`` before
         attention reads them, so a token attends to itself and to its session's past.
         """
+        fused = self._fused_step(batch, kv_k)
+        if fused is not None:
+            return fused.forward(self.embed_tokens(batch.tokens, batch.channel_embed_ids), batch, kv_k, kv_v)
         cfg = self.cfg
         n = batch.tokens.shape[0]
         nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -328,4 +353,6 @@ class LlamaModel:
             x = x + self._linear(F.silu(g) * u, layer.down, q4.get("down"), split)
         x = x[batch.logit_index]
         x = self._rms(x, self.final_norm)
+        if self.head_q8 is not None:
+            return self.head_q8.mm(x)
         return F.linear(x, self.lm_head).float()
