@@ -9,18 +9,24 @@ In one run, the same prompt set (``load/prompts.json``, shared with the locust t
                            requests (definition: ``bench.compare_triton``);
 (c) ``hf``                 ``transformers`` ``generate`` + ``TextIteratorStreamer``, one request
                            at a time, same weights, dtype and threads;
-(d) ``llamacpp``           ``llama-cpp-python`` on the same GGUF, one request at a time.
+(d) ``llama_server``       llama.cpp's own server on the same GGUF: parallel slots, continuous
+                           batching, its OpenAI streaming endpoint (``bench.compare_llama_server``;
+                           built once from the ``llama-cpp-python`` sdist, ``bench.llama_server``).
 
 Per system: answer TTFT p50/p95, decode tokens/s per request, aggregate tokens/s at 1, 4
 and 16 concurrent requests (for one-at-a-time systems that is their sequential throughput,
 and the JSON says so), peak RSS (the server's whole process tree; the child process for
-(c)/(d)), TTFT on the 512-token prompt (best of ``--long-repeats`` runs: on a shared machine
-one run can land on a busy moment, and the minimum is the figure least disturbed by others). Writes ``compare.json`` and ``compare.png`` to
-``--out`` and prints a table; ``--json`` also prints the JSON on stdout.
+(c); llama-server's process for (d)), TTFT on the 512-token prompt (best of
+``--long-repeats`` runs: on a shared machine one run can land on a busy moment, and the
+minimum is the figure least disturbed by others), and for (a) and (d) the repeated-prefix
+TTFT: the long prompt's passage with new questions, both prefix caches on. Every other
+measurement of (d) runs with its prompt cache off. Each server runs alone: (a)/(b) are
+stopped before (c) and (d) start. Writes ``compare.json`` and ``compare.png`` to ``--out`` and
+prints a table; ``--json`` also prints the JSON on stdout.
 
-Why ratios: the targets (issue 4) compare systems measured in the same run on the same
-machine, since this machine is shared and absolute figures drift with the load. The load
-average before and after is recorded so a reader can tell a noisy run.
+Why ratios: the targets (issues 4 and 12) compare systems measured in the same run on the
+same machine, since this machine is shared and absolute figures drift with the load. The
+load average before and after is recorded so a reader can tell a noisy run.
 
 Timing rules, the same for every system: greedy decoding, client-side clock
 (``time.perf_counter``); TTFT = request sent -> first user-facing token; decode rate =
@@ -44,20 +50,23 @@ from typing import Any
 
 from bench.compare_common import REPO_ROOT, RssMonitor, Workload, load_prompts, make_long_prompt
 
-ALL_SYSTEMS = ("multistream", "think_then_answer", "hf", "llamacpp")
+ALL_SYSTEMS = ("multistream", "think_then_answer", "hf", "llama_server")
 LABELS = {
     "multistream": "(a) multistream (Triton)",
     "think_then_answer": "(b) think-then-answer (Triton)",
     "hf": "(c) HF generate",
-    "llamacpp": "(d) llama.cpp",
+    "llama_server": "(d) llama-server",
 }
+#: Issue 12's targets against llama-server, by concurrency level (aggregate tok/s ratio).
+AGGREGATE_VS_LLAMA_SERVER = {1: 1.0, 4: 1.0, 16: 1.5}
 TARGETS = {
     "aggregate_vs_hf": 4.0,
-    "aggregate_vs_llamacpp": 1.5,
-    "long_prompt_ttft_vs_llamacpp": 1.0,
+    "long_prompt_ttft_vs_llama_server": 1.0,
+    "ttft_p50_at_top_vs_llama_server": 1.0,
+    "repeated_prefix_ttft_vs_llama_server": 1.5,
     "reasoning_answer_ttft_speedup": 10.0,
 }
-#: One child process (HF or llama.cpp) may take this long before it is killed.
+#: One child process (HF) may take this long before it is killed.
 LOCAL_TIMEOUT_S = 1200
 
 
@@ -86,7 +95,7 @@ def machine_info(threads: int, dtype: str) -> dict[str, Any]:
     versions: dict[str, str] = {"torch": torch.__version__, "python": platform.python_version()}
     from importlib import metadata
 
-    for dist in ("transformers", "llama-cpp-python", "tritonclient", "nvidia-pytriton"):
+    for dist in ("transformers", "openai", "tritonclient", "nvidia-pytriton"):
         try:  # distribution metadata: tritonclient has no __version__, and nothing gets imported
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -206,12 +215,21 @@ def run_local_system(system: str, workload: Workload, out_dir: Path) -> dict[str
         res = json.loads(res_path.read_text(encoding="utf-8"))
     if res.get("available"):
         res["peak_rss_mib"] = rss.peak_mib
-    elif system == "llamacpp" and "import failed" in res.get("skipped", ""):
-        res["skipped"] += (
-            " — llama-cpp-python is not installed (pip install -r requirements/bench.txt; it builds "
-            "llama.cpp from source, ~5 minutes)"
-        )
     return res
+
+
+def run_llama_server_system(workload: Workload, out_dir: Path, allow_build: bool) -> dict[str, Any]:
+    """(d), with any failure (build, start, a request) turned into a "skipped" entry."""
+    from bench.compare_llama_server import run_llama_server
+
+    try:
+        return run_llama_server(workload, out_dir, allow_build)
+    except Exception as e:  # noqa: BLE001 - recorded; the other systems' figures stay
+        entry = _skipped("llama_server", f"{type(e).__name__}: {str(e)[:800]}")
+        for log in sorted(out_dir.glob("llama_server*.log")):
+            lines = log.read_text(errors="replace").strip().splitlines()
+            entry[f"{log.stem}_tail"] = lines[-15:]
+        return entry
 
 
 # -- summary ----------------------------------------------------------------------------------------------
@@ -231,8 +249,15 @@ def compute_ratios(results: dict[str, dict[str, Any]], concurrency: list[int]) -
     def ratio(num: float | None, den: float | None) -> float | None:
         return num / den if num and den else None
 
-    def entry(name: str, value: float | None, how: str, lower_is_better: bool = False, **extra: Any) -> dict:
-        target = TARGETS[name]
+    def entry(
+        name: str,
+        value: float | None,
+        how: str,
+        lower_is_better: bool = False,
+        target: float | None = None,
+        **extra: Any,
+    ) -> dict:
+        target = TARGETS[name] if target is None else target
         ok = None if value is None else (value <= target if lower_is_better else value >= target)
         return {
             "value": value,
@@ -242,28 +267,46 @@ def compute_ratios(results: dict[str, dict[str, Any]], concurrency: list[int]) -
             **extra,
         }
 
-    ms_long = _get(results.get("multistream"), "long_prompt", "ttft_s")
-    llama_long = _get(results.get("llamacpp"), "long_prompt", "ttft_s")
+    ms, ls = results.get("multistream"), results.get("llama_server")
     tta = _get(results.get("think_then_answer"), "requests", "ttft_p50_s")
     ms_reason = _get(results.get("multistream"), "with_reasoning", "ttft_p50_s")
+    per_level = {
+        f"aggregate_vs_llama_server_at_{c}": entry(
+            "aggregate_vs_llama_server",
+            ratio(_get(ms, "aggregate", str(c), "tok_s"), _get(ls, "aggregate", str(c), "tok_s")),
+            f"multistream aggregate tok/s / llama-server aggregate tok/s, {c} concurrent clients",
+            target=AGGREGATE_VS_LLAMA_SERVER.get(c, 1.0),
+            concurrency=c,
+        )
+        for c in concurrency
+    }
     return {
+        **per_level,
+        "ttft_p50_at_top_vs_llama_server": entry(
+            "ttft_p50_at_top_vs_llama_server",
+            ratio(_get(ms, "aggregate", top, "ttft_p50_s"), _get(ls, "aggregate", top, "ttft_p50_s")),
+            f"answer TTFT p50 with {top} concurrent clients, multistream / llama-server (lower is better)",
+            lower_is_better=True,
+            concurrency=int(top),
+        ),
+        "long_prompt_ttft_vs_llama_server": entry(
+            "long_prompt_ttft_vs_llama_server",
+            ratio(_get(ms, "long_prompt", "ttft_s"), _get(ls, "long_prompt", "ttft_s")),
+            "TTFT on the long prompt, multistream / llama-server, prompt cache off (lower is better)",
+            lower_is_better=True,
+        ),
+        "repeated_prefix_ttft_vs_llama_server": entry(
+            "repeated_prefix_ttft_vs_llama_server",
+            ratio(_get(ms, "repeated_prefix", "ttft_p50_s"), _get(ls, "repeated_prefix", "ttft_p50_s")),
+            "TTFT p50 of a repeated long passage with a new question, both prefix caches on, "
+            "multistream / llama-server (lower is better)",
+            lower_is_better=True,
+        ),
         "aggregate_vs_hf": entry(
             "aggregate_vs_hf",
             ratio(ms_agg, _get(results.get("hf"), "aggregate", top, "tok_s")),
             f"multistream aggregate tok/s at {top} concurrent / HF generate sequential tok/s",
             concurrency=int(top),
-        ),
-        "aggregate_vs_llamacpp": entry(
-            "aggregate_vs_llamacpp",
-            ratio(ms_agg, _get(results.get("llamacpp"), "aggregate", top, "tok_s")),
-            f"multistream aggregate tok/s at {top} concurrent / llama.cpp sequential tok/s",
-            concurrency=int(top),
-        ),
-        "long_prompt_ttft_vs_llamacpp": entry(
-            "long_prompt_ttft_vs_llamacpp",
-            ratio(ms_long, llama_long),
-            "multistream TTFT / llama.cpp TTFT on the long prompt (lower is better)",
-            lower_is_better=True,
         ),
         "reasoning_answer_ttft_speedup": entry(
             "reasoning_answer_ttft_speedup",
@@ -290,7 +333,16 @@ def print_table(report: dict[str, Any], file: Any) -> None:
     conc = report["workload"]["concurrency"]
     t = Table(title=f"bench.compare — {report['machine']['cores']} cores, {report['machine']['dtype']}")
     t.add_column("system")
-    for col in ("TTFT p50", "TTFT p95", "decode tok/s", *[f"agg@{c}" for c in conc], "TTFT 512", "peak RSS"):
+    for col in (
+        "TTFT p50",
+        "TTFT p95",
+        "decode tok/s",
+        *[f"agg@{c}" for c in conc],
+        f"TTFT p50@{conc[-1]}",
+        "TTFT 512",
+        "prefix TTFT",
+        "peak RSS",
+    ):
         t.add_column(col, justify="right")
     t.add_column("note")
 
@@ -302,7 +354,7 @@ def print_table(report: dict[str, Any], file: Any) -> None:
         if r is None:
             continue
         if not r.get("available"):
-            t.add_row(LABELS[name], *["-"] * (5 + len(conc)), f"skipped: {r.get('skipped', '')[:70]}")
+            t.add_row(LABELS[name], *["-"] * (7 + len(conc)), f"skipped: {r.get('skipped', '')[:70]}")
             continue
         req = r.get("requests", {})
         note = "one at a time" if r.get("one_at_a_time") else ""
@@ -312,7 +364,9 @@ def print_table(report: dict[str, Any], file: Any) -> None:
             f(req.get("ttft_p95_s"), "{:.3f}s"),
             f(req.get("decode_tok_s_mean"), "{:.1f}"),
             *[f(_get(r, "aggregate", str(c), "tok_s"), "{:.1f}") for c in conc],
+            "" if r.get("one_at_a_time") else f(_get(r, "aggregate", str(conc[-1]), "ttft_p50_s"), "{:.3f}s"),
             f(_get(r, "long_prompt", "ttft_s"), "{:.3f}s"),
+            f(_get(r, "repeated_prefix", "ttft_p50_s"), "{:.3f}s"),
             f(r.get("peak_rss_mib"), "{:.0f} MiB"),
             note,
         )
@@ -324,6 +378,8 @@ def print_table(report: dict[str, Any], file: Any) -> None:
                 f(wr.get("ttft_p95_s"), "{:.3f}s"),
                 f(wr.get("decode_tok_s_mean"), "{:.1f}"),
                 *["" for _ in conc],
+                "",
+                "",
                 "",
                 "",
                 f"budget {wr.get('reasoning_budget')}, {wr.get('reasoning_tokens_mean', 0):.0f} reasoning tok",
@@ -367,6 +423,7 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
     groups = [
         ("answer TTFT p50", lambda r: _get(r, "requests", "ttft_p50_s")),
         ("TTFT long prompt", lambda r: _get(r, "long_prompt", "ttft_s")),
+        ("TTFT repeated prefix", lambda r: _get(r, "repeated_prefix", "ttft_p50_s")),
         ("answer TTFT w/ reasoning", lambda r: _get(r, "with_reasoning", "ttft_p50_s")),
     ]
     names = list(systems)
@@ -374,7 +431,7 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
     for i, name in enumerate(names):
         vals = [fn(systems[name]) for _, fn in groups]
         if name == "think_then_answer":  # its answer TTFT is the reasoning comparison's other side
-            vals = [None, None, _get(systems[name], "requests", "ttft_p50_s")]
+            vals = [None, None, None, _get(systems[name], "requests", "ttft_p50_s")]
         xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
         bars = ax2.bar(xs, [v or 0 for v in vals], width, label=LABELS[name])
         for b, v in zip(bars, vals, strict=True):
@@ -454,6 +511,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reasoning-prompts", type=int, default=None, help="questions for (a)+reasoning vs (b)")
     p.add_argument("--long-tokens", type=int, default=512, help="templated length of the long prompt")
     p.add_argument("--long-repeats", type=int, default=None, help="runs of the long prompt (best of N)")
+    p.add_argument("--prefix-requests", type=int, default=None, help="repeated-prefix requests (default 4)")
     p.add_argument("--threads", type=int, default=None, help="torch/llama.cpp threads (default: all cores)")
     p.add_argument("--server-threads", default=None, help="e.g. decode=2,prefill=2,reasoning=1")
     p.add_argument("--dtype", default="auto", help="server and HF dtype (auto = the engine's choice)")
@@ -481,6 +539,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.reasoning_prompts is None:
         args.reasoning_prompts = 1 if q else 3
     args.long_repeats = args.long_repeats or (1 if q else 3)
+    args.prefix_requests = args.prefix_requests or (3 if q else 4)
     args.requests_per_worker = args.requests_per_worker or (1 if q else 3)
     args.threads = args.threads or cpu_count()
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -515,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         dtype=args.dtype,
         requests_per_worker=args.requests_per_worker,
+        prefix_requests=args.prefix_requests,
     )
     # Reasoning questions: the longer, question-like half of the set.
     questions = (
@@ -534,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             "long_prompt_tokens": long_len,
             "long_repeats": args.long_repeats,
+            "prefix_requests": args.prefix_requests,
             "max_tokens": args.max_tokens,
             "concurrency": args.concurrency,
             "requests_per_level": {str(c): len(workload.requests_at(c)) for c in args.concurrency},
@@ -546,9 +607,11 @@ def main(argv: list[str] | None = None) -> int:
             "ttft": "client clock: request sent -> first user-facing token",
             "decode_tok_s": "(tokens - 1) / (last token - first token) per request, prefill excluded",
             "aggregate_tok_s": "user-facing tokens of all requests of a level / wall time of the level",
-            "one_at_a_time": "(c), (d) and (b) serve one request at a time: aggregate = sequential throughput",
+            "one_at_a_time": "(c) and (b) serve one request at a time: aggregate = sequential throughput",
+            "repeated_prefix_ttft": "the long prompt's passage with a new question each time; p50 "
+            "over the 2nd.. requests (the 1st fills the cache); both systems' prefix caches on",
             "peak_rss": "psutil RSS sampled every 50 ms: server = whole process tree (tritonserver + "
-            "every Python stub); (c)/(d) = their child process",
+            "every Python stub); (c) = its child process; (d) = the llama-server process",
         },
         "systems": {},
     }
@@ -557,10 +620,12 @@ def main(argv: list[str] | None = None) -> int:
     server_systems = [s for s in args.systems if s in ("multistream", "think_then_answer")]
     if server_systems:
         results.update(run_server_systems(server_systems, workload, args, questions))
-    for system in ("hf", "llamacpp"):
-        if system in args.systems:
-            _log(f"({'c' if system == 'hf' else 'd'}) {system} ...")
-            results[system] = run_local_system(system, workload, out_dir)
+    if "hf" in args.systems:
+        _log("(c) hf ...")
+        results["hf"] = run_local_system("hf", workload, out_dir)
+    if "llama_server" in args.systems:
+        _log("(d) llama-server: prompt cache off, then the repeated-prefix test with it on ...")
+        results["llama_server"] = run_llama_server_system(workload, out_dir, allow_build=not args.quick)
     log_tail = results.pop("_server_log_tail", None)
     if log_tail:
         report["server_log_tail"] = log_tail["log"]

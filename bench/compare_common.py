@@ -1,9 +1,8 @@
 """Shared pieces of ``bench.compare``: the workload, per-request records, statistics, RSS.
 
-Why a separate module: the local systems (HF ``generate``, llama.cpp) run in a child
-process (``bench.compare_local``) so that each one's peak RSS is its own and a crash or a
-missing ``llama_cpp`` cannot take the whole benchmark down; both sides must agree on the
-workload and on how a request is summarised, so that lives here.
+Why a separate module: every system's runner (``compare_triton``, ``compare_local`` in a
+child process, ``compare_llama_server``) must agree on the workload and on how a request
+is summarised, so that lives here.
 """
 
 from __future__ import annotations
@@ -30,6 +29,15 @@ _LONG_FILLER = (
     "that the levee has held for thirty years and that the money would pay for a new school roof. "
 )
 _LONG_QUESTION = "\n\nSummarize the disagreement in three sentences and propose one fair next step."
+#: Questions that follow one shared long passage in the repeated-prefix test (the first
+#: request computes the passage, the others can reuse it from a prefix cache).
+_PREFIX_QUESTIONS = (
+    _LONG_QUESTION,
+    "\n\nWho are the two sides of the argument, in one sentence each?",
+    "\n\nWhat happened in the wet year? Answer briefly.",
+    "\n\nList three things the town could spend the money on.",
+    "\n\nWrite a headline for this report.",
+)
 
 
 def load_prompts() -> tuple[list[str], str]:
@@ -74,6 +82,17 @@ def make_long_prompt(tokenizer: Any, target_tokens: int = 512) -> tuple[str, int
     return text, templated_len(text)
 
 
+def repeated_prefix_prompts(long_prompt: str, requests: int) -> list[str]:
+    """``requests`` prompts that share the long prompt's passage and differ in the question.
+
+    What a prefix cache is for: a system prompt or earlier turns sent again with a new
+    question. Each prompt is still a single user message, so every system renders it with
+    the same chat template; only the question's few tokens (and the template's tail) differ.
+    """
+    passage = long_prompt.removesuffix(_LONG_QUESTION)
+    return [passage + _PREFIX_QUESTIONS[i % len(_PREFIX_QUESTIONS)] for i in range(requests)]
+
+
 @dataclass
 class Workload:
     """What every system is asked to do (the same for all four)."""
@@ -87,6 +106,9 @@ class Workload:
     dtype: str = "auto"
     #: Requests each closed-loop worker runs per level (at least; the prompt set may add more).
     requests_per_worker: int = 3
+
+    #: Requests of the repeated-prefix test (the first one fills the cache).
+    prefix_requests: int = 4
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -147,6 +169,17 @@ def summarize_requests(records: list[RequestRecord]) -> dict[str, Any]:
         "decode_tok_s_mean": sum(rates) / len(rates) if rates else None,
         "decode_tok_s_p50": percentile(rates, 50),
         "output_tokens": sum(r.tokens for r in records),
+    }
+
+
+def repeated_prefix_summary(runs: list[RequestRecord]) -> dict[str, Any]:
+    """The first request computes the shared passage; the TTFT of the others is the cache's figure."""
+    return {
+        "requests": len(runs),
+        "first_ttft_s": runs[0].ttft_s,
+        "ttft_p50_s": percentile([r.ttft_s for r in runs[1:]], 50),
+        "ttft_runs_s": [r.ttft_s for r in runs],
+        "prompt_tokens": [r.prompt_tokens for r in runs],
     }
 
 

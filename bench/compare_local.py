@@ -1,20 +1,19 @@
-"""One in-process baseline of ``bench.compare``, run in its own child process.
+"""The in-process baseline of ``bench.compare``, run in its own child process.
 
-``python -m bench.compare_local --system hf|llamacpp --workload FILE --out FILE``
+``python -m bench.compare_local --system hf --workload FILE --out FILE``
 
 - ``hf``: ``transformers`` ``generate`` (greedy) with a ``TextIteratorStreamer``, one request
   at a time, on the converted default checkpoint (``ensure_default_model()``), in the
   server's dtype and with the same torch thread count.
-- ``llamacpp``: ``llama-cpp-python`` on the same GGUF file (``find_default_gguf()``), greedy,
-  one request at a time, same thread count; the KV cache is reset before every request so
-  that llama.cpp's prompt-prefix reuse does not shortcut TTFT (the server does not reuse
-  prompt prefixes across requests either).
+
+(llama.cpp is measured as its own server, ``bench.compare_llama_server``, not through the
+``llama-cpp-python`` binding: the binding serves one request at a time.)
 
 Why a child process: peak RSS must be the baseline's own (psutil on this pid, sampled by
-the parent), and a missing or broken ``llama_cpp`` must turn into a clear "skipped" entry,
-not a crash of the whole comparison. Both systems serve one request at a time, so their
-"aggregate tokens/s at N concurrent requests" is the sequential throughput of the prompt
-set (tokens / wall time, prefill included) — the JSON says so.
+the parent), and a broken import must turn into a clear "skipped" entry, not a crash of the
+whole comparison. It serves one request at a time, so its "aggregate tokens/s at N
+concurrent requests" is the sequential throughput of the prompt set (tokens / wall time,
+prefill included) — the JSON says so.
 
 Every prompt is chat-templated with the server's tokenizer (``backend.tokenizer``), so all
 systems prefill the same ids.
@@ -145,65 +144,8 @@ def build_hf(workload: Workload) -> tuple[RunOne, dict[str, Any]]:
     return run_one, info
 
 
-# -- llama.cpp ---------------------------------------------------------------------------------------------
-def build_llamacpp(workload: Workload) -> tuple[RunOne, dict[str, Any]]:
-    """Load the GGUF with ``llama-cpp-python`` and return a one-request runner."""
-    import llama_cpp
-    from llama_cpp import Llama
-
-    from backend.model_store import find_default_gguf
-
-    gguf = find_default_gguf()
-    t0 = time.monotonic()
-    llm = Llama(
-        model_path=str(gguf),
-        n_ctx=2048,
-        n_batch=512,
-        n_threads=workload.threads,
-        n_threads_batch=workload.threads,
-        verbose=False,
-    )
-    load_s = time.monotonic() - t0
-    eos = {int(llm.token_eos())}
-    for special in (b"<|im_end|>", b"<|endoftext|>"):
-        toks = llm.tokenize(special, add_bos=False, special=True)
-        if len(toks) == 1:
-            eos.add(int(toks[0]))
-
-    def run_one(prompt: str, ids: list[int]) -> RequestRecord:
-        llm.reset()  # no prompt-prefix reuse from the previous request (see module doc)
-        t0 = now()
-        toks = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        times: list[float] = []
-        for tok in llm.generate(toks, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if int(tok) in eos:
-                break
-            times.append(now())
-            if len(times) >= workload.max_tokens:
-                break
-        t_end = now()
-        n = len(times)
-        return RequestRecord(
-            ttft_s=(times[0] - t0) if times else t_end - t0,
-            tokens=n,
-            total_s=(times[-1] if times else t_end) - t0,
-            decode_tok_s=decode_rate(n, times[0] if times else None, times[-1] if times else None),
-            prompt_tokens=len(toks),
-        )
-
-    info = {
-        "engine": f"llama-cpp-python {llama_cpp.__version__}",
-        "model": str(gguf),
-        "dtype": "Q4_1 GGUF (llama.cpp kernels)",
-        "threads": workload.threads,
-        "load_s": load_s,
-    }
-    return run_one, info
-
-
 BUILDERS: dict[str, Callable[[Workload], tuple[RunOne, dict[str, Any]]]] = {
     "hf": build_hf,
-    "llamacpp": build_llamacpp,
 }
 
 
