@@ -74,9 +74,11 @@ def served_sequential(url: str, examples: list[Example], workers: int) -> list[l
 def _serve(model_dir: Path, parameters: dict, threads: int):
     from launcher.serve import start_server
 
+    # Dense weights: int4 rounding erases a LoRA fine-tune (launcher.serve does the same for
+    # --model-dir streams-demo).
     return start_server(
         model_dir=str(model_dir),
-        parameters=parameters,
+        parameters={"*": {"quantization": "none", **parameters}},
         decode_instances=1,
         reasoning_instances=1,
         prefill_instances=1,
@@ -103,11 +105,12 @@ def run(model_dir: str, n: int, workers: int, threads: int) -> dict[str, Any]:
         ablated = served_grid(server.grpc_url, renderer, examples, True, workers)
     t_grid = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with _serve(path, {"*": {"stream_layout": "project"}}, threads) as server:
+    with _serve(path, {"stream_layout": "project"}, threads) as server:
         seq_ids = served_sequential(server.grpc_url, examples, workers)
     t_seq = time.perf_counter() - t0
 
-    engine = Engine.from_model_dir(path, EngineConfig(max_sessions=16, max_context=512, threads=threads))
+    config = EngineConfig(max_sessions=16, max_context=512, threads=threads, quantization="none")
+    engine = Engine.from_model_dir(path, config)
     try:
         local = grid_outcomes(engine, renderer, examples, silence_penalty=SILENCE_PENALTY)
     finally:

@@ -36,22 +36,28 @@ class Outcome:
     thinking: str = ""
 
 
-def _run_all(engine: Engine, jobs: list[tuple[dict, int]], timeout: float = 600.0) -> list[list]:
-    """Submits every job at once (the engine batches their rows) and returns each one's events
-    once all its streams finished. A job is ``(Engine.submit keyword arguments, stream count)``."""
+def _run_all(
+    engine: Engine, jobs: list[tuple[dict, int]], window: int = 16, timeout: float = 600.0
+) -> list[list]:
+    """Runs the jobs, ``window`` at a time (the engine batches their rows), and returns each
+    one's events once all its streams finished. A job is ``(Engine.submit keyword arguments,
+    stream count)``; the window keeps within the engine's session and queue limits."""
     events: queue.Queue = queue.Queue()
-    ids = [engine.submit(on_event=events.put, **kw) for kw, _ in jobs]
-    index = {sid: i for i, sid in enumerate(ids)}
     out: list[list] = [[] for _ in jobs]
     left = [n for _, n in jobs]
-    pending = sum(left)
-    while pending:
+    index: dict[str, int] = {}
+    submitted = running = 0
+    while submitted < len(jobs) or running:
+        while submitted < len(jobs) and running < window:
+            index[engine.submit(on_event=events.put, **jobs[submitted][0])] = submitted
+            submitted += 1
+            running += 1
         ev = events.get(timeout=timeout)
         i = index[ev.session_id]
         out[i].append(ev)
         if ev.finished and ev.kind != "user":
             left[i] -= 1
-            pending -= 1
+            running -= left[i] == 0
     return out
 
 

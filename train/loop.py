@@ -31,7 +31,7 @@ CHECKPOINT = "checkpoint.pt"
 class TrainConfig:
     base: str
     out: str
-    steps: int = 150
+    steps: int = 300
     #: Examples per step for each rendering in ``renderings``.
     batch: int = 8
     lr: float = 2e-3

@@ -1,0 +1,71 @@
+"""The shipped stream model (``--model-dir streams-demo``) through a real tritonserver.
+
+A fixed held-out sample (two examples of each family, never trained on), greedy: every
+answer must be right, and with the thinking channel forced silent (``ablate_channels``)
+most of them must change, which shows the answer is read from the thinking channel
+through the grid. The sample and the expected answers come from ``train.tasks``; the model
+comes from the adapter in the checkout, merged into the cache on first use.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from client import MultiStreamClient
+from launcher.serve import start_server
+from train.tasks import FAMILIES, held_out, score
+
+pytestmark = pytest.mark.server
+
+SAMPLE = held_out()[: 2 * len(FAMILIES)]
+THINKING = "reasoning/Analytical"
+#: Greedy, and no silence penalty: the model answers on time by itself (docs/streams.md).
+OPTIONS = {"max_tokens": 40, "temperature": 0.0, "reasoning_streams": 1, "silence_penalty": 0.0}
+
+
+@pytest.fixture(scope="module")
+def demo_server(gil_check):
+    handle = start_server(
+        model_dir="streams-demo",
+        decode_instances=1,
+        reasoning_instances=1,
+        prefill_instances=1,
+        preprocessing_instances=1,
+        threads={"decode": 1, "reasoning": 1, "prefill": 1},
+        max_sessions=8,
+        max_context=512,
+        log_level="warning",
+    )
+    try:
+        yield handle
+        assert not handle.dead_stubs(), handle.log_tail(60)
+    finally:
+        handle.stop()
+
+
+def _ask(url: str, text: str, **extra) -> tuple[str, str]:
+    """(Output's text, the thinking channel's text) of one greedy generation."""
+    out, think = "", ""
+    for ev in MultiStreamClient(url).generate(text, **OPTIONS, **extra):
+        if getattr(ev, "stream", None) == "output":
+            out += ev.text
+        elif getattr(ev, "stream", None) == THINKING:
+            think += ev.text
+    return out, think
+
+
+def test_the_shipped_model_answers_a_held_out_sample(demo_server) -> None:
+    for ex in SAMPLE:
+        out, think = _ask(demo_server.grpc_url, ex.text)
+        assert score(ex, out), f"{ex.text!r}: answered {out!r}, expected {ex.answer!r} (thinking {think!r})"
+        # The thinking channel tracked the state while the user talked: its last word is the answer.
+        assert think.split()[-1] == ex.answer, (ex.text, think)
+
+
+def test_silencing_the_thinking_channel_changes_the_answers(demo_server) -> None:
+    changed = []
+    for ex in SAMPLE:
+        out, think = _ask(demo_server.grpc_url, ex.text, ablate_channels=[2])
+        assert think == ""  # forced silence is never sent
+        changed.append(not score(ex, out))
+    assert sum(changed) >= 0.75 * len(SAMPLE), changed
