@@ -91,6 +91,11 @@ class EngineConfig:
     #: Token that fills a channel with nothing to say in ``cross`` mode (stream-trained
     #: checkpoints). None: idle channels are simply left out of the row.
     silence_token_id: int | None = None
+    #: Prefix cache (``backend.engine.prefix_cache``): memory for the KV of recently computed
+    #: prompt prefixes, reused by later sessions that start the same way; 0 turns it off.
+    prefix_cache_mb: int = 128
+    #: Tokens per cached block (only whole blocks are reused).
+    prefix_cache_block: int = 16
 
     def int4_rows_limit(self, kernel: str | None) -> int:
         """``int4_max_rows``, or the measured crossover of the kernel in use."""

@@ -26,6 +26,7 @@ from backend.engine.batch import pack
 from backend.engine.config import EngineConfig, resolve_dtype, resolve_kv_dtype, resolve_quantization
 from backend.engine.errors import ContextLengthError, EngineBusyError
 from backend.engine.kv_cache import KVPool
+from backend.engine.prefix_cache import PrefixCache
 from backend.engine.scheduler import Scheduler, StepPlan, check_context
 from backend.engine.session import (
     EventCallback,
@@ -93,11 +94,13 @@ class Engine:
             model.device,
         )
         self.eos_ids = set(tokenizer.eos_token_ids)
+        self.prefix_cache = PrefixCache(self.pool, config.prefix_cache_mb * 2**20, config.prefix_cache_block)
         self.scheduler = Scheduler(
             self.pool,
             max_step_tokens=config.max_step_tokens,
             prefill_chunk=config.prefill_chunk,
             eos_ids=self.eos_ids,
+            on_admit=self.prefix_cache.admit,
         )
         self._int4_rows = config.int4_rows_limit(model.int4_kernel) if model.quantization != "none" else None
         self._lock = threading.Condition()
@@ -285,6 +288,7 @@ class Engine:
             "kv_dtype": str(self.pool.k[0].dtype).removeprefix("torch."),
             "steps": self._steps,
             "tokens_processed": self._tokens_processed,
+            **{f"prefix_cache_{k}": v for k, v in vars(self.prefix_cache.stats).items()},
         }
 
     @property
@@ -376,6 +380,9 @@ class Engine:
             int4_rows=self._int4_rows,
         )
         logits = self.model.forward(batch, self.pool.k, self.pool.v).cpu()
+        for sl in plan.slices:  # prefixes completed in this step: keep their blocks
+            if sl.prefill and not sl.session.in_prefill:
+                self.prefix_cache.insert(sl.session)
         self._steps += 1
         self._tokens_processed += len(plan)
         row_of = {idx: i for i, idx in enumerate(plan.logit_index)}

@@ -16,7 +16,7 @@ channel is present in every row: silence for one with nothing to say, finished o
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from backend.engine.errors import ContextLengthError, EngineError
@@ -114,8 +114,19 @@ def check_context(
 class Scheduler:
     """Admission queue, active sessions, and the two halves of a step."""
 
-    def __init__(self, pool: KVPool, *, max_step_tokens: int, prefill_chunk: int, eos_ids: set[int]):
+    def __init__(
+        self,
+        pool: KVPool,
+        *,
+        max_step_tokens: int,
+        prefill_chunk: int,
+        eos_ids: set[int],
+        on_admit: Callable[[Session], object] | None = None,
+    ):
         self.pool = pool
+        #: Called when a session (not imported) gets its slot, before its prefill is planned:
+        #: the prefix cache fills the slot and advances ``session.prefilled`` past what it had.
+        self.on_admit = on_admit
         self.max_step_tokens = max_step_tokens
         self.prefill_chunk = prefill_chunk
         self.eos_ids = eos_ids
@@ -142,6 +153,8 @@ class Scheduler:
             self.active[session.id] = session
             if session.imported:
                 imported.append(session)
+            elif self.on_admit is not None:
+                self.on_admit(session)
         return imported
 
     def start_imported(self, session: Session) -> StepPlan:

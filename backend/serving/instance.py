@@ -69,6 +69,9 @@ def engine_config(params: dict[str, str], device: str, **overrides: Any) -> Engi
         quantization=params.get("quantization", "auto") or "auto",
         # auto = fp32 on CPU (attention runs in fp32 there), the model dtype on GPU.
         kv_dtype=params.get("kv_dtype", "auto") or "auto",
+        # KV of recent prompt prefixes reused by later requests (the prefill instances do
+        # the prefills; decode and reasoning import their KV and keep this empty). 0 = off.
+        prefix_cache_mb=int(params.get("prefix_cache_mb", "128") or 0),
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)

@@ -46,6 +46,19 @@ FAMILIES = {
         "GAUGE",
     ),
     "kv_util": ("multistream_kv_cache_utilization", "Fraction of KV-cache positions in use (0..1)", "GAUGE"),
+    # Cumulative since the instance started (gauges, as they are read from Engine.stats()):
+    # hit rate = hit_tokens / lookup_tokens.
+    "prefix_lookup": (
+        "multistream_prefix_cache_lookup_tokens",
+        "Prompt tokens the prefix cache was asked for (whole blocks before the last row), since start",
+        "GAUGE",
+    ),
+    "prefix_hit": (
+        "multistream_prefix_cache_hit_tokens",
+        "Prompt tokens whose KV came from the prefix cache instead of a prefill, since start",
+        "GAUGE",
+    ),
+    "prefix_bytes": ("multistream_prefix_cache_bytes", "Memory the prefix cache holds in this instance", "GAUGE"),
     # Why: a session that leaks its thread (decode loop, BLS consumer) shows nowhere else;
     # after a cancellation storm this must return to its idle value.
     "threads": ("multistream_threads", "Python threads alive in this instance's stub process", "GAUGE"),
@@ -181,6 +194,9 @@ class ServingMetrics:
             ("kv_used", used),
             ("kv_capacity", cap),
             ("kv_util", used / cap if cap else 0.0),
+            ("prefix_lookup", stats.get("prefix_cache_lookup_tokens", 0)),
+            ("prefix_hit", stats.get("prefix_cache_hit_tokens", 0)),
+            ("prefix_bytes", stats.get("prefix_cache_bytes", 0)),
             ("threads", threading.active_count()),
         ):
             self._apply(key, labels, "set", value)

@@ -1,0 +1,140 @@
+"""Prefix caching (``backend.engine.prefix_cache``): reuse is exact, bounded, keyed safely, counted.
+
+A small random fp32 model (the default tokenizer's vocabulary) keeps each engine cheap; the
+reference for every reuse is the same engine with the cache off, i.e. the prefix recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backend.engine import Engine, EngineConfig, SamplingParams, StreamSpec
+from backend.engine.session import GridRules, Prefix
+from backend.models import LlamaModel
+from backend.models.config import ModelConfig
+from backend.tokenizer import Tokenizer
+from tests.engine_helpers import LogitRecorder, run
+
+CFG = ModelConfig(
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    architecture="LlamaForCausalLM",
+)
+PASSAGE = list(range(1000, 1000 + 70))  # 4 full blocks of 16 and a bit
+
+
+def engine(default_model_dir, cache_mb: float = 8, **kw) -> Engine:
+    model = LlamaModel.random(CFG, dtype=torch.float32, seed=3)
+    cfg = EngineConfig(dtype="float32", max_sessions=4, max_context=256, prefix_cache_mb=0, **kw)
+    eng = Engine(model, Tokenizer.from_dir(default_model_dir), cfg)
+    eng.prefix_cache.capacity_bytes = int(cache_mb * 2**20)  # below 1 MB too, for the bound test
+    eng.prefix_cache.stats.capacity_bytes = eng.prefix_cache.capacity_bytes
+    return eng
+
+
+def answer(eng: Engine, prompt: list[int], tokens: int = 6) -> tuple[list[int], torch.Tensor]:
+    rec = LogitRecorder(eng)
+    spec = StreamSpec("output", sampling=SamplingParams(max_tokens=tokens, ignore_eos=True))
+    got = run(eng, prompt, [spec])
+    first = min(rec.logits, key=lambda k: k[1])
+    return got.tokens("output"), rec.logits[first]
+
+
+def test_a_repeated_prefix_is_reused_and_answers_as_if_recomputed(default_model_dir) -> None:
+    cached, fresh = engine(default_model_dir), engine(default_model_dir, cache_mb=0)
+    try:
+        answer(cached, PASSAGE + [5, 6, 7])  # fills the cache
+        assert cached.stats()["prefix_cache_hit_tokens"] == 0
+        assert cached.stats()["prefix_cache_blocks"] == 4
+        answer(cached, list(range(2000, 2080)))  # overwrites the slot: reuse must copy, not find
+        question = PASSAGE + [8, 9, 10, 11]
+        got_tokens, got_logits = answer(cached, question)
+        ref_tokens, ref_logits = answer(fresh, question)
+        stats = cached.stats()
+        assert stats["prefix_cache_hit_tokens"] == 64 and stats["prefix_cache_hits"] == 1
+        assert stats["prefix_cache_lookup_tokens"] == 64 + 64 + 64
+        assert fresh.stats()["prefix_cache_hit_tokens"] == 0
+        assert got_tokens == ref_tokens
+        torch.testing.assert_close(got_logits, ref_logits, rtol=1e-5, atol=1e-5)
+    finally:
+        cached.shutdown()
+        fresh.shutdown()
+
+
+def test_a_different_start_misses_and_reused_slots_never_leak_into_the_cache(default_model_dir) -> None:
+    eng, fresh = engine(default_model_dir), engine(default_model_dir, cache_mb=0)
+    try:
+        answer(eng, PASSAGE)
+        other = [7] + PASSAGE[1:]  # differs in the first token: every block's digest differs
+        answer(eng, other)
+        assert eng.stats()["prefix_cache_hit_tokens"] == 0
+        # the slots of both sessions have been reused since; the cached copies must not change
+        for i in range(3):
+            answer(eng, list(range(3000 + 100 * i, 3040 + 100 * i)))
+        got, got_logits = answer(eng, PASSAGE + [1, 2])
+        ref, ref_logits = answer(fresh, PASSAGE + [1, 2])
+        assert got == ref
+        torch.testing.assert_close(got_logits, ref_logits, rtol=1e-5, atol=1e-5)
+        assert eng.stats()["prefix_cache_hit_tokens"] == 64
+    finally:
+        eng.shutdown()
+        fresh.shutdown()
+
+
+def test_the_cache_stays_within_its_bytes_evicting_the_oldest(default_model_dir) -> None:
+    eng = engine(default_model_dir)
+    block_bytes = eng.prefix_cache._block_bytes
+    eng.prefix_cache.capacity_bytes = 6 * block_bytes  # room for 6 blocks
+    try:
+        answer(eng, PASSAGE)  # 4 blocks
+        answer(eng, list(range(5000, 5070)))  # 4 more: 2 of the first run go
+        stats = eng.stats()
+        assert stats["prefix_cache_blocks"] == 6 and stats["prefix_cache_bytes"] <= 6 * block_bytes
+        assert stats["prefix_cache_evicted_blocks"] == 2
+        answer(eng, PASSAGE + [3])  # the first run lost its last two blocks, not its first
+        assert eng.stats()["prefix_cache_hit_tokens"] == 32, "the run's head must outlive its tail"
+    finally:
+        eng.shutdown()
+
+
+def test_prefill_export_shares_the_cache_with_sessions(default_model_dir) -> None:
+    """The served path: the prefill model exports prefixes; a repeated one is not recomputed."""
+    eng, fresh = engine(default_model_dir), engine(default_model_dir, cache_mb=0)
+    try:
+        eng.prefill_export(PASSAGE + [1])
+        second = eng.prefill_export(PASSAGE + [2, 3], timeout=60)
+        assert eng.stats()["prefix_cache_hit_tokens"] == 64
+        ref = fresh.prefill_export(PASSAGE + [2, 3], timeout=60)
+        torch.testing.assert_close(second.kv, ref.kv, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    finally:
+        eng.shutdown()
+        fresh.shutdown()
+
+
+def test_keys_cover_the_attention_rules_of_the_prefix(default_model_dir) -> None:
+    """The same tokens under another mask (the paper's skip_silence) must not share KV."""
+    eng = engine(default_model_dir)
+    try:
+        rows = [[731, 40 + r, 50 + r] for r in range(12)]  # 3 channels, 36 entries: 2 blocks
+        grid = Prefix.grid(rows)
+        plain = GridRules(num_channels=3, silence_id=731, skip_silence=False)
+        skipping = GridRules(num_channels=3, silence_id=731, skip_silence=True)
+        eng.prefill_export(grid, rules=plain, timeout=60)
+        eng.prefill_export(grid, rules=skipping, timeout=60)
+        assert eng.stats()["prefix_cache_hit_tokens"] == 0
+        eng.prefill_export(grid, rules=skipping, timeout=60)
+        assert eng.stats()["prefix_cache_hit_tokens"] == 32
+    finally:
+        eng.shutdown()
