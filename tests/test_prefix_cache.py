@@ -6,6 +6,9 @@ reference for every reuse is the same engine with the cache off, i.e. the prefix
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
 
 from backend.engine import Engine, EngineConfig, SamplingParams, StreamSpec
@@ -14,6 +17,7 @@ from backend.models import LlamaModel
 from backend.models.config import ModelConfig
 from backend.tokenizer import Tokenizer
 from tests.engine_helpers import LogitRecorder, run
+from tests.reliability_helpers import gauge_sum, scrape
 
 CFG = ModelConfig(
     vocab_size=49152,
@@ -138,3 +142,26 @@ def test_keys_cover_the_attention_rules_of_the_prefix(default_model_dir) -> None
         assert eng.stats()["prefix_cache_hit_tokens"] == 32
     finally:
         eng.shutdown()
+
+
+@pytest.mark.server
+def test_the_server_reuses_a_repeated_prefix_and_says_so_in_metrics(triton_server) -> None:
+    """Through Triton: the prefill instance's cache is hit by a repeated system prompt, the
+    hit shows in /metrics, and the answer is the one the first request got."""
+    from client import MultiStreamClient
+
+    system = "You are a careful assistant for a river town's council. " * 12  # ~130 tokens
+    url = triton_server.metrics_url
+
+    def hit_tokens() -> float:
+        return gauge_sum(scrape(url), "multistream_prefix_cache_hit_tokens", model="prefill")
+
+    with MultiStreamClient(triton_server.grpc_url, protocol="grpc") as c:
+        first = c.generate(system + "What should the council discuss first?", max_tokens=8).result()
+        before = hit_tokens()
+        again = c.generate(system + "What should the council discuss first?", max_tokens=8).result()
+    deadline = time.monotonic() + 10  # the stats poller and the metrics flusher lag a little
+    while hit_tokens() <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert hit_tokens() - before >= 112, "the repeated ~130-token prefix should come from the cache"
+    assert again.output_text == first.output_text
