@@ -544,7 +544,7 @@ DEMO_PROMPT = "Why do leaves change colour in autumn? Answer in three sentences.
 #: ``--model-dir streams-demo`` (docs/streams.md) answers its own task families: one of them,
 #: greedy, its thinking channel shown, no silence penalty (it answers on time by itself).
 STREAMS_DEMO = (
-    "facing north left left back right",
+    "facing north left left back right right",
     ["--reasoning-streams", "1", "--temperature", "0", "--silence-penalty", "0"],
 )
 

@@ -328,3 +328,14 @@ def test_merge_names_a_broken_adapter(tiny_base, tiny_trained, tmp_path) -> None
     (broken / "adapter_config.json").unlink()
     with pytest.raises(AdapterError, match="adapter_config.json: missing"):
         merge_adapter(tiny_base, broken, out)
+
+
+def test_the_shipped_adapter_is_small_and_complete() -> None:
+    from backend.model_store import SHIPPED_ADAPTERS
+
+    folder = SHIPPED_ADAPTERS["streams-demo"]
+    names = {f.name for f in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "channel_embedding.safetensors"} <= names
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 25 * 2**20
+    cfg = json.loads((folder / "stream_config.json").read_text())
+    assert cfg["num_channels"] == 3 and cfg["silence_token_id"] == 731

@@ -1,7 +1,8 @@
 """Greedy answers of a trained model on held-out examples, in-process through the engine.
 
-The same measurements as ``bench.streams`` (which goes through tritonserver), without a
-server: for checking a fresh run before shipping it, and for the training tests.
+The same measurements as ``bench.streams`` (which goes through tritonserver and takes the
+grid's row counts from here), without a server: check a fresh run before shipping it with
+``python -m train.evaluate runs/demo/adapter -n 40``.
 
 - grid: the paper's layout, all channels; ``ablate=True`` forces the thinking channels to
   silence from the seed row on (``GridRules.ablate``);
@@ -148,3 +149,43 @@ def summarize(outcomes: list[Outcome]) -> dict:
 
 def as_dicts(outcomes: list[Outcome]) -> list[dict]:
     return [asdict(o) for o in outcomes]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Merges an adapter folder into a temporary checkpoint and prints the three summaries."""
+    import argparse
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from backend.adapter import merge_adapter
+    from backend.engine import EngineConfig
+    from backend.model_store import resolve_model_dir
+    from backend.tokenizer import Tokenizer
+    from train.tasks import held_out
+
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=main.__doc__)
+    p.add_argument("adapter", help="an adapter folder (python -m train's <out>/adapter)")
+    p.add_argument("--base", default="default")
+    p.add_argument("-n", type=int, default=40, help="held-out examples")
+    args = p.parse_args(argv)
+    examples = held_out()[: args.n]
+    with tempfile.TemporaryDirectory() as tmp:
+        merge_adapter(resolve_model_dir(args.base), args.adapter, tmp)
+        # Dense weights: int4 rounding erases a LoRA fine-tune.
+        engine = Engine.from_model_dir(tmp, EngineConfig(quantization="none", max_sessions=16))
+        renderer = Renderer(Tokenizer.from_dir(Path(tmp)))
+        try:
+            result = {
+                "grid": summarize(grid_outcomes(engine, renderer, examples)),
+                "ablated": summarize(grid_outcomes(engine, renderer, examples, ablate=True)),
+                "sequential": summarize(sequential_outcomes(engine, renderer, examples)),
+            }
+        finally:
+            engine.shutdown()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
