@@ -152,15 +152,16 @@ def test_grid_puts_each_state_two_rows_after_its_word_and_the_answer_after_the_s
             assert label == rows[pos + 1][chan]  # next row, same channel
 
 
-def test_one_stream_is_prompt_then_states_then_answer(renderer, tokenizer) -> None:
+def test_one_stream_is_prompt_then_items_and_states_then_answer(renderer, tokenizer) -> None:
     ex = tasks.held_out(4)[1]
     seq = renderer.sequential(ex)
     prompt = renderer.sequential_prompt(ex)
     assert seq.ids[: len(prompt)] == prompt
     text = tokenizer.decode(seq.ids[len(prompt) :])
-    assert text == " " + " ".join(ex.thoughts) + " so " + ex.answer + tokenizer.decode(
-        tokenizer.eos_token_ids
-    )
+    # Each item again and the state after it (items without a state yet are skipped).
+    steps = " ".join(f"{w} {st}" for w, st in zip(ex.words, ex.states, strict=True) if st is not None)
+    eos = tokenizer.decode(tokenizer.eos_token_ids)
+    assert text == " " + steps + " so " + ex.answer + eos
     # Next-token labels from the prompt's last token on; channel rows 0 (prompt) and 1 (output).
     assert seq.labels[len(prompt) - 1 : -1] == seq.ids[len(prompt) :]
     assert set(seq.labels[: len(prompt) - 1]) == {IGNORE} and seq.labels[-1] == IGNORE
