@@ -141,6 +141,8 @@ def test_grid_puts_each_state_two_rows_after_its_word_and_the_answer_after_the_s
         ex.answer
     )
     assert rows[-1] == [sil] * renderer.num_channels  # the engine stops on this row
+    # ... and on the first all-silent row: none may come before the answer.
+    assert all(set(row) != {sil} for row in rows[:-1])
 
     flat = renderer.grid(ex)
     c = renderer.num_channels
