@@ -102,13 +102,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> StreamModel:
     ckpt = out / CHECKPOINT
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k not in ("out", "steps", "log", "threads")}
+        free = ("out", "steps", "log", "threads", "save_every")  # may change between runs
+        saved = {k: v for k, v in state["config"].items() if k not in free}
         now = {k: v for k, v in asdict(cfg).items() if k in saved}
         if {k: list(v) if isinstance(v, tuple) else v for k, v in now.items()} != saved:
             raise ValueError(
                 f"{ckpt}: saved with other settings {saved}; use another --out or the same flags"
             )
-        model.load_state_dict(state["trainable"], strict=False)
+        missing = set(params) - set(state["trainable"])
+        loaded = model.load_state_dict(state["trainable"], strict=False)
+        if missing or loaded.unexpected_keys:
+            raise ValueError(f"{ckpt}: does not match the model ({sorted(missing)[:3]} missing)")
         opt.load_state_dict(state["optimizer"])
         step, cfg.log = state["step"], state["log"]
 
