@@ -8,7 +8,7 @@ Two additions, both in the paper's format so the engine serves the result unchan
 - LoRA adapters (``peft``) on every attention and MLP projection; the base weights stay
   frozen. Why LoRA and not full fine-tuning: the result must ship inside the repository
   (an adapter of a few MB against 540 MB of weights), the optimizer state is 2% of the
-  model's, and on two shared CPU cores the skipped weight gradients are a third of a step.
+  model's, and the frozen matmuls need no weight gradients (a third of a full step's arithmetic).
 
 The forward runs transformers' own decoder with our 4D mask and per-token positions, so the
 layout the model learns is checked against code nobody here wrote when the engine serves it.
@@ -90,7 +90,7 @@ class StreamModel(nn.Module):
 
         ``batch["weights"]`` (optional) weighs each position. Only labelled positions go
         through the LM head (49k columns): a grid's User cells and the padding are a third of
-        the tokens and would otherwise cost as much as two layers.
+        the tokens, and the head costs as much as eight of SmolLM2's layers.
         """
         h = self.hidden(batch)
         keep = batch["labels"] != -100
