@@ -138,10 +138,10 @@ class Engine:
             try:
                 if config.threads:
                     torch.set_num_threads(config.threads)
-                model = load_model(
-                    path, dtype=resolve_dtype(config.dtype, config.device), device=config.device
-                )
-                model.quantize(resolve_quantization(config.quantization, model.device, model.dtype))
+                dtype = resolve_dtype(config.dtype, config.device)
+                quantization = resolve_quantization(config.quantization, torch.device(config.device), dtype)
+                # on CPU: mapped from the machine's packed weight file (backend.models.packed)
+                model = load_model(path, dtype=dtype, device=config.device, quantization=quantization)
                 engine._setup(model, Tokenizer.from_dir(Path(path)), config)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller below
                 loaded.set_exception(exc)

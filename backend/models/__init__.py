@@ -17,6 +17,18 @@ from backend.models.llama import LlamaModel
 __all__ = ["CheckpointError", "LlamaModel", "ModelConfig", "PackedBatch", "PackedSplit", "load_model"]
 
 
-def load_model(path: Path | str, dtype: torch.dtype, device: str | torch.device = "cpu") -> LlamaModel:
-    """The model of a checkpoint folder, in ``dtype`` on ``device``."""
-    return LlamaModel.from_dir(path, dtype=dtype, device=device)
+def load_model(
+    path: Path | str, dtype: torch.dtype, device: str | torch.device = "cpu", quantization: str | None = None
+) -> LlamaModel:
+    """The model of a checkpoint folder, in ``dtype`` on ``device``.
+
+    With ``quantization`` (``int4`` / ``none``) on CPU, the weights come already fused and
+    packed from the machine's packed file (``backend.models.packed``), mapped read-only and
+    shared by every process; without it, the checkpoint is read into this process.
+    """
+    if quantization is not None and torch.device(device).type == "cpu":
+        from backend.models import packed
+
+        return packed.load(path, dtype, quantization)
+    model = LlamaModel.from_dir(path, dtype=dtype, device=device)
+    return model.quantize(quantization) if quantization is not None else model

@@ -185,6 +185,85 @@ class LlamaModel:
         chan = r(channel_embedding, h, scale=0.5) if channel_embedding else None
         return cls(cfg, embed, layers, 1 + r(h, scale=0.1), lm_head, chan, torch.device("cpu"), dtype)
 
+    # ------------------------------------------------------------------ packed weights
+    _LAYER_DENSE = ("input_norm", "qkv", "qkv_bias", "o", "post_norm", "gate_up", "down", "q_norm", "k_norm")
+
+    def runtime_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every tensor the forward reads, flat by name, and what rebuilds the model around
+        them (``from_runtime_tensors``): what ``backend.models.packed`` writes to its file.
+        Quantized copies are included, so a process that maps the file does no packing."""
+        out: dict[str, torch.Tensor] = {"embed": self.embed, "final_norm": self.final_norm}
+        tied = self.lm_head is self.embed
+        if not tied:
+            out["lm_head"] = self.lm_head
+        if self.channel_embedding is not None:
+            out["channel_embedding"] = self.channel_embedding
+        q4_meta: dict[str, dict] = {}
+        for i, layer in enumerate(self.layers):
+            for name in self._LAYER_DENSE:
+                t = getattr(layer, name)
+                if t is not None:
+                    out[f"layers.{i}.{name}"] = t
+            for name, w in (layer.q4 or {}).items():
+                p = f"layers.{i}.q4.{name}."
+                out[p + "scales_zeros"] = w.scales_zeros
+                if w.packed is not None:
+                    out[p + "packed"] = w.packed
+                if w.dp is not None:
+                    out[p + "dp_packed"], out[p + "dp_sz"] = w.dp
+                q4_meta[f"{i}.{name}"] = {"out_features": w.out_features, "group": w.group}
+        if self.head_q8 is not None:
+            out["head_q8.packed"], out["head_q8.scales"] = self.head_q8.packed, self.head_q8.scales
+        meta = {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": self.quantization,
+            "int4_kernel": self.int4_kernel,
+            "tied_lm_head": tied,
+            "q4": q4_meta,
+            "head_q8_out_features": self.head_q8.out_features if self.head_q8 is not None else None,
+        }
+        return out, meta
+
+    @classmethod
+    def from_runtime_tensors(
+        cls, cfg: ModelConfig, tensors: dict[str, torch.Tensor], meta: dict
+    ) -> LlamaModel:
+        """The model around tensors that ``runtime_tensors`` produced (e.g. mapped from a file)."""
+        dtype = getattr(torch, meta["dtype"])
+        layers = []
+        for i in range(cfg.num_layers):
+            dense = {name: tensors.get(f"layers.{i}.{name}") for name in cls._LAYER_DENSE}
+            q4 = {}
+            for name in ("qkv", "o", "gate_up", "down"):
+                m = meta["q4"].get(f"{i}.{name}")
+                if m is None:
+                    continue
+                p = f"layers.{i}.q4.{name}."
+                dp = (tensors[p + "dp_packed"], tensors[p + "dp_sz"]) if p + "dp_packed" in tensors else None
+                q4[name] = Int4Weight(
+                    tensors.get(p + "packed"), tensors[p + "scales_zeros"], m["out_features"], m["group"], dp
+                )
+            layers.append(LayerWeights(**dense, q4=q4 or None))
+        embed = tensors["embed"]
+        lm_head = embed if meta["tied_lm_head"] else tensors["lm_head"]
+        model = cls(
+            cfg,
+            embed,
+            layers,
+            tensors["final_norm"],
+            lm_head,
+            tensors.get("channel_embedding"),
+            torch.device("cpu"),
+            dtype,
+        )
+        model.quantization = meta["quantization"]
+        model.int4_kernel = meta["int4_kernel"]
+        if "head_q8.packed" in tensors:
+            model.head_q8 = int8.Int8Head(
+                tensors["head_q8.packed"], tensors["head_q8.scales"], meta["head_q8_out_features"]
+            )
+        return model
+
     def quantize(self, mode: str) -> LlamaModel:
         """``int4``: add group-wise int4 copies of the matmul weights for decode rows.
 
