@@ -13,7 +13,10 @@ Through a real tritonserver, on the held-out split of ``train.tasks`` (greedy):
 The server's deltas carry no row numbers, so the grid's rows are counted on the engine in
 this process, on the same checkpoint and request; ``served_matches_engine`` is the share
 of examples whose served Output and thinking text equal the in-process run token for token
-(the grid is deterministic under greedy decoding, so anything below 1.0 is a bug).
+(the grid is deterministic under greedy decoding, so anything below 1.0 is a bug). The
+server confirms each count itself (``served_rows_confirmed``): ``max_tokens`` bounds the rows
+a grid session generates, so with ``max_tokens`` = user rows + the counted rows the served
+answer is complete, and with one row less it is not.
 
 Targets (issue 13): accuracy >= 0.9, accuracy - accuracy_ablated >= 0.3,
 post_input_rows <= 0.5 x sequential_post_input_rows.
@@ -71,6 +74,38 @@ def served_sequential(url: str, examples: list[Example], workers: int) -> list[l
         return [d.get("output", []) for d in pool.map(lambda ex: _served(url, ex, options), examples)]
 
 
+def _local_grid(path: Path, renderer: Renderer, examples: list[Example], threads: int) -> list[Outcome]:
+    """The same grid requests on an engine in this process (dense, as served): rows per example."""
+    from backend.engine import Engine, EngineConfig
+
+    config = EngineConfig(max_sessions=16, max_context=512, threads=threads, quantization="none")
+    engine = Engine.from_model_dir(path, config)
+    try:
+        return grid_outcomes(engine, renderer, examples, silence_penalty=SILENCE_PENALTY)
+    finally:
+        engine.shutdown()
+
+
+def served_rows_confirmed(
+    url: str, renderer: Renderer, examples: list[Example], local: list[Outcome], workers: int
+) -> float:
+    """Share of the answered examples whose row count the server confirms (module docstring)."""
+    from backend.engine.layout import user_tokens
+
+    def check(pair: tuple[Example, Outcome]) -> bool:
+        ex, lo = pair
+        if lo.post_input_rows is None:
+            return False
+        rows = len(user_tokens(renderer.tokenizer, ex.text)) + lo.post_input_rows
+        opts = {"temperature": 0.0, "reasoning_streams": 0, "silence_penalty": SILENCE_PENALTY}
+        full = _served(url, ex, {**opts, "max_tokens": rows}).get("output", [])
+        short = _served(url, ex, {**opts, "max_tokens": rows - 1}).get("output", [])
+        return renderer.tokenizer.decode(full) == lo.text and renderer.tokenizer.decode(short) != lo.text
+
+    with ThreadPoolExecutor(workers) as pool:
+        return mean(pool.map(check, zip(examples, local, strict=True)))
+
+
 def _serve(model_dir: Path, parameters: dict, threads: int):
     from launcher.serve import start_server
 
@@ -91,7 +126,6 @@ def _serve(model_dir: Path, parameters: dict, threads: int):
 
 
 def run(model_dir: str, n: int, workers: int, threads: int) -> dict[str, Any]:
-    from backend.engine import Engine, EngineConfig
     from backend.model_store import resolve_model_dir
     from backend.tokenizer import Tokenizer
 
@@ -103,18 +137,14 @@ def run(model_dir: str, n: int, workers: int, threads: int) -> dict[str, Any]:
     with _serve(path, {}, threads) as server:
         grid = served_grid(server.grpc_url, renderer, examples, False, workers)
         ablated = served_grid(server.grpc_url, renderer, examples, True, workers)
-    t_grid = time.perf_counter() - t0
+        t_grid = time.perf_counter() - t0
+        # Rows counted in-process, then confirmed by this server (module docstring).
+        local = _local_grid(path, renderer, examples, threads)
+        confirmed = served_rows_confirmed(server.grpc_url, renderer, examples, local, workers)
     t0 = time.perf_counter()
     with _serve(path, {"stream_layout": "project"}, threads) as server:
         seq_ids = served_sequential(server.grpc_url, examples, workers)
     t_seq = time.perf_counter() - t0
-
-    config = EngineConfig(max_sessions=16, max_context=512, threads=threads, quantization="none")
-    engine = Engine.from_model_dir(path, config)
-    try:
-        local = grid_outcomes(engine, renderer, examples, silence_penalty=SILENCE_PENALTY)
-    finally:
-        engine.shutdown()
 
     think_name = "reasoning/Analytical"
     served = [
@@ -150,6 +180,7 @@ def run(model_dir: str, n: int, workers: int, threads: int) -> dict[str, Any]:
         "sequential_min_rows": mean(len(ex.thoughts) + 2 for ex in examples),
         "post_input_rows_ratio": ratio,
         "served_matches_engine": mean(matches),
+        "served_rows_confirmed": confirmed,
         "accuracy_by_family": s_grid["by_family"],
         "accuracy_ablated_by_family": s_abl["by_family"],
         "sequential_accuracy_by_family": s_seq["by_family"],

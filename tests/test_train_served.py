@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from backend.model_store import resolve_model_dir
 from client import MultiStreamClient
 from launcher.serve import start_server
 from train.tasks import FAMILIES, held_out, score
@@ -46,7 +47,7 @@ def demo_server(gil_check):
 def _ask(url: str, text: str, **extra) -> tuple[str, str]:
     """(Output's text, the thinking channel's text) of one greedy generation."""
     out, think = "", ""
-    for ev in MultiStreamClient(url).generate(text, **OPTIONS, **extra):
+    for ev in MultiStreamClient(url).generate(text, **{**OPTIONS, **extra}):
         if getattr(ev, "stream", None) == "output":
             out += ev.text
         elif getattr(ev, "stream", None) == THINKING:
@@ -69,3 +70,18 @@ def test_silencing_the_thinking_channel_changes_the_answers(demo_server) -> None
         assert think == ""  # forced silence is never sent
         changed.append(not score(ex, out))
     assert sum(changed) >= 0.75 * len(SAMPLE), changed
+
+
+def test_the_answer_is_complete_four_rows_after_the_input(demo_server) -> None:
+    """``max_tokens`` bounds the rows a grid session generates: with the user's rows + 4 the
+    answer is there, with one row less it is not (train/render.py, ANSWER_DELAY)."""
+    from backend.engine.layout import user_tokens
+    from backend.tokenizer import Tokenizer
+    from train.render import ANSWER_DELAY
+
+    tok = Tokenizer.from_dir(resolve_model_dir("streams-demo"))
+    for ex in SAMPLE[:4]:
+        rows = len(user_tokens(tok, ex.text)) + ANSWER_DELAY
+        full, _ = _ask(demo_server.grpc_url, ex.text, max_tokens=rows)
+        short, _ = _ask(demo_server.grpc_url, ex.text, max_tokens=rows - 1)
+        assert score(ex, full) and short == "", (ex.text, full, short)
