@@ -45,8 +45,6 @@ DEFAULT_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: merged into ``<cache>/<name>/`` on first use (``ensure_shipped_model``).
 SHIPPED_ADAPTERS = {"streams-demo": Path(__file__).parent / "adapters" / "streams-demo"}
 
-#: Architectures the engine (``backend.models``) implements.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 #: Keys without which the forward cannot be built; everything else has a sane default.
 REQUIRED_CONFIG_KEYS = (
     "hidden_size",
@@ -506,6 +504,8 @@ def validate_model_dir(path: Path) -> ModelFiles:
         raise ModelFilesError(
             f"{config_path}: config.json must hold a JSON object, got {type(config).__name__}"
         )
+
+    from backend.models.config import SUPPORTED_ARCHITECTURES  # one list, beside the model code
 
     archs = config.get("architectures") or []
     if isinstance(archs, str):

@@ -114,3 +114,15 @@ def test_concurrent_first_starts_write_one_file_and_skip_a_killed_writers_leftov
         p.name for p in cache.iterdir() if not p.name.startswith(".") or p.name.startswith(".packing")
     ] == [target.name]
     assert not leftover.exists()
+
+
+def test_files_of_deleted_checkpoints_are_collected(default_model_dir, cache, tmp_path) -> None:
+    """Temporary checkpoints (tests, tools) must not leave their packed files behind forever."""
+    gone = tmp_path / "temporary-model"
+    shutil.copytree(default_model_dir, gone)
+    load_model(gone, torch.float32, "cpu", quantization="none")
+    (old,) = cache.glob("temporary-model-*.safetensors")
+    shutil.rmtree(gone)
+    load_model(default_model_dir, torch.float32, "cpu", quantization="none")  # writes, then collects
+    assert not old.exists()
+    assert [p.name.split("-")[0] for p in cache.glob("*.safetensors")] == ["SmolLM2"]

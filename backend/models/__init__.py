@@ -6,6 +6,7 @@ into weights plus a forward over a :class:`~backend.models.inputs.PackedBatch`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -24,9 +25,12 @@ def load_model(
 
     With ``quantization`` (``int4`` / ``none``) on CPU, the weights come already fused and
     packed from the machine's packed file (``backend.models.packed``), mapped read-only and
-    shared by every process; without it, the checkpoint is read into this process.
+    shared by every process; without it, or with ``MULTISTREAM_PACKED_WEIGHTS=0`` (a cache
+    folder that cannot be written, or ``bench.memory``'s comparison), the checkpoint is read
+    into this process.
     """
-    if quantization is not None and torch.device(device).type == "cpu":
+    packed_ok = os.environ.get("MULTISTREAM_PACKED_WEIGHTS", "1") != "0"
+    if quantization is not None and packed_ok and torch.device(device).type == "cpu":
         from backend.models import packed
 
         return packed.load(path, dtype, quantization)

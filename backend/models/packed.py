@@ -87,11 +87,12 @@ def _flock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def write(model: LlamaModel, path: Path) -> None:
+def write(model: LlamaModel, path: Path, source: Path) -> None:
     """Writes ``model``'s runtime tensors to ``path`` atomically (temp file, then rename)."""
     from safetensors.torch import save_file
 
     tensors, meta = model.runtime_tensors()
+    meta["source"] = str(Path(source).resolve())
     seen: dict[int, str] = {}
     flat: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():  # safetensors refuses shared storage: keep one of each
@@ -104,18 +105,51 @@ def write(model: LlamaModel, path: Path) -> None:
     os.close(fd)
     try:
         save_file(flat, tmp, metadata={"multistream": json.dumps(meta)})
+        os.chmod(tmp, 0o644)  # readable by every instance, whoever packed it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Maps a packed file read-only; every tensor is a view into the mapping (no copy)."""
+def _header(path: Path) -> tuple[dict, dict, int]:
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
-    meta = json.loads(header.pop("__metadata__")["multistream"])
+    return header, json.loads(header.pop("__metadata__")["multistream"]), n
+
+
+def collect_garbage(folder: Path) -> list[Path]:
+    """Removes packed files whose checkpoint folder no longer exists (temporary checkpoints
+    of tests and tools would otherwise pile up); returns what it removed. A file that a live
+    process is still writing is skipped: its lock is held."""
+    removed = []
+    for f in folder.glob("*.safetensors"):
+        try:
+            source = _header(f)[1].get("source")
+        except (OSError, ValueError, KeyError, struct.error):
+            continue
+        if not source or Path(source).exists():
+            continue
+        lock = folder / f".{f.stem}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            f.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+            removed.append(f)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Maps a packed file read-only; every tensor is a view into the mapping (no copy)."""
+    header, meta, n = _header(path)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     base = 8 + n
     tensors: dict[str, torch.Tensor] = {}
@@ -135,6 +169,17 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def _release_freed_memory() -> None:
+    """Hands the heap the packing freed back to the OS (glibc keeps it otherwise), so the
+    process that packed does not stay the size of an unpacked checkpoint while serving."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def load(model_dir: Path | str, dtype: torch.dtype, quantization: str) -> LlamaModel:
     """The CPU model of ``model_dir`` from its packed file, written first if this machine has none."""
     model_dir = Path(model_dir)
@@ -146,8 +191,10 @@ def load(model_dir: Path | str, dtype: torch.dtype, quantization: str) -> LlamaM
                     stale.unlink(missing_ok=True)
                 t0 = time.monotonic()
                 model = LlamaModel.from_dir(model_dir, dtype=dtype).quantize(quantization)
-                write(model, path)
+                write(model, path, model_dir)
                 log.info("packed %s into %s in %.1f s", model_dir, path, time.monotonic() - t0)
                 del model
+                _release_freed_memory()
+        collect_garbage(path.parent)
     tensors, meta = read(path)
     return LlamaModel.from_runtime_tensors(ModelConfig.from_dir(model_dir), tensors, meta)
