@@ -25,6 +25,14 @@ void int4_mm_raw(const at::BFloat16* x, int64_t M, int64_t K, const uint8_t* pac
 void int8_mm_raw(const at::BFloat16* x, int64_t M, int64_t K, const int8_t* packed, const float* scales,
                  int64_t N, float* out, int64_t ldo);
 
+// The same, for the output blocks [nb_lo, nb_hi) of 16 columns only, on the calling thread;
+// ``xsum`` [M, K/32] from int4_xsum (the per-group input sums the zero point needs).
+void int4_xsum(const at::BFloat16* x, int64_t M, int64_t K, float* xsum);
+void int4_mm_blocks(const at::BFloat16* x, int64_t M, int64_t K, const float* xsum, const uint8_t* packed,
+                    const at::BFloat16* sz, at::BFloat16* out, int64_t ldo, int64_t nb_lo, int64_t nb_hi);
+void int8_mm_blocks(const at::BFloat16* x, int64_t M, int64_t K, const int8_t* packed, const float* scales,
+                    float* out, int64_t ldo, int64_t nb_lo, int64_t nb_hi);
+
 at::Tensor int4_mm(at::Tensor x, at::Tensor packed, at::Tensor sz);
 at::Tensor int8_mm(at::Tensor x, at::Tensor packed, at::Tensor scales);
 

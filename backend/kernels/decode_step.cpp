@@ -4,8 +4,8 @@
 //
 // Why: in the torch forward a one-row step of SmolLM2-135M is ~25 small ops per layer, 30
 // layers, each paying Python and dispatcher overhead that added up to more than the int4
-// matmuls themselves (3.4 of 12.5 ms). Here the only per-op cost left is a parallel region
-// per matmul.
+// matmuls themselves (3.4 of 12.5 ms). Here the whole step is one call and one OpenMP
+// region (see SpinBarrier): 3.4 ms for a one-row step on 2 cores.
 //
 // The numbers follow backend/models/llama.py's decode path rounding for rounding: a bf16
 // residual stream, RMSNorm in fp32 rounded to bf16 before its weight, int4 matmuls with bf16
@@ -17,11 +17,15 @@
 // same instructions whatever else is in the step: its result never depends on its batch.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <optional>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -83,9 +87,6 @@ void add_into(bf16* x, const bf16* y, int64_t n) {
 struct Int4 {
   at::Tensor packed, sz;
   int64_t n = 0;
-  void mm(const bf16* x, int64_t m, int64_t k, bf16* out, int64_t ldo) const {
-    int4_mm_raw(x, m, k, packed.data_ptr<uint8_t>(), sz.data_ptr<bf16>(), n, out, ldo);
-  }
 };
 
 struct Layer {
@@ -102,6 +103,34 @@ Int4 int4_of(const at::Tensor& packed, const at::Tensor& sz) {
 }
 
 }  // namespace
+
+// Why one OpenMP region per step, with its own barrier: a step has ~270 parallel phases, and
+// with at::parallel_for per phase under OMP_WAIT_POLICY=PASSIVE (the server sets it when its
+// stubs' threads outnumber the cores) every region paid a futex wake-up: 13.8 ms for a
+// one-row step against 4.0 ms with ACTIVE. One region per step pays one wake-up; the
+// threads are OpenMP's own (a separate thread team competed with OpenMP's spinning idle
+// workers), and they meet at this barrier, which spins briefly and then yields, so an
+// oversubscribed machine is not burned on spinning.
+struct SpinBarrier {
+  std::atomic<int> count{0};
+  std::atomic<int> gen{0};
+
+  void wait(int n) {
+    if (n == 1) return;
+    const int g = gen.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count.store(0, std::memory_order_relaxed);
+      gen.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; gen.load(std::memory_order_acquire) == g; ++spins) {
+      if (spins < 20000)
+        _mm_pause();
+      else
+        std::this_thread::yield();
+    }
+  }
+};
 
 class DecodeStep {
  public:
@@ -171,71 +200,107 @@ class DecodeStep {
                   "DecodeStep: KV pool tensors must be contiguous fp32 [slots, kv_heads, max_context, head_dim]");
 
     const int64_t qkv_n = (nh_ + 2 * kvh_) * hd_, q_n = nh_ * hd_, kv_n = kvh_ * hd_;
+    const int64_t m = logit_index.size(0);
+    const int64_t* lidx = logit_index.data_ptr<int64_t>();
+    for (int64_t r = 0; r < m; ++r) TORCH_CHECK(lidx[r] >= 0 && lidx[r] < n, "DecodeStep: logit_index out of range");
     auto opts = x.options();
     at::Tensor res = x.contiguous().clone();
     at::Tensor hbuf = at::empty({n, std::max(h_, i_)}, opts);
     at::Tensor qkv = at::empty({n, qkv_n}, opts);
     at::Tensor att = at::empty({n, q_n}, opts);
     at::Tensor tmp = at::empty({n, std::max(h_, 2 * i_)}, opts);
+    at::Tensor last = at::empty({m, h_}, opts);
+    at::Tensor logits = at::empty({m, vocab_}, opts.dtype(at::kFloat));
     std::vector<float> q(n * q_n);
     bf16* X = res.data_ptr<bf16>();
     bf16* Hb = hbuf.data_ptr<bf16>();
     bf16* QKV = qkv.data_ptr<bf16>();
     bf16* ATT = att.data_ptr<bf16>();
     bf16* T = tmp.data_ptr<bf16>();
+    bf16* LAST = last.data_ptr<bf16>();
+    float* OUT = logits.data_ptr<float>();
     const float* cosp = cos_.data_ptr<float>();
     const float* sinp = sin_.data_ptr<float>();
     const int64_t half = hd_ / 2, group = nh_ / kvh_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
-
+    std::vector<float*> KPs(nl), VPs(nl);
     for (int64_t li = 0; li < nl; ++li) {
-      const Layer& ly = layers_[li];
-      float* KP = k_pool[li].data_ptr<float>();
-      float* VP = v_pool[li].data_ptr<float>();
-      for (int64_t t = 0; t < n; ++t) rms_row(X + t * h_, ly.input_norm.data_ptr<bf16>(), Hb + t * h_, h_, eps_);
-      ly.qkv.mm(Hb, n, h_, QKV, qkv_n);
-      if (ly.qkv_bias) {
-        const bf16* b = ly.qkv_bias->data_ptr<bf16>();
-        for (int64_t t = 0; t < n; ++t)
-          for (int64_t j = 0; j < qkv_n; ++j) QKV[t * qkv_n + j] = bf16(f(QKV[t * qkv_n + j]) + f(b[j]));
-      }
-      // Per token: q/k norm (Qwen3), RoPE at the token's row, K and V into the pool.
-      for (int64_t t = 0; t < n; ++t) {
-        const float* c = cosp + pos[t] * hd_;
-        const float* s = sinp + pos[t] * hd_;
-        for (int64_t head = 0; head < nh_ + kvh_; ++head) {
-          const bool is_q = head < nh_;
-          const bf16* src = QKV + t * qkv_n + head * hd_;
-          const std::optional<at::Tensor>& norm = is_q ? ly.q_norm : ly.k_norm;
-          bf16 normed[512];
-          if (norm) {
-            rms_row(src, norm->data_ptr<bf16>(), normed, hd_, eps_);
-            src = normed;
+      KPs[li] = k_pool[li].data_ptr<float>();
+      VPs[li] = v_pool[li].data_ptr<float>();
+    }
+    const int64_t groups_h = h_ / 32, groups_q = q_n / 32, groups_i = i_ / 32;
+
+    SpinBarrier bar;
+    // One parallel region for the whole step (see SpinBarrier): each thread takes its share
+    // of every phase (rows, output blocks or attention tasks); they meet between phases.
+#pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
+    {
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      auto share = [&](int64_t total) -> std::pair<int64_t, int64_t> {
+        return {total * tid / nt, total * (tid + 1) / nt};
+      };
+      const auto [r0, r1] = share(n);  // this thread's rows for the row-wise phases
+      std::vector<float> xsum(n * std::max(groups_h, std::max(groups_q, groups_i)));
+      std::vector<float> score(L + 16);
+      std::vector<float> acc(hd_);
+      auto matmul = [&](const Int4& w, const bf16* in, int64_t k, bf16* out, int64_t ldo) {
+        int4_xsum(in, n, k, xsum.data());  // every thread, for all rows: cheaper than a barrier
+        const auto [b0, b1] = share(w.n / 16);
+        int4_mm_blocks(in, n, k, xsum.data(), w.packed.data_ptr<uint8_t>(), w.sz.data_ptr<bf16>(), out, ldo, b0, b1);
+      };
+
+      for (int64_t li = 0; li < nl; ++li) {
+        const Layer& ly = layers_[li];
+        float* KP = KPs[li];
+        float* VP = VPs[li];
+        // rows: (the previous layer's MLP residual) then the input norm
+        for (int64_t t = r0; t < r1; ++t) {
+          if (li > 0) add_into(X + t * h_, T + t * h_, h_);
+          rms_row(X + t * h_, ly.input_norm.data_ptr<bf16>(), Hb + t * h_, h_, eps_);
+        }
+        bar.wait(nt);
+        matmul(ly.qkv, Hb, h_, QKV, qkv_n);
+        bar.wait(nt);
+        // rows: bias, q/k norm (Qwen3), RoPE at the token's row, K and V into the pool
+        for (int64_t t = r0; t < r1; ++t) {
+          if (ly.qkv_bias) {
+            const bf16* b = ly.qkv_bias->data_ptr<bf16>();
+            for (int64_t j = 0; j < qkv_n; ++j) QKV[t * qkv_n + j] = bf16(f(QKV[t * qkv_n + j]) + f(b[j]));
           }
-          float* dst = is_q ? q.data() + t * q_n + head * hd_
-                            : KP + ((tok_slot[t] * kvh_ + (head - nh_)) * max_ctx + tok_idx[t]) * hd_;
-          // x * cos and rot * sin each rounded to bf16, then their sum, as torch computes it
-          for (int64_t d = 0; d < half; d += 16) {
-            const __m512 a = ld(src + d), b = ld(src + d + half);
-            const __m512 lo = _mm512_sub_ps(round(_mm512_mul_ps(a, _mm512_loadu_ps(c + d))),
-                                            round(_mm512_mul_ps(b, _mm512_loadu_ps(s + d))));
-            const __m512 hi = _mm512_add_ps(round(_mm512_mul_ps(b, _mm512_loadu_ps(c + d + half))),
-                                            round(_mm512_mul_ps(a, _mm512_loadu_ps(s + d + half))));
-            _mm512_storeu_ps(dst + d, round(lo));
-            _mm512_storeu_ps(dst + d + half, round(hi));
+          const float* c = cosp + pos[t] * hd_;
+          const float* s = sinp + pos[t] * hd_;
+          for (int64_t head = 0; head < nh_ + kvh_; ++head) {
+            const bool is_q = head < nh_;
+            const bf16* src = QKV + t * qkv_n + head * hd_;
+            const std::optional<at::Tensor>& norm = is_q ? ly.q_norm : ly.k_norm;
+            bf16 normed[512];
+            if (norm) {
+              rms_row(src, norm->data_ptr<bf16>(), normed, hd_, eps_);
+              src = normed;
+            }
+            float* dst = is_q ? q.data() + t * q_n + head * hd_
+                              : KP + ((tok_slot[t] * kvh_ + (head - nh_)) * max_ctx + tok_idx[t]) * hd_;
+            // x * cos and rot * sin each rounded to bf16, then their sum, as torch computes it
+            for (int64_t d = 0; d < half; d += 16) {
+              const __m512 a = ld(src + d), b = ld(src + d + half);
+              const __m512 lo = _mm512_sub_ps(round(_mm512_mul_ps(a, _mm512_loadu_ps(c + d))),
+                                              round(_mm512_mul_ps(b, _mm512_loadu_ps(s + d))));
+              const __m512 hi = _mm512_add_ps(round(_mm512_mul_ps(b, _mm512_loadu_ps(c + d + half))),
+                                              round(_mm512_mul_ps(a, _mm512_loadu_ps(s + d + half))));
+              _mm512_storeu_ps(dst + d, round(lo));
+              _mm512_storeu_ps(dst + d + half, round(hi));
+            }
+          }
+          const bf16* vsrc = QKV + t * qkv_n + q_n + kv_n;
+          for (int64_t kh = 0; kh < kvh_; ++kh) {
+            float* vd = VP + ((tok_slot[t] * kvh_ + kh) * max_ctx + tok_idx[t]) * hd_;
+            for (int64_t d = 0; d < hd_; d += 16) _mm512_storeu_ps(vd + d, ld(vsrc + kh * hd_ + d));
           }
         }
-        const bf16* vsrc = QKV + t * qkv_n + q_n + kv_n;
-        for (int64_t kh = 0; kh < kvh_; ++kh) {
-          float* vd = VP + ((tok_slot[t] * kvh_ + kh) * max_ctx + tok_idx[t]) * hd_;
-          for (int64_t d = 0; d < hd_; d += 16) _mm512_storeu_ps(vd + d, ld(vsrc + kh * hd_ + d));
-        }
-      }
-      // Attention: each (token, query head) over its session's keys, masked, in fp32.
-      at::parallel_for(0, n * nh_, 1, [&](int64_t lo, int64_t hi) {
-        std::vector<float> score(L + 16);
-        std::vector<float> acc(hd_);
-        for (int64_t task = lo; task < hi; ++task) {
+        bar.wait(nt);
+        // attention: each (token, query head) over its session's keys, masked, in fp32
+        const auto [a0, a1] = share(n * nh_);
+        for (int64_t task = a0; task < a1; ++task) {
           const int64_t t = task / nh_, head = task % nh_, kh = head / group;
           const int64_t b = pad[t] / max_q, qi = pad[t] % max_q;
           const bool* mrow = msk + (b * max_q + qi) * L;
@@ -273,43 +338,48 @@ class DecodeStep {
             const __m512 p = _mm512_set1_ps(score[l]);
             const float* vv = vbase + l * hd_;
             for (int64_t d = 0; d < hd_; d += 16)
-              _mm512_storeu_ps(acc.data() + d, _mm512_fmadd_ps(p, _mm512_loadu_ps(vv + d), _mm512_loadu_ps(acc.data() + d)));
+              _mm512_storeu_ps(acc.data() + d,
+                               _mm512_fmadd_ps(p, _mm512_loadu_ps(vv + d), _mm512_loadu_ps(acc.data() + d)));
           }
           const __m512 inv = _mm512_set1_ps(sum > 0.f ? 1.0f / sum : 0.f);
           bf16* out = ATT + t * q_n + head * hd_;
           for (int64_t d = 0; d < hd_; d += 16) st(out + d, _mm512_mul_ps(_mm512_loadu_ps(acc.data() + d), inv));
         }
-      });
-      ly.o.mm(ATT, n, q_n, T, h_);
-      add_into(X, T, n * h_);
-      for (int64_t t = 0; t < n; ++t) rms_row(X + t * h_, ly.post_norm.data_ptr<bf16>(), Hb + t * h_, h_, eps_);
-      ly.gate_up.mm(Hb, n, h_, T, 2 * i_);
-      // act = bf16(bf16(silu(g)) * u), as torch rounds F.silu(g) before the product
-      for (int64_t t = 0; t < n; ++t) {
-        const bf16* g = T + t * 2 * i_;
-        const bf16* u = g + i_;
-        bf16* a = Hb + t * i_;
-        for (int64_t j = 0; j < i_; j += 16) {
-          const __m512 gv = ld(g + j);
-          const __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-          st(a + j, _mm512_mul_ps(round(sg), ld(u + j)));
+        bar.wait(nt);
+        matmul(ly.o, ATT, q_n, T, h_);
+        bar.wait(nt);
+        for (int64_t t = r0; t < r1; ++t) {
+          add_into(X + t * h_, T + t * h_, h_);
+          rms_row(X + t * h_, ly.post_norm.data_ptr<bf16>(), Hb + t * h_, h_, eps_);
         }
+        bar.wait(nt);
+        matmul(ly.gate_up, Hb, h_, T, 2 * i_);
+        bar.wait(nt);
+        // rows: act = bf16(bf16(silu(g)) * u), as torch rounds F.silu(g) before the product
+        for (int64_t t = r0; t < r1; ++t) {
+          const bf16* g = T + t * 2 * i_;
+          const bf16* u = g + i_;
+          bf16* a = Hb + t * i_;
+          for (int64_t j = 0; j < i_; j += 16) {
+            const __m512 gv = ld(g + j);
+            const __m512 sg =
+                _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            st(a + j, _mm512_mul_ps(round(sg), ld(u + j)));
+          }
+        }
+        bar.wait(nt);
+        matmul(ly.down, Hb, i_, T, h_);
+        bar.wait(nt);
       }
-      ly.down.mm(Hb, n, i_, T, h_);
-      add_into(X, T, n * h_);
+      for (int64_t t = r0; t < r1; ++t) add_into(X + t * h_, T + t * h_, h_);
+      bar.wait(nt);
+      const auto [l0, l1] = share(m);
+      for (int64_t r = l0; r < l1; ++r) rms_row(X + lidx[r] * h_, final_norm_.data_ptr<bf16>(), LAST + r * h_, h_, eps_);
+      bar.wait(nt);
+      const auto [b0, b1] = share(vocab_ / 16);
+      int8_mm_blocks(LAST, m, h_, head_packed_.data_ptr<int8_t>(), head_scales_.data_ptr<float>(), OUT, vocab_, b0, b1);
+      bar.wait(nt);
     }
-
-    const int64_t m = logit_index.size(0);
-    const int64_t* li = logit_index.data_ptr<int64_t>();
-    at::Tensor last = at::empty({m, h_}, opts);
-    bf16* Lp = last.data_ptr<bf16>();
-    for (int64_t r = 0; r < m; ++r) {
-      TORCH_CHECK(li[r] >= 0 && li[r] < n, "DecodeStep: logit_index out of range");
-      rms_row(X + li[r] * h_, final_norm_.data_ptr<bf16>(), Lp + r * h_, h_, eps_);
-    }
-    at::Tensor logits = at::empty({m, vocab_}, opts.dtype(at::kFloat));
-    int8_mm_raw(Lp, m, h_, head_packed_.data_ptr<int8_t>(), head_scales_.data_ptr<float>(), vocab_,
-                logits.data_ptr<float>(), vocab_);
     return logits;
   }
 

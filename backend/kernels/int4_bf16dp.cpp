@@ -84,27 +84,36 @@ const BlockFn kBlock[kMaxRows + 1] = {nullptr,       block_rows<1>, block_rows<2
 
 }  // namespace
 
-void int4_mm_raw(const at::BFloat16* x, int64_t M, int64_t K, const uint8_t* packed, const at::BFloat16* sz,
-                 int64_t N, at::BFloat16* out, int64_t ldo) {
-  const int64_t NB = N / 16, groups = K / kGroup;
-  // Per row and group, the sum of the inputs (fp32), for the zero-point term.
-  std::vector<float> xsum(M * groups);
+void int4_xsum(const at::BFloat16* x, int64_t M, int64_t K, float* xsum) {
+  const int64_t groups = K / kGroup;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0.f;
       for (int64_t k = 0; k < kGroup; ++k) s += static_cast<float>(x[m * K + g * kGroup + k]);
       xsum[m * groups + g] = s;
     }
-  const float* xs = xsum.data();
-  at::parallel_for(0, NB, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t nb = lo; nb < hi; ++nb) {
-      const uint8_t* w = packed + nb * (K / 2) * 16;
-      const at::BFloat16* s = sz + nb * groups * 32;
-      for (int64_t m = 0; m < M; m += kMaxRows) {
-        const int64_t rows = std::min(kMaxRows, M - m);
-        kBlock[rows](x + m * K, K, xs + m * groups, groups, w, s, out + m * ldo + nb * 16, ldo);
-      }
+}
+
+void int4_mm_blocks(const at::BFloat16* x, int64_t M, int64_t K, const float* xsum, const uint8_t* packed,
+                    const at::BFloat16* sz, at::BFloat16* out, int64_t ldo, int64_t nb_lo, int64_t nb_hi) {
+  const int64_t groups = K / kGroup;
+  for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
+    const uint8_t* w = packed + nb * (K / 2) * 16;
+    const at::BFloat16* s = sz + nb * groups * 32;
+    for (int64_t m = 0; m < M; m += kMaxRows) {
+      const int64_t rows = std::min(kMaxRows, M - m);
+      kBlock[rows](x + m * K, K, xsum + m * groups, groups, w, s, out + m * ldo + nb * 16, ldo);
     }
+  }
+}
+
+void int4_mm_raw(const at::BFloat16* x, int64_t M, int64_t K, const uint8_t* packed, const at::BFloat16* sz,
+                 int64_t N, at::BFloat16* out, int64_t ldo) {
+  // Per row and group, the sum of the inputs (fp32), for the zero-point term.
+  std::vector<float> xsum(M * (K / kGroup));
+  int4_xsum(x, M, K, xsum.data());
+  at::parallel_for(0, N / 16, 1, [&](int64_t lo, int64_t hi) {
+    int4_mm_blocks(x, M, K, xsum.data(), packed, sz, out, ldo, lo, hi);
   });
 }
 

@@ -64,18 +64,23 @@ const BlockFn kBlock[kMaxRows + 1] = {nullptr,       block_rows<1>, block_rows<2
 
 }  // namespace
 
+void int8_mm_blocks(const at::BFloat16* x, int64_t M, int64_t K, const int8_t* packed, const float* scales,
+                    float* out, int64_t ldo, int64_t nb_lo, int64_t nb_hi) {
+  const int64_t groups = K / kGroup;
+  for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
+    const int8_t* w = packed + nb * K * 16;
+    const float* s = scales + nb * groups * 16;
+    for (int64_t m = 0; m < M; m += kMaxRows) {
+      const int64_t rows = std::min(kMaxRows, M - m);
+      kBlock[rows](x + m * K, K, groups, w, s, out + m * ldo + nb * 16, ldo);
+    }
+  }
+}
+
 void int8_mm_raw(const at::BFloat16* x, int64_t M, int64_t K, const int8_t* packed, const float* scales,
                  int64_t N, float* out, int64_t ldo) {
-  const int64_t NB = N / 16, groups = K / kGroup;
-  at::parallel_for(0, NB, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t nb = lo; nb < hi; ++nb) {
-      const int8_t* w = packed + nb * K * 16;
-      const float* s = scales + nb * groups * 16;
-      for (int64_t m = 0; m < M; m += kMaxRows) {
-        const int64_t rows = std::min(kMaxRows, M - m);
-        kBlock[rows](x + m * K, K, groups, w, s, out + m * ldo + nb * 16, ldo);
-      }
-    }
+  at::parallel_for(0, N / 16, 1, [&](int64_t lo, int64_t hi) {
+    int8_mm_blocks(x, M, K, packed, scales, out, ldo, lo, hi);
   });
 }
 
