@@ -20,7 +20,9 @@ and the JSON says so), peak RSS (the server's whole process tree; the child proc
 ``--long-repeats`` runs: on a shared machine one run can land on a busy moment, and the
 minimum is the figure least disturbed by others), and for (a) and (d) the repeated-prefix
 TTFT: the long prompt's passage with new questions, both prefix caches on. Every other
-measurement of (d) runs with its prompt cache off. Each server runs alone: (a)/(b) are
+measurement of (a) and (d) runs with its cache off (for (a), a server started with
+``prefix_cache_mb=0``; then a second one with the default for the repeated-prefix test), so
+no request is shortened by an earlier one's KV. Each server runs alone: (a)/(b) are
 stopped before (c) and (d) start. Writes ``compare.json`` and ``compare.png`` to ``--out`` and
 prints a table; ``--json`` also prints the JSON on stdout.
 
@@ -118,7 +120,7 @@ def run_server_systems(
     systems: list[str], workload: Workload, args: argparse.Namespace, questions: list[str]
 ) -> dict[str, dict[str, Any]]:
     """(a) and (b) against one server: started here unless ``--url`` names a running one."""
-    from bench.compare_triton import run_multistream, run_reasoning_comparison
+    from bench.compare_triton import run_multistream, run_reasoning_comparison, run_repeated_prefix
 
     out: dict[str, dict[str, Any]] = {}
 
@@ -148,16 +150,27 @@ def run_server_systems(
                 tta["server"] = server_info
                 out["think_then_answer"] = tta
 
+    def repeated_prefix(url: str) -> None:
+        if "multistream" in out and out["multistream"].get("available"):
+            _log("(a) multistream: the repeated-prefix test, prefix cache on ...")
+            out["multistream"]["repeated_prefix"] = run_repeated_prefix(url, workload)
+
     if args.url:
-        measure(args.url, None, {"url": args.url, "started_here": False})
+        info = {"url": args.url, "started_here": False, "prefix_cache": "as the server is configured"}
+        measure(args.url, None, info)
+        repeated_prefix(args.url)
         return out
 
     from launcher.serve import ServerError, start_server
 
     threads = _parse_threads(args.server_threads, workload.threads)
-    _log(f"starting the multistream server (threads {threads}) ...")
-    try:
-        handle = start_server(
+
+    def start(prefix_cache: bool) -> Any:
+        """The server; the throughput levels run with the prefix cache off, as llama-server's."""
+        _log(
+            f"starting the multistream server (threads {threads}, prefix cache {'on' if prefix_cache else 'off'}) ..."
+        )
+        return start_server(
             model_dir="default",
             dtype=workload.dtype,
             decode_instances=args.decode_instances,
@@ -166,27 +179,41 @@ def run_server_systems(
             preprocessing_instances=1,
             threads=threads,
             max_sessions=max(32, 2 * max(workload.concurrency)),
+            parameters=None if prefix_cache else {"*": {"prefix_cache_mb": "0"}},
             log_level="warning",
             ready_timeout=600,
         )
-    except (ServerError, OSError, RuntimeError, ValueError) as e:
-        reason = f"server did not start: {str(e).splitlines()[0]}"
-        return {s: _skipped(s, reason) for s in systems if s in ("multistream", "think_then_answer")}
-    with handle:
-        info = {
-            "started_here": True,
-            "startup_s": handle.startup_s,
-            "threads": threads,
-            "decode_instances": args.decode_instances,
-        }
+
+    for prefix_cache in (False, True):
+        if prefix_cache and "multistream" not in out:
+            break
         try:
-            measure(handle.grpc_url, handle.process.pid, info)
-        except Exception as e:  # noqa: BLE001 - recorded; the local baselines still run
-            reason = f"{type(e).__name__}: {e}"
-            for s in systems:
-                if s in ("multistream", "think_then_answer") and s not in out:
-                    out[s] = _skipped(s, f"failed during the run: {reason}")
-            out.setdefault("_server_log_tail", {"log": handle.log_tail(30)})  # type: ignore[arg-type]
+            handle = start(prefix_cache)
+        except (ServerError, OSError, RuntimeError, ValueError) as e:
+            reason = f"server did not start: {str(e).splitlines()[0]}"
+            if not prefix_cache:
+                return {s: _skipped(s, reason) for s in systems if s in ("multistream", "think_then_answer")}
+            out["multistream"]["repeated_prefix"] = {"skipped": reason}
+            break
+        with handle:
+            info = {
+                "started_here": True,
+                "startup_s": handle.startup_s,
+                "threads": threads,
+                "decode_instances": args.decode_instances,
+                "prefix_cache": prefix_cache,
+            }
+            try:
+                if prefix_cache:
+                    repeated_prefix(handle.grpc_url)
+                else:
+                    measure(handle.grpc_url, handle.process.pid, info)
+            except Exception as e:  # noqa: BLE001 - recorded; the local baselines still run
+                reason = f"{type(e).__name__}: {e}"
+                for s in systems:
+                    if s in ("multistream", "think_then_answer") and s not in out:
+                        out[s] = _skipped(s, f"failed during the run: {reason}")
+                out.setdefault("_server_log_tail", {"log": handle.log_tail(30)})  # type: ignore[arg-type]
     return out
 
 

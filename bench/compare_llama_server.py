@@ -70,11 +70,17 @@ async def _one(client: Any, prompt: str, max_tokens: int, cache_prompt: bool) ->
     )
 
 
+#: The SDK's own retries: only for a connection that fails before any response (cpp-httplib
+#: closes a keep-alive connection after a number of requests, and a request sent on it just
+#: then never reached the server). A retried request's time includes the failed attempt.
+MAX_RETRIES = 2
+
+
 async def _level(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list, float]:
     """``concurrency`` closed-loop workers share ``prompts`` (as ``compare_triton._run_level``)."""
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=MAX_RETRIES, timeout=600)
     queue: asyncio.Queue[str] = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
@@ -101,7 +107,7 @@ async def _sequential(
 ) -> list[RequestRecord]:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=MAX_RETRIES, timeout=600)
     try:
         return [await _one(client, p, max_tokens, cache_prompt) for p in prompts]
     finally:

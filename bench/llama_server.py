@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -273,6 +274,16 @@ class LlamaServerConfig:
         return a + list(self.extra_args)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the benchmark dies, so no server is left behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class LlamaServer:
     """A running ``llama-server`` on a free port; ``with`` stops it (SIGINT, then SIGKILL)."""
 
@@ -290,7 +301,9 @@ class LlamaServer:
         env = dict(os.environ, OMP_NUM_THREADS=str(self.config.threads))
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         cmd = [str(self.exe), *self.config.args(self.port)]
-        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -313,7 +326,7 @@ class LlamaServer:
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(2)
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -28,6 +28,7 @@ from backend.engine.layout import StreamLayout, user_tokens
 from backend.serving import handoff
 from backend.serving.bls_wire import responder_for
 from backend.serving.engine_model import EngineModel
+from backend.serving.hop_trace import HopTrace
 from backend.serving.pump import POLL_S, CancelPoll, StreamPump
 from backend.serving.reasoning_wire import DeferredRelease, ReasoningCall, ReasoningDelta
 from backend.serving.request import RequestConfig
@@ -74,6 +75,7 @@ class DecodeRequest:
         self.sid = self.cfg.session_id
         self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.pump = StreamPump("output", model.metrics, self.cfg.arrival, model.group_tokens)
+        self.trace = HopTrace(self.sid)  # bench.hops: per-response hop timestamps, off by default
         self.engine_sids: list[str] = []
         self.cancelled = False
         self.cancel_deadline = 0.0
@@ -161,10 +163,12 @@ class DecodeRequest:
                         self._poll_mailbox()
                     self._forward_reasoning(self.reasoning.check())
                 if kind == "engine":
+                    self.trace.dequeued(item.t)
                     self._on_engine(item)
                 elif kind == "reasoning":
                     self._forward_reasoning(self.reasoning.receive(item))
         finally:
+            self.trace.close()
             mailbox.unregister(self.sid)
             for esid in self.engine_sids:
                 self.engine.cancel(esid)  # no-op for ended sessions; frees KV on any error path
@@ -207,6 +211,7 @@ class DecodeRequest:
         logprobs: tuple[list[float], float] | None = None,
         stats: list[tuple[float, float]] | None = None,
     ) -> None:
+        t0 = time.monotonic()
         self.out.send(
             delta_tensors(
                 stream=stream,
@@ -221,6 +226,7 @@ class DecodeRequest:
                 stats=stats,
             )
         )
+        self.trace.sent(stream, len(ids or []), t0, time.monotonic())
 
     def _on_engine(self, ev: StreamEvent) -> None:
         if ev.kind == "user":
