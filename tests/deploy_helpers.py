@@ -45,7 +45,15 @@ def tensor(name: str, value: Any, dtype: str) -> grpcclient.InferInput:
 class StreamSession:
     """One ``multistream`` generation over a gRPC stream, recording what came back."""
 
-    def __init__(self, url: str, prompt: str, max_tokens: int, *, session_id: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prompt: str,
+        max_tokens: int,
+        *,
+        session_id: str | None = None,
+        ignore_eos: bool = False,
+    ) -> None:
         self.url = url
         self.client = grpcclient.InferenceServerClient(url)
         self.session_id = session_id
@@ -59,6 +67,8 @@ class StreamSession:
             tensor("max_tokens", max_tokens, "INT32"),
             tensor("stream", True, "BOOL"),
         ]
+        if ignore_eos:  # a session that must outlive what the test does with it
+            inputs.append(tensor("ignore_eos", True, "BOOL"))
         if session_id:
             inputs.append(tensor("session_id", session_id.encode(), "BYTES"))
         headers = {ROUTING_HEADER: session_id} if session_id else None
@@ -109,13 +119,23 @@ def control(url: str, session_id: str, action: str, text: str = "") -> bool:
 class HttpStreamSession:
     """One ``multistream`` generation over HTTP ``generate_stream`` (server-sent events), on a thread."""
 
-    def __init__(self, url: str, prompt: str, max_tokens: int, *, session_id: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prompt: str,
+        max_tokens: int,
+        *,
+        session_id: str | None = None,
+        ignore_eos: bool = False,
+    ) -> None:
         self.session_id = session_id
         self.first = threading.Event()
         self.done = threading.Event()
         self.finish: dict[str, str] = {}
         self.error: Exception | None = None
         body: dict[str, Any] = {"text_input": prompt, "max_tokens": max_tokens, "stream": True}
+        if ignore_eos:
+            body["ignore_eos"] = True
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if session_id:
             body["session_id"] = session_id

@@ -157,8 +157,8 @@ def prom(replicas: dict[str, ServerHandle]) -> Iterator[Prometheus]:
         p.stop()
 
 
-def _sessions(url: str, n: int, max_tokens: int) -> list[StreamSession]:
-    sessions = [StreamSession(url, f"{PROMPT} ({i})", max_tokens) for i in range(n)]
+def _sessions(url: str, n: int, max_tokens: int, *, ignore_eos: bool = False) -> list[StreamSession]:
+    sessions = [StreamSession(url, f"{PROMPT} ({i})", max_tokens, ignore_eos=ignore_eos) for i in range(n)]
     for s in sessions:
         assert s.first.wait(120), f"no first response through {url}"
         assert s.error is None, s.error
@@ -169,10 +169,15 @@ def test_pushes_and_cancels_reach_their_sessions(replicas, router, prom):
     """Concurrent sessions through the router, gRPC and HTTP, minted and client-chosen ids:
     every push is accepted by its session, every cancel ends it."""
     tag = uuid.uuid4().hex[:8]
-    grpc_minted = [StreamSession(router.grpc_url, f"{PROMPT} ({i})", 96) for i in range(3)]
-    grpc_chosen = [StreamSession(router.grpc_url, PROMPT, 96, session_id=f"chat-{tag}-{i}") for i in range(2)]
-    http_minted = [HttpStreamSession(router.http_url, PROMPT, 96)]
-    http_chosen = [HttpStreamSession(router.http_url, PROMPT, 96, session_id=f"chat-{tag}-http")]
+    grpc_minted = [StreamSession(router.grpc_url, f"{PROMPT} ({i})", 96, ignore_eos=True) for i in range(3)]
+    grpc_chosen = [
+        StreamSession(router.grpc_url, PROMPT, 96, session_id=f"chat-{tag}-{i}", ignore_eos=True)
+        for i in range(2)
+    ]
+    http_minted = [HttpStreamSession(router.http_url, PROMPT, 96, ignore_eos=True)]
+    http_chosen = [
+        HttpStreamSession(router.http_url, PROMPT, 96, session_id=f"chat-{tag}-http", ignore_eos=True)
+    ]
     sessions = [*grpc_minted, *grpc_chosen, *http_minted, *http_chosen]
     for s in sessions:
         assert s.first.wait(120) and s.error is None, s.error
@@ -215,7 +220,7 @@ def test_project_client_routes_push_and_cancel(replicas, router, protocol):
 
     def one(i: int) -> tuple[bool, bool, Done]:
         with MultiStreamClient(url, protocol=protocol) as mc:
-            gen = mc.generate(f"{PROMPT} [{i}]", max_tokens=96)
+            gen = mc.generate(f"{PROMPT} [{i}]", max_tokens=96, ignore_eos=True)
             events = iter(gen)
             next(e for e in events if isinstance(e, StreamDelta))
             pushed = mc.push_input(gen.session_id, " Answer in French.")
@@ -236,7 +241,7 @@ def test_async_client_routes_push_and_cancel(replicas, router, protocol):
     url = router.grpc_url if protocol == "grpc" else router.http_url
 
     async def one(mc: AsyncMultiStreamClient, i: int) -> tuple[bool, bool, Done]:
-        gen = mc.generate(f"{PROMPT} <{i}>", max_tokens=96)
+        gen = mc.generate(f"{PROMPT} <{i}>", max_tokens=96, ignore_eos=True)
         events = gen.__aiter__()
         while not isinstance(await events.__anext__(), StreamDelta):
             pass
@@ -257,7 +262,11 @@ def test_async_client_routes_push_and_cancel(replicas, router, protocol):
 def test_round_robin_control_misroutes_session_requests(replicas):
     """The control: a plain round-robin balancer sends session_control to the wrong replica."""
     with start_router(_replica_specs(replicas), balance="round_robin") as rr:
-        sessions = _sessions(rr.grpc_url, 4, max_tokens=64)
+        # Long enough to outlive the calls below (a session that ended would read as "misrouted"):
+        # no end on EOS, and each alive on its own replica before the round robin starts.
+        sessions = _sessions(rr.grpc_url, 4, max_tokens=1024, ignore_eos=True)
+        for s in sessions:
+            assert control(replicas[replica_of(s.session_id)].grpc_url, s.session_id, "status"), s.session_id
         misrouted, reached = [], 0
         for s in sessions:
             for _ in range(2):  # two in a row: round robin sends them to different replicas
@@ -356,10 +365,10 @@ def test_drain_waits_for_running_sessions(replicas):
 
 def test_killed_replica_fails_its_sessions_only(replicas, router):
     """One replica killed mid-run: its sessions end with a clear error, the other's finish, new ones go on."""
-    sessions = _sessions(router.grpc_url, 4, max_tokens=160)
+    sessions = _sessions(router.grpc_url, 4, max_tokens=160, ignore_eos=True)
     by_replica = {n: [s for s in sessions if replica_of(s.session_id) == n] for n in NAMES}
     assert all(by_replica.values()), {n: [s.session_id for s in v] for n, v in by_replica.items()}
-    http = [HttpStreamSession(router.http_url, PROMPT, 160) for _ in range(2)]
+    http = [HttpStreamSession(router.http_url, PROMPT, 160, ignore_eos=True) for _ in range(2)]
     for s in http:
         assert s.first.wait(120) and s.error is None, s.error
     victim, survivor = replicas["r0"], replicas["r1"]

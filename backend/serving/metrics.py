@@ -58,7 +58,11 @@ FAMILIES = {
         "Prompt tokens whose KV came from the prefix cache instead of a prefill, since start",
         "GAUGE",
     ),
-    "prefix_bytes": ("multistream_prefix_cache_bytes", "Memory the prefix cache holds in this instance", "GAUGE"),
+    "prefix_bytes": (
+        "multistream_prefix_cache_bytes",
+        "Memory the prefix cache holds in this instance",
+        "GAUGE",
+    ),
     # Why: a session that leaks its thread (decode loop, BLS consumer) shows nowhere else;
     # after a cancellation storm this must return to its idle value.
     "threads": ("multistream_threads", "Python threads alive in this instance's stub process", "GAUGE"),
