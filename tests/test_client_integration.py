@@ -135,7 +135,9 @@ def test_unknown_session_control_names_session_id(triton_server, protocol):
 def test_push_input_and_server_cancel_while_streaming(triton_server):
     sid = "it-" + uuid.uuid4().hex
     with MultiStreamClient(triton_server.grpc_url) as c, MultiStreamClient(triton_server.grpc_url) as ctl:
-        gen = c.generate(PROMPT, max_tokens=200, reasoning_streams=1, reasoning_budget=200, session_id=sid)
+        gen = c.generate(
+            PROMPT, max_tokens=200, reasoning_streams=1, reasoning_budget=200, session_id=sid, ignore_eos=True
+        )
         results: dict[str, object] = {}
         events = []
         for ev in gen:
@@ -167,7 +169,7 @@ def test_local_stream_cancel(triton_server):
 
     assert wait_for(idle, 30), "the server is not idle before the test"
     with MultiStreamClient(triton_server.grpc_url) as c:
-        gen = c.generate(STORY, max_tokens=800)  # many seconds of answer: only the cancel ends it soon
+        gen = c.generate(STORY, max_tokens=800, ignore_eos=True)  # only the cancel ends it soon
         n = 0
         with pytest.raises(MultiStreamCancelled):
             for _ev in gen:

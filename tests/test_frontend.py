@@ -334,7 +334,11 @@ def test_responses_background_cancel(front: Front) -> None:
         input="Count slowly from one to one hundred.",
         max_output_tokens=400,
         background=True,
-        extra_body={"reasoning_streams": 1, "reasoning_budget": 400},  # long either way
+        extra_body={
+            "reasoning_streams": 1,
+            "reasoning_budget": 400,
+            "ignore_eos": True,
+        },  # runs until cancelled
     )
     assert r.status == "in_progress"
     assert wait_for(lambda: sdk.responses.retrieve(r.id).output, timeout=60)
@@ -358,7 +362,7 @@ def test_input_and_cancel_mid_stream(front: Front) -> None:
         messages=[{"role": "user", "content": "Count slowly from one to one hundred."}],
         max_tokens=300,
         stream=True,
-        extra_body={"session_id": sid},
+        extra_body={"session_id": sid, "ignore_eos": True},  # still running at the cancel
     )
     finish = None
     pushed = cancelled_at = 0

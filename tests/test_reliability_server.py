@@ -370,7 +370,9 @@ def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None
 
     def sync_client() -> None:
         with MultiStreamClient(srv.grpc_url, idle_timeout_s=120) as client:
-            gen = client.generate(PROMPT, max_tokens=300, reasoning_streams=1, reasoning_budget=300)
+            gen = client.generate(
+                PROMPT, max_tokens=300, reasoning_streams=1, reasoning_budget=300, ignore_eos=True
+            )
             try:
                 n = 0
                 for _ in gen:
@@ -383,7 +385,9 @@ def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None
 
     async def async_client() -> None:
         async with AsyncMultiStreamClient(srv.grpc_url, idle_timeout_s=120) as client:
-            gen = client.generate(PROMPT, max_tokens=300, reasoning_streams=1, reasoning_budget=300)
+            gen = client.generate(
+                PROMPT, max_tokens=300, reasoning_streams=1, reasoning_budget=300, ignore_eos=True
+            )
             try:
                 n = 0
                 async for _ in gen:

@@ -594,6 +594,7 @@ def test_client_library_cancel_stops_decode_and_reasoning(triton_server) -> None
             reasoning_streams=1,
             reasoning_budget=400,
             temperature=0.0,
+            ignore_eos=True,  # still running at the cancel
         )
         seen = 0
         with pytest.raises(MultiStreamCancelled):
