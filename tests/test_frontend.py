@@ -478,7 +478,11 @@ def test_api_key_and_busy(triton_server) -> None:
         assert [m.id for m in sdk.models.list().data] == [MODEL]
         # One generation in flight; the next is refused at once with 429 + Retry-After.
         stream = sdk.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=64, stream=True
+            model=MODEL,
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=64,
+            stream=True,
+            extra_body={"ignore_eos": True},  # still in flight when the next request comes
         )
         first = next(iter(stream))
         assert first.choices[0].delta.role == "assistant"
