@@ -44,6 +44,7 @@ DTYPES = {
     "sync": ("BYTES", np.object_),
     "session_id": ("BYTES", np.object_),
     "action": ("BYTES", np.object_),
+    "ignore_eos": ("BOOL", np.bool_),
 }
 
 
@@ -512,6 +513,7 @@ def _long_call(server: Any, sid: str, on_delta=None) -> StreamCall:
         "reasoning_streams": 1,
         "reasoning_budget": 800,
         "session_id": sid,
+        "ignore_eos": True,  # the answer does not end on its own either
     }
     return StreamCall(server.grpc_url, values, on_delta)
 
