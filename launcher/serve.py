@@ -510,6 +510,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         choices=("auto", "paper", "project"),
         help="auto: the paper's grid for a stream-trained checkpoint (README, the paper's stream layout)",
     )
+    p.add_argument(
+        "--prefill-at",
+        default=None,
+        choices=("prefill", "decode"),
+        help="where prompts are computed: the prefill instance (default) or inside decode's steps "
+        "(lower TTFT under load on a small CPU, lower throughput; docs/performance.md)",
+    )
     p.add_argument("--config", default=None, help="TOML or JSON file with DeployConfig fields")
     p.add_argument("--run-dir", default=None, help="where to render the repository (default: a temp dir)")
     p.add_argument("--ready-timeout", type=float, default=600.0)
@@ -644,6 +651,16 @@ def stop_front(child: subprocess.Popen[bytes] | None) -> None:
         child.wait()
 
 
+def _cli_parameters(args: argparse.Namespace) -> dict[str, dict[str, str]] | None:
+    """The model parameters the CLI flags stand for (the rest come from ``--config``)."""
+    params: dict[str, dict[str, str]] = {}
+    if args.stream_layout:
+        params.setdefault("*", {})["stream_layout"] = args.stream_layout
+    if args.prefill_at:
+        params.setdefault("prefill", {})["prefill_at"] = args.prefill_at
+    return params or None
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: start, print the endpoints, serve until Ctrl-C/SIGTERM, stop cleanly."""
     args = _parse(argv)
@@ -665,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=threads,
         max_sessions=args.max_sessions,
         max_context=args.max_context,
-        parameters={"*": {"stream_layout": args.stream_layout}} if args.stream_layout else None,
+        parameters=_cli_parameters(args),
     )
     if args.render_only:
         cfg = build_config(**settings)

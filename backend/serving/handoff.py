@@ -34,6 +34,43 @@ except ImportError:  # pragma: no cover
 #: The two tensors of the hand-off, in the order the ensemble maps them.
 HANDOFF_INPUTS = ("prompt_kv", "prompt_logits")
 
+#: Where prompts are computed (the prefill model's parameter ``prefill_at``).
+PREFILL_AT = ("prefill", "decode")
+
+
+def resolve_prefill_at(
+    setting: str, *, device: str, prefill_backend: str = "auto", plain_wire: bool = True
+) -> str:
+    """``prefill`` (the default: this instance computes the prompt and hands its KV over) or
+    ``decode`` (it hands over nothing; decode and reasoning compute the prompt in their own
+    steps, between the rows of running sessions, as llama-server's continuous batching does).
+
+    Why both: on a few shared CPU cores a separate prefill process competes with decode's
+    thread team, and prompts queue behind it under load; computed inside decode they do not
+    queue, but every step that carries prompt rows is slower. Measured at 16 clients on 2
+    cores (docs/performance.md): answer TTFT p50 3.40 s -> 0.85 s, aggregate 185 -> 126
+    tok/s. So ``prefill`` stays the default and ``decode`` is for latency-bound CPU serving.
+    """
+    setting = (setting or "prefill").lower()
+    if setting == "auto":
+        setting = "prefill"
+    if setting not in PREFILL_AT:
+        raise ValueError(f"prefill_at must be one of {', '.join(PREFILL_AT)}, got {setting!r}")
+    if setting == "decode":
+        if (prefill_backend or "auto").lower() == "trtllm":
+            raise ValueError("prefill_at=decode leaves nothing for prefill_backend=trtllm to compute")
+        if not plain_wire or str(device).startswith("cuda"):
+            raise ValueError("prefill_at=decode is for CPU deployments (the FP32 host hand-off wire)")
+    return setting
+
+
+def empty_arrays() -> dict[str, np.ndarray]:
+    """The hand-off of ``prefill_at=decode``: no KV, no logits (decode computes the prompt)."""
+    return {
+        "prompt_kv": np.zeros((1, 0, 0, 0, 0, 0), dtype=np.float32),
+        "prompt_logits": np.zeros((1, 0), dtype=np.float32),
+    }
+
 
 def prefix_of(ids: list[int], cfg: RequestConfig) -> Prefix:
     """The rows ``input_ids`` stand for: a prompt (one token per row) or, in the paper's
@@ -62,14 +99,16 @@ def to_tensors(prefix: PrefixKV) -> list[Any]:
     return [pb_utils.Tensor(name, arr) for name, arr in to_arrays(prefix).items()]
 
 
-def from_arrays(kv: np.ndarray | None, logits: np.ndarray | None, vocab_size: int) -> PrefixKV:
-    """Inverse of :func:`to_arrays`, as owned tensors.
+def from_arrays(kv: np.ndarray | None, logits: np.ndarray | None, vocab_size: int) -> PrefixKV | None:
+    """Inverse of :func:`to_arrays`, as owned tensors; None for :func:`empty_arrays`.
 
     Copies: a request's shared-memory buffers are not ours once ``execute`` returns, and the
     engine keeps the prefix until the session is admitted.
     """
     if kv is None or logits is None:
         raise ValueError("prompt_kv / prompt_logits are missing (the prefill -> decode hand-off)")
+    if kv.size == 0 and logits.size == 0:
+        return None  # prefill_at=decode: the receiving engine computes the prompt itself
     kv_t = torch.from_numpy(np.ascontiguousarray(kv.reshape(kv.shape[-5:]), dtype=np.float32).copy())
     flat = np.ascontiguousarray(logits.reshape(-1), dtype=np.float32).copy()
     if flat.size == 0 or flat.size % vocab_size:
@@ -79,8 +118,9 @@ def from_arrays(kv: np.ndarray | None, logits: np.ndarray | None, vocab_size: in
     return PrefixKV(kv=kv_t, logits=torch.from_numpy(flat).reshape(-1, vocab_size))
 
 
-def from_request(request: Any, vocab_size: int) -> PrefixKV:
-    """The :class:`PrefixKV` that ``prefill`` sent, read from a decode / reasoning request."""
+def from_request(request: Any, vocab_size: int) -> PrefixKV | None:
+    """The :class:`PrefixKV` that ``prefill`` sent, read from a decode / reasoning request;
+    None when prefill handed the prompt over to be computed here (``prefill_at=decode``)."""
     prefix = gpu_handoff.from_request(request, vocab_size)  # GPU / BF16 tensors, else None
     if prefix is not None:
         return prefix

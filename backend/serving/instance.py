@@ -69,9 +69,13 @@ def engine_config(params: dict[str, str], device: str, **overrides: Any) -> Engi
         quantization=params.get("quantization", "auto") or "auto",
         # auto = fp32 on CPU (attention runs in fp32 there), the model dtype on GPU.
         kv_dtype=params.get("kv_dtype", "auto") or "auto",
-        # KV of recent prompt prefixes reused by later requests (the prefill instances do
-        # the prefills; decode and reasoning import their KV and keep this empty). 0 = off.
+        # KV of recent prompt prefixes reused by later requests, in whichever instance
+        # computes prompts (prefill's parameter prefill_at). 0 = off.
         prefix_cache_mb=int(params.get("prefix_cache_mb", "128") or 0),
+        # Tokens of one step (decode rows first, prompt chunks take the rest), and of one
+        # session's prompt per step: what a prompt computed inside decode may cost a step.
+        max_step_tokens=int(params.get("max_step_tokens", "0") or 0) or EngineConfig.max_step_tokens,
+        prefill_chunk=int(params.get("prefill_chunk", "0") or 0) or EngineConfig.prefill_chunk,
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)

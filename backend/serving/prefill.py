@@ -11,8 +11,9 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any
 
-from backend.serving import handoff
+from backend.serving import gpu_handoff, handoff
 from backend.serving.engine_model import EngineModel, error_message
+from backend.serving.instance import instance_device, instance_parameters
 from backend.serving.request import RequestConfig
 from backend.serving.tensors import input_ids, request_json
 
@@ -31,8 +32,20 @@ class PrefillModel(EngineModel):
     def setup(self, args: dict[str, Any]) -> None:
         # Requests of one execute() are submitted together so the engine batches them.
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="prefill")
+        params = instance_parameters(args)
+        self.prefill_at = handoff.resolve_prefill_at(
+            params.get("prefill_at", "prefill"),
+            device=instance_device(args),
+            prefill_backend=params.get("prefill_backend", "auto"),
+            plain_wire=gpu_handoff.current().plain,
+        )
+        print(f"[prefill] prompts computed by {self.prefill_at}", flush=True)
 
     def _one(self, request: Any) -> Any:
+        if self.prefill_at == "decode":
+            return pb_utils.InferenceResponse(
+                [pb_utils.Tensor(n, a) for n, a in handoff.empty_arrays().items()]
+            )
         cfg = RequestConfig.from_json(request_json(request))
         rules = cfg.grid_rules() if cfg.layout == "paper" else None
         prefix = self.engine.prefill_export(handoff.prefix_of(input_ids(request), cfg), rules=rules)
