@@ -261,7 +261,7 @@ def test_pushed_input_is_echoed_and_request_completes(triton_server, default_mod
     with MultiStreamClient(triton_server.grpc_url) as c, MultiStreamClient(triton_server.grpc_url) as ctl:
         events = []
         pushed = None
-        for ev in c.generate(STORY, max_tokens=64, session_id=sid):
+        for ev in c.generate(STORY, max_tokens=64, session_id=sid, ignore_eos=True):  # reads all of it
             events.append(ev)
             if pushed is None and isinstance(ev, StreamDelta) and ev.stream == "output":
                 pushed = ctl.push_input(sid, pushed_text)
@@ -293,6 +293,7 @@ def test_cli_interactive_pushes_typed_lines(triton_server, default_model_dir):
             "--interactive",
             "--max-tokens",
             "64",
+            "--ignore-eos",  # long enough to read the line, whatever the answer says
         ],
         input=line + "\n",
         capture_output=True,

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from backend.serving.metrics import FLUSH_PERIOD_S
 from tests.reliability_helpers import freed_within_s
 
 pytestmark = pytest.mark.server
@@ -434,7 +435,14 @@ def test_input_while_generating_two_sessions(triton_server) -> None:
     spare: list[StreamCall] = []
     for i in range(6):
         sid = f"test-input-{os.getpid()}-{i}"
-        values = {"text_input": STORY, "max_tokens": 64, "stream": True, "session_id": sid}
+        # Long enough to read the pushed input whatever the answer says (no end on EOS).
+        values = {
+            "text_input": STORY,
+            "max_tokens": 128,
+            "stream": True,
+            "session_id": sid,
+            "ignore_eos": True,
+        }
         call = StreamCall(url, values)
         where = _owner_instance(triton_server, sid)
         if where in calls:
@@ -659,7 +667,18 @@ def test_metrics_count_exactly_what_one_request_produced(triton_server) -> None:
     inter-token observation per later token, and the gauges fall back to idle."""
     url = triton_server.metrics_url
     wait_idle(triton_server)
-    before = scrape(url)
+    # Idle gauges can come before the last counts of earlier tests' sessions are flushed:
+    # take the baseline once the token counters stop moving for several flush periods.
+    before, since = scrape(url), time.monotonic()
+    deadline = since + 15
+    while time.monotonic() - since < 4 * FLUSH_PERIOD_S and time.monotonic() < deadline:
+        time.sleep(FLUSH_PERIOD_S / 2)
+        now = scrape(url)
+        if metric(now, "multistream_generated_tokens_total") != metric(
+            before, "multistream_generated_tokens_total"
+        ):
+            since = time.monotonic()
+        before = now
     res = stream(
         triton_server.grpc_url, text_input=QUESTION, max_tokens=8, reasoning_streams=2, reasoning_budget=8
     )
