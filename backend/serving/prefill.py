@@ -13,7 +13,7 @@ from typing import Any
 
 from backend.serving import gpu_handoff, handoff
 from backend.serving.engine_model import EngineModel, error_message
-from backend.serving.instance import instance_device, instance_parameters
+from backend.serving.instance import instance_device
 from backend.serving.request import RequestConfig
 from backend.serving.tensors import input_ids, request_json
 
@@ -32,11 +32,11 @@ class PrefillModel(EngineModel):
     def setup(self, args: dict[str, Any]) -> None:
         # Requests of one execute() are submitted together so the engine batches them.
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="prefill")
-        params = instance_parameters(args)
+        # prefill_at=decode: this instance only hands the prompt on (handoff.resolve_prefill_at).
         self.prefill_at = handoff.resolve_prefill_at(
-            params.get("prefill_at", "prefill"),
+            self.params.get("prefill_at", "prefill"),
             device=instance_device(args),
-            prefill_backend=params.get("prefill_backend", "auto"),
+            prefill_backend=self.params.get("prefill_backend", "auto"),
             plain_wire=gpu_handoff.current().plain,
         )
         print(f"[prefill] prompts computed by {self.prefill_at}", flush=True)
