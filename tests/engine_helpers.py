@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backend.engine import Engine, StreamEvent
+from backend.models.inputs import PackedBatch, PackedSplit
 
 
 @dataclass
@@ -63,3 +64,23 @@ class LogitRecorder:
 
     def __call__(self, sid: str, stream: str, row: int, logits: torch.Tensor) -> None:
         self.logits[(stream, row)] = logits.clone()
+
+
+def prompt_batch(ids: list[int], decode_rows: bool) -> PackedBatch:
+    """A whole prompt as one step of slot 0 (causal): every token int4 (``decode_rows``) or dense."""
+    n = len(ids)
+    return PackedBatch(
+        tokens=torch.tensor(ids),
+        positions=torch.arange(n),
+        channel_embed_ids=None,
+        slot=torch.zeros(n, dtype=torch.long),
+        cache_index=torch.arange(n),
+        slot_list=[0],
+        slots_tensor=torch.tensor([0]),
+        pad_index=torch.arange(n),
+        max_q=n,
+        key_len=n,
+        mask=torch.ones(n, n, dtype=torch.bool).tril()[None, None],
+        logit_index=torch.arange(n),
+        split=PackedSplit.from_flags([not decode_rows] * n),
+    )

@@ -16,6 +16,7 @@ from backend.models import LlamaModel
 from backend.models.config import ModelConfig
 from backend.models.inputs import PackedBatch, PackedSplit
 from backend.tokenizer import Tokenizer
+from tests.engine_helpers import prompt_batch
 
 pytestmark = pytest.mark.skipif(
     not native.has("DecodeStep"),
@@ -23,26 +24,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 PROMPTS = ("Why do cats purr? Explain.", "Write a haiku about the sea.", "What is 17 times 23?")
-
-
-def prompt_batch(ids: list[int], decode_rows: bool) -> PackedBatch:
-    """A whole prompt as one step: every token int4 (``decode_rows``) or dense."""
-    n = len(ids)
-    return PackedBatch(
-        tokens=torch.tensor(ids),
-        positions=torch.arange(n),
-        channel_embed_ids=None,
-        slot=torch.zeros(n, dtype=torch.long),
-        cache_index=torch.arange(n),
-        slot_list=[0],
-        slots_tensor=torch.tensor([0]),
-        pad_index=torch.arange(n),
-        max_q=n,
-        key_len=n,
-        mask=torch.ones(n, n, dtype=torch.bool).tril()[None, None],
-        logit_index=torch.arange(n),
-        split=PackedSplit.from_flags([not decode_rows] * n),
-    )
 
 
 def run(model: LlamaModel, batch: PackedBatch, sessions: int = 1) -> torch.Tensor:

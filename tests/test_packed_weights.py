@@ -14,30 +14,15 @@ import torch
 
 from backend.engine.kv_cache import KVPool
 from backend.models import LlamaModel, load_model, packed
-from backend.models.inputs import PackedBatch, PackedSplit
+from tests.engine_helpers import prompt_batch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def logits(model: LlamaModel, ids: list[int], decode_rows: bool) -> torch.Tensor:
-    n = len(ids)
     c = model.cfg
     pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, 1, 64, torch.float32)
-    batch = PackedBatch(
-        tokens=torch.tensor(ids),
-        positions=torch.arange(n),
-        channel_embed_ids=None,
-        slot=torch.zeros(n, dtype=torch.long),
-        cache_index=torch.arange(n),
-        slot_list=[0],
-        slots_tensor=torch.tensor([0]),
-        pad_index=torch.arange(n),
-        max_q=n,
-        key_len=n,
-        mask=torch.ones(n, n, dtype=torch.bool).tril()[None, None],
-        logit_index=torch.arange(n),
-        split=PackedSplit.from_flags([not decode_rows] * n),
-    )
+    batch = prompt_batch(ids, decode_rows)
     return model.forward(batch, pool.k, pool.v)
 
 

@@ -8,8 +8,9 @@ import torch
 from backend.engine.kv_cache import KVPool
 from backend.kernels import int4 as int4_kernel
 from backend.kernels.quant import Int4Weight, int4_supported, quantize_int4, quantize_int8
-from backend.models import LlamaModel, PackedBatch, PackedSplit
+from backend.models import LlamaModel
 from backend.tokenizer import Tokenizer
+from tests.engine_helpers import prompt_batch
 
 pytestmark = pytest.mark.skipif(
     not int4_supported(torch.device("cpu"), torch.bfloat16), reason="no CPU int4 kernel in this torch"
@@ -66,26 +67,11 @@ def test_int8_rows_are_close():
 def test_int4_model_predicts_like_fp32(default_model_dir):
     tok = Tokenizer.from_dir(default_model_dir)
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Why do cats purr? Explain."}]))
-    n = len(ids)
 
     def logits(model: LlamaModel, prompt_rows: bool) -> torch.Tensor:
         c = model.cfg
         pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, 1, 256, model.dtype)
-        batch = PackedBatch(
-            tokens=torch.tensor(ids),
-            positions=torch.arange(n),
-            channel_embed_ids=None,
-            slot=torch.zeros(n, dtype=torch.long),
-            cache_index=torch.arange(n),
-            slot_list=[0],
-            slots_tensor=torch.tensor([0]),
-            pad_index=torch.arange(n),
-            max_q=n,
-            key_len=n,
-            mask=torch.ones(n, n, dtype=torch.bool).tril()[None, None],
-            logit_index=torch.arange(n),
-            split=PackedSplit.from_flags([prompt_rows] * n),
-        )
+        batch = prompt_batch(ids, decode_rows=not prompt_rows)
         return model.forward(batch, pool.k, pool.v)
 
     ref = logits(LlamaModel.from_dir(default_model_dir, dtype=torch.float32), True)
