@@ -7,10 +7,12 @@ is summarised, so that lives here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,3 +260,26 @@ class RssMonitor:
 def now() -> float:
     """The one clock every system is timed with."""
     return time.perf_counter()
+
+
+async def closed_loop(
+    prompts: list[str], concurrency: int, one: Callable[[str], Awaitable[RequestRecord]]
+) -> list[RequestRecord]:
+    """``concurrency`` closed-loop workers share ``prompts``, each sending its next request
+    when the last one ends (``one``: prompt -> record). One definition, so every system's
+    levels are driven the same way."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    records: list[RequestRecord] = []
+
+    async def worker() -> None:
+        while True:
+            try:
+                prompt = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            records.append(await one(prompt))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return records

@@ -28,6 +28,7 @@ from bench.compare_common import (
     RssMonitor,
     Workload,
     aggregate,
+    closed_loop,
     decode_rate,
     now,
     repeated_prefix_prompts,
@@ -77,26 +78,15 @@ MAX_RETRIES = 2
 
 
 async def _level(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list, float]:
-    """``concurrency`` closed-loop workers share ``prompts`` (as ``compare_triton._run_level``)."""
+    """The level's records and wall time, as ``compare_triton._run_level``."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=MAX_RETRIES, timeout=600)
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for p in prompts:
-        queue.put_nowait(p)
-    records: list[RequestRecord] = []
-
-    async def worker() -> None:
-        while True:
-            try:
-                prompt = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            records.append(await _one(client, prompt, max_tokens, cache_prompt=False))
-
     t0 = now()
     try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        records = await closed_loop(
+            prompts, concurrency, lambda p: _one(client, p, max_tokens, cache_prompt=False)
+        )
     finally:
         await client.close()
     return records, now() - t0

@@ -37,6 +37,7 @@ from bench.compare_common import (
     RequestRecord,
     Workload,
     aggregate,
+    closed_loop,
     now,
     percentile,
     repeated_prefix_prompts,
@@ -68,25 +69,15 @@ def record_from_done(done: Done, stream: str = "output", t_offset: float = 0.0) 
 
 
 async def _run_level(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list, float]:
-    """``concurrency`` closed-loop workers share ``prompts``; returns records and wall time."""
+    """``concurrency`` closed-loop workers share ``prompts`` (``closed_loop``); returns records and wall time."""
     client = AsyncMultiStreamClient(url, protocol="grpc")
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for p in prompts:
-        queue.put_nowait(p)
-    records: list[RequestRecord] = []
 
-    async def worker() -> None:
-        while True:
-            try:
-                prompt = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            done = await client.generate(prompt, max_tokens=max_tokens).result()
-            records.append(record_from_done(done))
+    async def one(prompt: str) -> RequestRecord:
+        return record_from_done(await client.generate(prompt, max_tokens=max_tokens).result())
 
     t0 = now()
     try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        records = await closed_loop(prompts, concurrency, one)
     finally:
         close = getattr(client, "close", None)
         if close is not None:
