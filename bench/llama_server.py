@@ -23,8 +23,6 @@ build.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -37,11 +35,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backend.locks import exclusive_lock
 from backend.model_store import default_cache_dir
 
 SDIST_NAME = "llama-cpp-python"
@@ -160,18 +159,6 @@ class BuildError(RuntimeError):
     """llama-server could not be built; the message says which step failed and why."""
 
 
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    """Exclusive ``flock``: the kernel drops it when the holder dies, so it never goes stale."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def build(jobs: int | None = None, say: Callable[[str], None] = print, allow_download: bool = True) -> Path:
     """The ``llama-server`` binary, built now if the cache has none (minutes on 2 cores).
 
@@ -185,7 +172,7 @@ def build(jobs: int | None = None, say: Callable[[str], None] = print, allow_dow
         if shutil.which(tool) is None:
             raise BuildError(f"building {BINARY} needs `{tool}` on PATH")
     root = cache_root()
-    with _flock(root / ".build.lock"):
+    with exclusive_lock(root / ".build.lock"):
         exe = find_binary()  # another process may have finished while we waited
         if exe is not None:
             return exe

@@ -21,7 +21,6 @@ in-place write to a weight is a crash, not a silent change shared by every insta
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -31,12 +30,12 @@ import struct
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from backend.locks import exclusive_lock
 from backend.models.config import ModelConfig, safetensors_files
 from backend.models.llama import LlamaModel
 
@@ -74,17 +73,6 @@ def packed_path(model_dir: Path, dtype: torch.dtype, quantization: str) -> Path:
     )
     h.update(repr((FORMAT, str(dtype), quantization, int4_packing, head, torch.__version__)).encode())
     return packed_dir() / f"{Path(model_dir).name}-{h.hexdigest()[:16]}.safetensors"
-
-
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def write(model: LlamaModel, path: Path, source: Path) -> None:
@@ -185,7 +173,7 @@ def load(model_dir: Path | str, dtype: torch.dtype, quantization: str) -> LlamaM
     model_dir = Path(model_dir)
     path = packed_path(model_dir, dtype, quantization)
     if not path.is_file():
-        with _flock(path.parent / f".{path.stem}.lock"):
+        with exclusive_lock(path.parent / f".{path.stem}.lock"):
             if not path.is_file():  # not written by the process we waited for
                 for stale in path.parent.glob(f".packing-{path.stem}-*"):  # a killed writer's
                     stale.unlink(missing_ok=True)
