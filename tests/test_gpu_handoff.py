@@ -10,14 +10,12 @@ engine the wire is exact, so the answers equal those of the FP32 wire (the sessi
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from backend.engine import resolve_dtype
 from client.sync import MultiStreamClient
 from launcher.deploy_config import DeployConfig
-from launcher.serve import DEFAULT_REPOSITORY, start_server
+from tests.server_helpers import READY_TIMEOUT, TEST_MODEL_DIR, small_server
 
 pytestmark = pytest.mark.server
 
@@ -27,24 +25,15 @@ OPTIONS = {"max_tokens": 12, "reasoning_streams": 1, "reasoning_budget": 10, "se
 
 @pytest.fixture(scope="module")
 def bf16_server(gil_check):
-    handle = start_server(
-        DEFAULT_REPOSITORY,
+    with small_server(
         config=DeployConfig(handoff_dtype="bfloat16"),
-        model_dir=os.environ.get("MULTISTREAM_TEST_MODEL_DIR", "default"),
+        model_dir=TEST_MODEL_DIR,
         dtype="bfloat16",
-        decode_instances=1,
-        reasoning_instances=1,
-        prefill_instances=1,
-        threads={"decode": 1, "reasoning": 1, "prefill": 1},
         max_sessions=4,
         max_context=1024,
-        ready_timeout=float(os.environ.get("MULTISTREAM_TEST_READY_TIMEOUT", "600")),
-    )
-    try:
+        ready_timeout=READY_TIMEOUT,
+    ) as handle:
         yield handle
-        assert not handle.dead_stubs(), handle.log_tail(80)
-    finally:
-        handle.stop()
 
 
 def _answer(url: str) -> tuple[str, dict[str, str], dict[str, str]]:

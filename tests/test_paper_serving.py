@@ -20,7 +20,7 @@ from backend.engine import Engine, EngineConfig
 from backend.engine.layout import StreamLayout, find_silence, seed_row, user_tokens
 from backend.serving.request import RequestConfig
 from client import MultiStreamClient, MultiStreamError
-from launcher.serve import start_server
+from tests.server_helpers import small_server
 
 pytestmark = pytest.mark.server
 
@@ -30,23 +30,13 @@ PROMPT = "Tell me what two plus two is"
 
 @pytest.fixture(scope="module")
 def paper_server(gil_check):
-    handle = start_server(
+    with small_server(
         model_dir="default",
         parameters={"*": {"stream_layout": "paper", "num_channels": str(C)}},
-        decode_instances=1,
-        reasoning_instances=1,
-        prefill_instances=1,
-        preprocessing_instances=1,
-        threads={"decode": 1, "reasoning": 1, "prefill": 1},
         max_sessions=4,
         max_context=1024,
-        log_level="warning",
-    )
-    try:
+    ) as handle:
         yield handle
-        assert not handle.dead_stubs(), handle.log_tail(60)
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")

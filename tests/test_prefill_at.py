@@ -8,15 +8,15 @@ served answer is an in-process engine given the bare prompt, which takes the sam
 
 from __future__ import annotations
 
-import os
 import queue
 
 import pytest
 
 from backend.serving import handoff
 from client.sync import MultiStreamClient
-from launcher.serve import DEFAULT_REPOSITORY, _cli_parameters, _parse, start_server
+from launcher.serve import _cli_parameters, _parse
 from tests.reliability_helpers import gauge_sum, scrape, wait_for
+from tests.server_helpers import READY_TIMEOUT, TEST_MODEL_DIR, small_server
 
 PROMPT = "Write two sentences about a lighthouse keeper and the sea."
 
@@ -40,24 +40,15 @@ def test_the_setting_and_its_refusals_name_the_rule() -> None:
 
 @pytest.fixture(scope="module")
 def decode_prefill_server(gil_check, triton_server):
-    handle = start_server(
-        DEFAULT_REPOSITORY,
-        model_dir=os.environ.get("MULTISTREAM_TEST_MODEL_DIR", "default"),
+    with small_server(
+        model_dir=TEST_MODEL_DIR,
         dtype=triton_server.config.dtype,
-        decode_instances=1,
-        reasoning_instances=1,
-        prefill_instances=1,
-        threads={"decode": 1, "reasoning": 1, "prefill": 1},
         max_sessions=4,
         max_context=1024,
         parameters={"prefill": {"prefill_at": "decode"}},
-        ready_timeout=float(os.environ.get("MULTISTREAM_TEST_READY_TIMEOUT", "600")),
-    )
-    try:
+        ready_timeout=READY_TIMEOUT,
+    ) as handle:
         yield handle
-        assert not handle.dead_stubs(), handle.log_tail(80)
-    finally:
-        handle.stop()
 
 
 @pytest.mark.server

@@ -13,7 +13,7 @@ import pytest
 
 from backend.model_store import resolve_model_dir
 from client import MultiStreamClient
-from launcher.serve import start_server
+from tests.server_helpers import small_server
 from train.tasks import FAMILIES, held_out, score
 
 pytestmark = pytest.mark.server
@@ -26,22 +26,8 @@ OPTIONS = {"max_tokens": 40, "temperature": 0.0, "reasoning_streams": 1, "silenc
 
 @pytest.fixture(scope="module")
 def demo_server(gil_check):
-    handle = start_server(
-        model_dir="streams-demo",
-        decode_instances=1,
-        reasoning_instances=1,
-        prefill_instances=1,
-        preprocessing_instances=1,
-        threads={"decode": 1, "reasoning": 1, "prefill": 1},
-        max_sessions=8,
-        max_context=512,
-        log_level="warning",
-    )
-    try:
+    with small_server(model_dir="streams-demo", max_sessions=8, max_context=512) as handle:
         yield handle
-        assert not handle.dead_stubs(), handle.log_tail(60)
-    finally:
-        handle.stop()
 
 
 def _ask(url: str, text: str, **extra) -> tuple[str, str]:
