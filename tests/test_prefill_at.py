@@ -8,13 +8,12 @@ served answer is an in-process engine given the bare prompt, which takes the sam
 
 from __future__ import annotations
 
-import queue
-
 import pytest
 
 from backend.serving import handoff
 from client.sync import MultiStreamClient
 from launcher.serve import _cli_parameters, _parse
+from tests.engine_helpers import run
 from tests.reliability_helpers import gauge_sum, scrape, wait_for
 from tests.server_helpers import READY_TIMEOUT, TEST_MODEL_DIR, small_server
 
@@ -92,18 +91,8 @@ def test_decode_computes_the_prompt_and_answers_as_the_engine_does(decode_prefil
         EngineConfig(dtype=srv.config.dtype, threads=1, max_sessions=1, max_context=1024),
     )
     try:
-        q: queue.Queue = queue.Queue()
-        engine.submit(
-            prompt_ids(engine.tokenizer, PROMPT),
-            [StreamSpec("output", "output", SamplingParams(max_tokens=24))],
-            on_event=q.put,
-        )
-        text = ""
-        while True:
-            ev = q.get(timeout=60)
-            text += ev.text
-            if ev.finished:
-                break
+        spec = StreamSpec("output", "output", SamplingParams(max_tokens=24))
+        text = run(engine, prompt_ids(engine.tokenizer, PROMPT), [spec], timeout=60).text("output")
     finally:
         engine.shutdown()
         torch.set_num_threads(threads)
