@@ -488,3 +488,31 @@ def test_channel_embedding_is_added_per_stream_row(tiny_dir, tiny_hf, default_mo
         assert compared == 3 * 4
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_top_logprobs_are_log_softmax_topk_of_the_logits(tiny_engine, temperature):
+    """Per emitted token, the engine's ``top_logprobs`` are torch's ``log_softmax`` + ``topk`` of
+    the logits that token was sampled from, and the sampled token's own log probability is the
+    one ``logprobs`` already returns (the first alternative under greedy decoding)."""
+    sampling = SamplingParams(
+        max_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=3, temperature=temperature, seed=1
+    )
+    rec = LogitRecorder(tiny_engine)
+    out = run(tiny_engine, list(range(40, 52)), [StreamSpec("output", sampling=sampling)])
+    events = [e for e in out.events if e.stream == "output" and e.token_ids]
+    rows = sorted(row for stream, row in rec.logits if stream == "output")
+    assert len(events) == len(rows) == 5
+    for ev, row in zip(events, rows, strict=True):
+        lps = torch.log_softmax(rec.logits[("output", row)].float(), dim=-1)
+        want = torch.topk(lps, 3)
+        [(ids, values)], [lp] = ev.top_logprobs, ev.logprobs
+        assert ids == want.indices.tolist()
+        torch.testing.assert_close(torch.tensor(values), want.values)
+        assert lp == pytest.approx(float(lps[ev.token_ids[0]]), abs=1e-6)
+        if temperature == 0.0:
+            assert ids[0] == ev.token_ids[0] and values[0] == pytest.approx(lp, abs=1e-6)
+    plain = run(
+        tiny_engine, list(range(40, 52)), [StreamSpec("output", sampling=SamplingParams(max_tokens=2))]
+    )
+    assert all(e.top_logprobs == [] for e in plain.events)  # only sessions that ask pay for it

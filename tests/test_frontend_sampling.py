@@ -89,9 +89,27 @@ def test_logprobs_are_the_models_distribution() -> None:
     assert tok == int(logits.argmax()) and greedy.logprobs[0] == float(torch.log_softmax(logits, -1).max())
 
 
+def test_top_logprobs_are_log_softmax_topk_of_the_same_distribution() -> None:
+    logits = _logits(5)
+    want = torch.topk(torch.log_softmax(logits, -1), 4)
+    for params in ({}, {"temperature": 0.9, "seed": 3, "presence_penalty": 1.0}):
+        s = _sampler([2, 2], logprobs=True, top_logprobs=4, **params)
+        tok = s.sample(logits)
+        (ids, values), lp = s.top_logprobs[0], s.logprobs[0]
+        assert ids == want.indices.tolist() and values == want.values.tolist()
+        assert values == sorted(values, reverse=True) and lp == float(torch.log_softmax(logits, -1)[tok])
+        if not params:  # greedy: the sampled token is the first alternative
+            assert ids[0] == tok and values[0] == lp
+    only_top = _sampler([], top_logprobs=2)
+    only_top.sample(logits)
+    assert only_top.logprobs == [] and len(only_top.top_logprobs) == 1
+
+
 def test_validation_names_the_rule() -> None:
     import pytest
 
+    with pytest.raises(ValueError, match="top_logprobs must be in 0..20, got 21"):
+        SamplingParams(top_logprobs=21).validate()
     with pytest.raises(ValueError, match="presence_penalty must be in"):
         SamplingParams(presence_penalty=3).validate()
     with pytest.raises(ValueError, match="min_tokens must be in 0..max_tokens"):

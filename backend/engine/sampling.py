@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: OpenAI's bound of ``top_logprobs`` (chat) and ``logprobs`` (completions).
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass
 class SamplingParams:
@@ -40,6 +43,9 @@ class SamplingParams:
     bad_words_ids: list[list[int]] = field(default_factory=list)
     #: Record each sampled token's log probability (``StreamSampler.logprobs``).
     logprobs: bool = False
+    #: Also record, per sampled token, the ``top_logprobs`` most likely tokens and their log
+    #: probabilities (``StreamSampler.top_logprobs``; OpenAI's ``top_logprobs``, at most 20).
+    top_logprobs: int = 0
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the field and the rule it breaks."""
@@ -56,6 +62,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(
                 f"min_tokens must be in 0..max_tokens ({self.max_tokens}), got {self.min_tokens}"
@@ -77,6 +85,9 @@ class StreamSampler:
         self._generated: list[int] = []
         #: Log probability of each sampled token under the model's distribution (``logprobs``).
         self.logprobs: list[float] = []
+        #: Per sampled token, the ``top_logprobs`` most likely ``(ids, log probabilities)`` of
+        #: the same distribution as ``logprobs``, most likely first (``top_logprobs > 0``).
+        self.top_logprobs: list[tuple[list[int], list[float]]] = []
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator()
@@ -100,7 +111,12 @@ class StreamSampler:
             self._seen is not None
             or not p.greedy
             or bool(
-                p.presence_penalty or p.frequency_penalty or p.min_tokens or p.bad_words_ids or p.logprobs
+                p.presence_penalty
+                or p.frequency_penalty
+                or p.min_tokens
+                or p.bad_words_ids
+                or p.logprobs
+                or p.top_logprobs
             )
         )
 
@@ -137,8 +153,10 @@ class StreamSampler:
 
         Order of operations: repetition penalty (as HF's processor), then ``bias`` (the
         paper's silence penalty is subtracted from the raw logit), then presence / frequency
-        penalties, bad words and ``min_tokens`` (``logprobs`` are taken before these, from the
-        model's distribution as vLLM reports it by default), then temperature, top-k,
+        penalties, bad words and ``min_tokens`` (``logprobs`` and ``top_logprobs`` are taken
+        before these and before temperature / top-k / top-p, from the model's distribution
+        (after the repetition penalty and ``bias`` only, none by default) as OpenAI reports
+        it and vLLM does by default), then temperature, top-k,
         and top-p exactly as the paper's ``sample_top_p``: the probabilities are sorted,
         every token whose preceding mass already exceeds ``top_p`` is dropped, and the draw
         is made over the renormalised *sorted* probabilities. Drawing in sorted order (not
@@ -158,9 +176,20 @@ class StreamSampler:
         raw = logits
         logits = self._penalise(logits)
         token = self._draw(logits)
-        if p.logprobs:
-            self.logprobs.append(float(torch.log_softmax(raw.float(), dim=-1)[token]))
+        if p.logprobs or p.top_logprobs:
+            self._record(raw, token)
         return token
+
+    def _record(self, raw: torch.Tensor, token: int) -> None:
+        """The sampled token's log probability and, if asked, the ``top_logprobs`` best ones:
+        one ``log_softmax`` and one ``topk`` over this row only (the rows that ask)."""
+        p = self.params
+        lps = torch.log_softmax(raw.float(), dim=-1)
+        if p.logprobs:
+            self.logprobs.append(float(lps[token]))
+        if p.top_logprobs:
+            top = torch.topk(lps, min(p.top_logprobs, lps.shape[-1]))
+            self.top_logprobs.append((top.indices.tolist(), top.values.tolist()))
 
     def _draw(self, logits: torch.Tensor) -> int:
         p = self.params

@@ -400,6 +400,9 @@ class Scheduler:
                 ev = self._event(session, s, ids, acc.text, sample.row, acc.reason)
                 ev.stats = stat if acc.visible else []
                 ev.logprobs = s.sampler.logprobs[-1:] if acc.visible and s.sampler.params.logprobs else []
+                ev.top_logprobs = (
+                    s.sampler.top_logprobs[-1:] if acc.visible and s.sampler.params.top_logprobs else []
+                )
                 events.append((session, ev))
                 continue
             s.next_input = tok
@@ -407,6 +410,7 @@ class Scheduler:
                 ev = self._event(session, s, [tok], acc.text, sample.row)
                 ev.stats = stat
                 ev.logprobs = s.sampler.logprobs[-1:] if s.sampler.params.logprobs else []
+                ev.top_logprobs = s.sampler.top_logprobs[-1:] if s.sampler.params.top_logprobs else []
                 events.append((session, ev))
         for session, _ in plan.exports:  # the engine has taken the KV and logits
             events += self.finish(session, "stop", None)

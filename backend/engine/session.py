@@ -84,6 +84,9 @@ class StreamEvent:
     stats: list[tuple[float, float]] = field(default_factory=list)
     #: Per token of the delta, its log probability (``SamplingParams.logprobs``), else empty.
     logprobs: list[float] = field(default_factory=list)
+    #: Per token of the delta, its ``top_logprobs`` alternatives ``(ids, log probabilities)``,
+    #: most likely first (``SamplingParams.top_logprobs``), else empty.
+    top_logprobs: list[tuple[list[int], list[float]]] = field(default_factory=list)
 
 
 EventCallback = Callable[[StreamEvent], None]
