@@ -13,12 +13,16 @@ therefore re-implement here, is
 * the set of end-of-sequence ids: ``tokenizer_config.json``'s ``eos_token`` *and* every id in
   ``generation_config.json`` / ``config.json`` ``eos_token_id`` (Llama-3 and Qwen2 instruct
   models stop on several tokens, only one of which is "the" eos token);
-* ``IncrementalDetokenizer``: per-stream text deltas that never cut a multi-byte character.
+* ``IncrementalDetokenizer``: per-stream text deltas that never cut a multi-byte character;
+* ``Tokenizer.token_bytes``: the exact bytes of one token on its own (OpenAI's
+  ``top_logprobs[].bytes``), which a ``decode([id])`` cannot give for a token that ends
+  inside a multi-byte character.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +37,26 @@ _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 #: neighbours (SentencePiece's leading-space rule), small enough to keep pushes cheap.
 _DETOK_CONTEXT = 5
 _REPLACEMENT = "\ufffd"
+#: SentencePiece's byte-fallback pieces (``<0xE2>``) and its word-start marker.
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SP_SPACE = "\u2581"
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character a byte is written as -> the byte
+    (``bytes_to_unicode`` of GPT-2 / the ``tokenizers`` ``ByteLevel`` pre-tokenizer)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1)]
+    printable += range(ord("\xae"), ord("\xff") + 1)
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_OF_CHAR = _byte_level_table()
 
 
 def _token_content(value: Any) -> str | None:
@@ -187,6 +211,9 @@ class Tokenizer:
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.chat_template: str | None = chat_template
         self._compiled_template: Any = None
+        self._byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"
+        self._added = set(tokenizer.get_added_tokens_decoder())
+        self._bytes_cache: dict[int, bytes] = {}
 
     @classmethod
     def from_dir(cls, path: Path | str) -> Tokenizer:
@@ -217,6 +244,34 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (special tokens included unless ``skip_special_tokens``)."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes ``token_id`` stands for on its own (cached per id).
+
+        Byte-level vocabularies (GPT-2, Llama-3, Qwen2, SmolLM2) write each byte as one
+        character of GPT-2's alphabet, so the raw entry maps back byte by byte; a token of an
+        emoji's first bytes is then ``b"\\xf0\\x9f"``, where ``decode([id])`` says ``"\\ufffd"``.
+        SentencePiece pieces: ``<0xNN>`` is that byte and the word-start marker a space.
+        Added / special tokens are their own text.
+        """
+        cached = self._bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            out = b""
+        elif token_id in self._added:
+            out = piece.encode("utf-8")
+        elif self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+            out = bytes(_BYTE_OF_CHAR[c] for c in piece)
+        elif (m := _BYTE_PIECE.fullmatch(piece)) is not None:
+            out = bytes([int(m.group(1), 16)])
+        elif _SP_SPACE in piece:
+            out = piece.replace(_SP_SPACE, " ").encode("utf-8")
+        else:
+            out = self.decode([token_id]).encode("utf-8")
+        self._bytes_cache[token_id] = out
+        return out
 
     def id_of(self, token: str) -> int | None:
         """Id of a single vocabulary entry (``"<|im_end|>"``), or ``None`` if absent."""

@@ -8,6 +8,7 @@ timing and completeness rules are identical whatever the protocol.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -30,6 +31,51 @@ def kind_of(stream: str) -> StreamKind:
     return "reasoning" if stream.startswith("reasoning") else "output"
 
 
+#: How the server spells a token whose bytes are not text on their own (OpenAI's legacy form,
+#: ``bytes:\xf0\x9f``); ``backend/serving/top_logprobs.py`` writes it, tests keep the two equal.
+BYTES_PREFIX = "bytes:"
+_BYTE_ESCAPES = re.compile(r"(?:\\x[0-9a-f]{2})+")
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One alternative of a token (``top_logprobs``): its id, text, exact bytes, log probability.
+
+    ``token`` is the text as the server sent it (``bytes:\\xNN...`` for a token that ends
+    inside a multi-byte character, as OpenAI shows it); ``bytes`` are always the exact bytes.
+    """
+
+    id: int
+    token: str
+    bytes: bytes
+    logprob: float
+
+
+def token_bytes_of(text: str) -> bytes:
+    """The exact bytes of a token as ``top_logprobs_text`` spells it."""
+    rest = text[len(BYTES_PREFIX) :]
+    if text.startswith(BYTES_PREFIX) and _BYTE_ESCAPES.fullmatch(rest):
+        return bytes(int(rest[i + 2 : i + 4], 16) for i in range(0, len(rest), 4))
+    return text.encode("utf-8")
+
+
+def top_logprobs_of(fields: dict, tokens: int) -> list[list[TopLogprob]]:
+    """The ``top_logprobs_*`` outputs (flat, ``tokens`` x k) -> per token its alternatives."""
+    ids = [int(x) for x in fields.get("top_logprobs_ids") or []]
+    if not ids or not tokens:
+        return []
+    values = [float(x) for x in fields.get("top_logprobs_values") or []]
+    texts = list(fields.get("top_logprobs_text") or [])
+    if not len(ids) == len(values) == len(texts) or len(ids) % tokens:
+        raise MultiStreamError(
+            f"server sent {len(ids)} top_logprobs ids, {len(values)} values and {len(texts)} texts "
+            f"for {tokens} tokens"
+        )
+    k = len(ids) // tokens
+    alts = [TopLogprob(i, t, token_bytes_of(t), v) for i, v, t in zip(ids, values, texts, strict=True)]
+    return [alts[j * k : (j + 1) * k] for j in range(tokens)]
+
+
 @dataclass(frozen=True)
 class StreamDelta:
     """One server response: a text/token delta of one stream.
@@ -49,6 +95,8 @@ class StreamDelta:
     t_received: float
     #: Each token's log probability (``return_log_probs``), else empty.
     logprobs: list[float] = field(default_factory=list)
+    #: Per token, its ``top_logprobs`` most likely tokens, most likely first, else empty.
+    top_logprobs: list[list[TopLogprob]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -143,6 +191,7 @@ class StreamTracker:
         st.tokens += len(ids) if ids else (1 if text else 0)
         if finish is not None:
             st.finish_reason = finish
+        logprobs = [float(x) for x in fields.get("output_log_probs") or []]
         return StreamDelta(
             stream=stream,
             kind=kind,
@@ -151,7 +200,8 @@ class StreamTracker:
             finish_reason=finish,
             timing_ms=[float(x) for x in fields.get("timing_ms") or []],
             t_received=t,
-            logprobs=[float(x) for x in fields.get("output_log_probs") or []],
+            logprobs=logprobs,
+            top_logprobs=top_logprobs_of(fields, len(logprobs)),
         )
 
     def check_complete(self) -> None:

@@ -14,7 +14,9 @@ import numpy as np
 from .errors import MultiStreamError
 
 STRING_OUTPUTS = ("text_output", "reasoning_output", "stream_name", "finish_reason", "session_id")
-LIST_OUTPUTS = ("output_ids", "timing_ms", "output_log_probs")
+LIST_OUTPUTS = ("output_ids", "timing_ms", "output_log_probs", "top_logprobs_ids", "top_logprobs_values")
+#: String outputs with one entry per item (``[1, 1, tokens, k]`` alternatives' texts), kept apart.
+STRING_LIST_OUTPUTS = ("top_logprobs_text",)
 #: Integer outputs (TensorRT-LLM's names): the prompt's token count, on every response.
 INT_OUTPUTS = ("num_input_tokens",)
 # The ensemble cannot have an output named like one of its inputs (Triton treats them as one
@@ -62,6 +64,10 @@ def fields_from_arrays(get: Any) -> dict[str, Any]:
         arr = get(name)
         if arr is not None:
             out[name] = _flatten(arr)
+    for name in STRING_LIST_OUTPUTS:
+        arr = get(name)
+        if arr is not None:
+            out[name] = [_to_str(v) for v in _flatten(arr)]
     for name in INT_OUTPUTS:
         arr = get(name)
         if arr is not None and _flatten(arr):
@@ -97,6 +103,9 @@ def fields_from_json(obj: dict[str, Any]) -> dict[str, Any]:
     for name in LIST_OUTPUTS:
         if name in obj:
             out[name] = _flatten(obj[name])
+    for name in STRING_LIST_OUTPUTS:
+        if name in obj:
+            out[name] = [_to_str(v) for v in _flatten(obj[name])]
     for name in INT_OUTPUTS:
         if name in obj and _flatten(obj[name]):
             out[name] = int(_flatten(obj[name])[0])

@@ -253,6 +253,14 @@ class GenerateRequest:
         help="output_log_probs / cum_log_probs: each answer token's log probability",
         web=False,
     )
+    top_logprobs: int | None = param(
+        None,
+        datatype="INT32",
+        help="top_logprobs_*: each answer token's k most likely tokens (needs return_log_probs)",
+        ge=0,
+        le=20,
+        web=False,
+    )
     # The paper's stream layout (a deployment serving a stream-trained checkpoint); a
     # project-layout deployment refuses these.
     layout_start: str | None = param(

@@ -69,6 +69,8 @@ RULES: list[tuple[str, Any, int, dict[str, tuple[Any, str]], list[str]]] = [
     ("reasoning-budget-zero", "Hi", 4, {"reasoning_streams": (1, "INT32"), "reasoning_budget": (0, "INT32")}, ["reasoning_budget", "got 0"]),
     ("stream-not-a-bool", "Hi", 4, {"stream": ("maybe", "BYTES")}, ["stream", "BOOL"]),
     ("session-id-bad-chars", "Hi", 4, {"session_id": ("../etc", "BYTES")}, ["session_id", "letters, digits"]),
+    ("top-logprobs-above-20", "Hi", 4, {"return_log_probs": (True, "BOOL"), "top_logprobs": (21, "INT32")}, ["top_logprobs", "0..20", "got 21"]),
+    ("top-logprobs-without-log-probs", "Hi", 4, {"top_logprobs": (2, "INT32")}, ["top_logprobs", "needs return_log_probs"]),
 ]  # fmt: skip
 
 

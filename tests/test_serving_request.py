@@ -71,6 +71,9 @@ def test_defaults_and_round_trip() -> None:
         ({"sync": "revise"}, "sync 'revise' needs reasoning_streams >= 1"),
         ({"repetition_penalty": np.float32(0)}, "repetition_penalty must be > 0"),
         ({"session_id": "../x"}, "session_id must be"),
+        ({"top_logprobs": np.int32(21), "return_log_probs": True}, "top_logprobs must be in 0..20, got 21"),
+        ({"top_logprobs": np.int32(-1), "return_log_probs": True}, "top_logprobs must be in 0..20, got -1"),
+        ({"top_logprobs": np.int32(3)}, "top_logprobs needs return_log_probs true"),
     ],
 )
 def test_errors_name_the_field(values: dict, message: str) -> None:

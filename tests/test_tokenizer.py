@@ -189,6 +189,28 @@ def test_detokenizer_emoji_cjk_one_id_at_a_time(tok: Tokenizer, text: str) -> No
     _check_stream(tok, ids, pieces)
 
 
+@pytest.mark.parametrize("text", [*TEXTS, "Hello 👋 世界! naïve 😀 <|im_start|>assistant\n🙂<|im_end|>"])
+def test_token_bytes_add_up_to_the_text(tok: Tokenizer, text: str) -> None:
+    """Each token's own bytes (``top_logprobs``' ``bytes``), concatenated, are the text's UTF-8:
+    also the tokens that end inside a character, whose ``decode([id])`` is U+FFFD."""
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
+def test_wire_text_of_partial_tokens_round_trips(tok: Tokenizer) -> None:
+    """The server's ``top_logprobs_text`` spelling and the client's reading of it agree."""
+    from backend.serving import top_logprobs as server
+    from client import events as client
+
+    assert server.BYTES_PREFIX == client.BYTES_PREFIX
+    ids = tok.encode("😀 日本 plain")
+    raws = [tok.token_bytes(i) for i in ids]
+    wires = [server.wire_text(r) for r in raws]
+    assert any(w.startswith("bytes:\\x") for w in wires) and "plain" in "".join(wires)
+    assert [client.token_bytes_of(w) for w in wires] == raws
+    assert all(w.encode("utf-8").decode("utf-8") == w for w in wires)  # always valid UTF-8
+
+
 def _byte_token_ids(tok: Tokenizer) -> list[int]:
     """Ids of the single-byte tokens (235 here: bytes that never occur in UTF-8, like 0xC0,
     have none); sampling these makes split UTF-8 sequences common."""

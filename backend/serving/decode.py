@@ -23,6 +23,8 @@ import queue
 import time
 from typing import Any
 
+import numpy as np
+
 from backend.engine import StreamEvent, StreamSpec
 from backend.engine.layout import StreamLayout, user_tokens
 from backend.serving import handoff
@@ -34,6 +36,7 @@ from backend.serving.reasoning_wire import DeferredRelease, ReasoningCall, Reaso
 from backend.serving.request import RequestConfig
 from backend.serving.session_control import Mailbox
 from backend.serving.tensors import Responder, delta_tensors, input_ids, request_json
+from backend.serving.top_logprobs import top_arrays
 from backend.tokenizer import Tokenizer
 
 #: After a cancel, how long to wait for the engine and reasoning to confirm (s).
@@ -210,6 +213,7 @@ class DecodeRequest:
         timing: tuple[float, float] | None = None,
         logprobs: tuple[list[float], float] | None = None,
         stats: list[tuple[float, float]] | None = None,
+        top: tuple[np.ndarray, ...] | None = None,
     ) -> None:
         t0 = time.monotonic()
         self.out.send(
@@ -224,6 +228,7 @@ class DecodeRequest:
                 prompt_tokens=self.cfg.prompt_tokens,
                 logprobs=logprobs,
                 stats=stats,
+                top=top,
             )
         )
         self.trace.sent(stream, len(ids or []), t0, time.monotonic())
@@ -237,7 +242,7 @@ class DecodeRequest:
         if self.pump.finished(ev.stream) or ev.stream.startswith("reasoning/"):
             return  # external reasoning channels of a cross session end with it: nothing to send
         reason = ev.finish_reason if ev.finished else None
-        group = self.pump.push(ev.stream, ev.text, list(ev.token_ids), reason, ev.logprobs)
+        group = self.pump.push(ev.stream, ev.text, list(ev.token_ids), reason, ev.logprobs, ev.top_logprobs)
         if ev.finished and ev.finish_reason == "error":
             self.error = self.error or ev.error or f"stream {ev.stream} failed"
         if group is None or not self.cfg.stream or self.cancelled and not ev.finished:
@@ -249,7 +254,14 @@ class DecodeRequest:
             finish_reason=group.finish_reason,
             timing=group.timing,
             logprobs=group.logprobs if self.cfg.return_log_probs else None,
+            top=self._top(group.top),
         )
+
+    def _top(self, top: list[tuple[list[int], list[float]]]) -> tuple[np.ndarray, ...] | None:
+        """The ``top_logprobs_*`` outputs of these tokens, when the request asked for them."""
+        if not self.cfg.top_logprobs:
+            return None
+        return top_arrays(top, self.cfg.top_logprobs, self.model.tokenizer)
 
     def _forward_reasoning(self, deltas: list[ReasoningDelta]) -> None:
         for d in deltas:
@@ -294,6 +306,7 @@ class DecodeRequest:
                 timing=self.pump.stamp(name),
                 prompt_tokens=self.cfg.prompt_tokens,
                 logprobs=self.pump.logprobs(name) if cfg.return_log_probs else None,
+                top=self._top(self.pump.top(name)),
             )
         )
 

@@ -42,6 +42,8 @@ class Group:
     #: The group's token log probabilities and the stream's cumulative one so far
     #: (TensorRT-LLM's ``output_log_probs`` / ``cum_log_probs``); empty unless asked for.
     logprobs: tuple[list[float], float] = ([], 0.0)
+    #: The group's tokens' ``top_logprobs`` alternatives ``(ids, log probabilities)``.
+    top: list[tuple[list[int], list[float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class _Stream:
     pending_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     pending_logprobs: list[float] = field(default_factory=list)
+    top: list[tuple[list[int], list[float]]] = field(default_factory=list)
+    pending_top: list[tuple[list[int], list[float]]] = field(default_factory=list)
     first_t: float | None = None
     last_t: float | None = None
     finish_reason: str | None = None
@@ -83,6 +87,7 @@ class StreamPump:
         ids: list[int],
         finish_reason: str | None = None,
         logprobs: list[float] | None = None,
+        top: list[tuple[list[int], list[float]]] | None = None,
     ) -> Group | None:
         """Adds a delta; returns the group to send when it is due (full, or the stream ended)."""
         st = self._streams.setdefault(stream, _Stream())
@@ -104,6 +109,9 @@ class StreamPump:
         if logprobs:
             st.logprobs += logprobs
             st.pending_logprobs += logprobs
+        if top:
+            st.top += top
+            st.pending_top += top
         if finish_reason:
             st.finish_reason = finish_reason
         if not finish_reason and len(st.pending_ids) < self.group_tokens:
@@ -115,8 +123,9 @@ class StreamPump:
             st.finish_reason,
             self.stamp(stream),
             (st.pending_logprobs, sum(st.logprobs)),
+            st.pending_top,
         )
-        st.pending_text, st.pending_ids, st.pending_logprobs = "", [], []
+        st.pending_text, st.pending_ids, st.pending_logprobs, st.pending_top = "", [], [], []
         return group
 
     def stamp(self, stream: str) -> tuple[float, float]:
@@ -146,6 +155,11 @@ class StreamPump:
         st = self._streams.get(stream)
         lps = list(st.logprobs) if st else []
         return lps, sum(lps)
+
+    def top(self, stream: str) -> list[tuple[list[int], list[float]]]:
+        """Every token's ``top_logprobs`` alternatives of the stream so far."""
+        st = self._streams.get(stream)
+        return list(st.top) if st else []
 
     def finish_reason(self, stream: str) -> str | None:
         st = self._streams.get(stream)

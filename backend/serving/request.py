@@ -26,7 +26,7 @@ import numpy as np
 
 from backend.engine.attention import ATTENTION_MODES
 from backend.engine.layout import START_MODES
-from backend.engine.sampling import SamplingParams
+from backend.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from backend.engine.session import GridRules
 from backend.serving.session_ids import mint_session_id
 
@@ -52,6 +52,8 @@ INPUTS: dict[str, str] = {
     "num_return_sequences": "TYPE_INT32",
     "exclude_input_in_output": "TYPE_BOOL",
     "return_log_probs": "TYPE_BOOL",
+    # OpenAI's top_logprobs: the k most likely tokens per answer token (needs return_log_probs).
+    "top_logprobs": "TYPE_INT32",
     "return_context_logits": "TYPE_BOOL",
     "return_generation_logits": "TYPE_BOOL",
     "frequency_penalty": "TYPE_FP32",
@@ -167,6 +169,8 @@ class RequestConfig:
     #: ``bad_words`` as token sequences (preprocessing tokenizes them; ``bad_word_ids``).
     bad_words_ids: list[list[int]] = field(default_factory=list)
     return_log_probs: bool = False
+    #: Per answer token, its ``top_logprobs`` most likely alternatives (``top_logprobs_*`` outputs).
+    top_logprobs: int = 0
     # ---- the paper's stream layout (``layout == "paper"``); defaults are the paper's
     #: ``project`` or ``paper``: decided by the deployment, never by the client.
     layout: str = "project"
@@ -204,6 +208,7 @@ class RequestConfig:
             ignore_eos=self.ignore_eos,
             bad_words_ids=[list(w) for w in self.bad_words_ids],
             logprobs=self.return_log_probs,
+            top_logprobs=self.top_logprobs,
         )
 
     def reasoning_sampling(self, index: int) -> SamplingParams:
@@ -316,6 +321,14 @@ class RequestConfig:
                     f"{name} must be 1 (beam search / several sequences are not supported), got {value}"
                 )
         cfg.return_log_probs = reader.bool("return_log_probs", False)
+        cfg.top_logprobs = reader.int("top_logprobs", 0)
+        if not 0 <= cfg.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {cfg.top_logprobs}")
+        if cfg.top_logprobs and not cfg.return_log_probs:
+            raise RequestError(
+                "top_logprobs needs return_log_probs true (OpenAI: logprobs true), "
+                f"got top_logprobs {cfg.top_logprobs} without it"
+            )
         for name in ("return_context_logits", "return_generation_logits"):
             if reader.bool(name, False):
                 raise RequestError(f"{name} is not supported by this server; send false or leave it out")

@@ -37,6 +37,8 @@ from backend.serving.request import INPUTS
 from backend.serving.session_control import Mailbox, SessionNotFound
 from backend.serving.session_ids import mint_session_id
 from backend.serving.tensors import ONE_D_OUTPUTS, Responder
+from backend.serving.top_logprobs import OUTPUTS as TOP_OUTPUTS
+from backend.serving.top_logprobs import from_flat as top_from_flat
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
@@ -62,6 +64,8 @@ def client_tensors(obj: dict[str, Any]) -> list[Any]:
         name = RENAMED.get(name, name)
         if name == "output_log_probs":  # [batch, beam, tokens], as TensorRT-LLM's
             arr = np.array(value, dtype=np.float32).reshape(1, 1, -1)
+        elif name in TOP_OUTPUTS:  # [batch, beam, tokens, k]
+            arr = top_from_flat(name, value, len(obj.get("output_log_probs") or []))
         elif name in INT_OUTPUTS:
             arr = np.array([value], dtype=np.int32).reshape(1, -1)
         elif name in FLOAT_OUTPUTS:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from backend.serving.top_logprobs import OUTPUTS as TOP_OUTPUTS
+
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover
@@ -71,9 +73,11 @@ def delta_tensors(
     prompt_tokens: int | None = None,
     logprobs: tuple[list[float], float] | None = None,
     stats: list[tuple[float, float]] | None = None,
+    top: tuple[np.ndarray, ...] | None = None,
 ) -> list[Any]:
     """The tensors of one response. ``stats`` (the paper layout's ``return_channel_stats``)
-    adds ``channel_stats``: ``[entropy, top-1 probability]`` per token, flattened."""
+    adds ``channel_stats``: ``[entropy, top-1 probability]`` per token, flattened; ``top``
+    (``top_logprobs``) the three ``top_logprobs_*`` arrays of ``backend.serving.top_logprobs``."""
     values = {
         "text_output": text,
         "stream_name": stream,
@@ -95,6 +99,8 @@ def delta_tensors(
         new, cum = logprobs
         out.append(pb_utils.Tensor("output_log_probs", np.array(new, dtype=np.float32).reshape(1, 1, -1)))
         out.append(pb_utils.Tensor("cum_log_probs", np.array([[cum]], dtype=np.float32)))
+    if top is not None:
+        out += [pb_utils.Tensor(name, arr) for name, arr in zip(TOP_OUTPUTS, top, strict=True)]
     if prompt_tokens is not None:  # TensorRT-LLM's num_input_tokens: the prompt's length
         out.append(pb_utils.Tensor("num_input_tokens", np.array([[prompt_tokens]], dtype=np.int32)))
     if stats is not None:
