@@ -26,7 +26,7 @@ from client.events import Done, StreamDelta
 
 from .errors import bad_request
 from .options import Defaults, build_request, reasoning_effort, require
-from .runner import Run, token_logprobs
+from .runner import Run, TokenLogprob, token_logprobs
 from .streaming import chain
 from .usage import answer_text, chat_usage, finish_reason, joined_reasoning, reasoning_texts
 
@@ -75,12 +75,20 @@ def conversation(messages: Any, param: str = "messages") -> list[dict[str, str]]
     return out
 
 
-def logprobs_content(pairs: list[tuple[str, float]]) -> dict[str, Any]:
-    """OpenAI's ``logprobs`` of a choice: the sampled tokens only (no alternatives)."""
+def logprobs_content(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` of a choice: per sampled token its log probability and, with
+    ``top_logprobs``, its most likely alternatives (their text and exact bytes from the server)."""
     return {
         "content": [
-            {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-            for t, lp in pairs
+            {
+                "token": t,
+                "logprob": lp,
+                "bytes": list(t.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)} for a in top
+                ],
+            }
+            for t, lp, top in tokens
         ]
     }
 

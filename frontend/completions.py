@@ -13,15 +13,18 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from client.events import Done, StreamDelta
+from client.events import Done, StreamDelta, TopLogprob
+from client.request import PARAMS
 
 from .errors import bad_request
 from .options import Defaults, build_request, reasoning_effort, require
-from .runner import Run, token_logprobs
+from .runner import Run, TokenLogprob, token_logprobs
 from .streaming import chain
 from .usage import answer_text, chat_usage, finish_reason, joined_reasoning
 
 COMPLETION_FIELDS = frozenset({"prompt", "stream", "echo", "reasoning_effort", "stream_options", "logprobs"})
+#: The most alternatives per token (``logprobs``), as chat's ``top_logprobs`` (client/request.py).
+MAX_TOP_LOGPROBS = int(PARAMS["top_logprobs"].le or 0)
 
 
 def prompt_of(body: Mapping[str, Any]) -> str:
@@ -44,17 +47,18 @@ def request_for(body: Mapping[str, Any], defaults: Defaults) -> Any:
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise bad_request("echo must be true or false", param="echo")
-    # Completions' ``logprobs`` is how many alternatives to list per token: only the sampled
-    # token's own log probability (0) is known here.
+    # Completions' ``logprobs`` is how many alternatives to list per token (OpenAI: 0..5 on its
+    # own models, 0..20 here as for chat's ``top_logprobs``); 0: the sampled tokens only.
     n = body.get("logprobs")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 0):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS):
         raise bad_request(
-            f"logprobs must be 0 (the sampled tokens' log probabilities; alternatives are not supported), got {n!r}",
-            param="logprobs",
+            f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {n!r}", param="logprobs"
         )
     fixed: dict[str, Any] = {"raw_prompt": True}
     if n is not None:
         fixed["return_log_probs"] = True
+        if n:
+            fixed["top_logprobs"] = n
     return build_request(
         body,
         prompt_of(body),
@@ -65,16 +69,26 @@ def request_for(body: Mapping[str, Any], defaults: Defaults) -> Any:
     )
 
 
-def completion_logprobs(pairs: list[tuple[str, float]]) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object (sampled tokens only)."""
+def _alternatives(top: list[TopLogprob]) -> dict[str, float]:
+    """``{token: logprob}``, most likely first; of two alternatives spelled alike, the likelier."""
+    out: dict[str, float] = {}
+    for alt in top:
+        out.setdefault(alt.token, alt.logprob)
+    return out
+
+
+def completion_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object; ``top_logprobs`` (with ``logprobs`` k > 0)
+    is per token a ``{token: logprob}`` of its k most likely alternatives, else null."""
     offsets, at = [], 0
-    for t, _ in pairs:
+    for t, _, _ in tokens:
         offsets.append(at)
         at += len(t)
+    tops = [_alternatives(top) for _, _, top in tokens]
     return {
-        "tokens": [t for t, _ in pairs],
-        "token_logprobs": [lp for _, lp in pairs],
-        "top_logprobs": None,
+        "tokens": [t for t, _, _ in tokens],
+        "token_logprobs": [lp for _, lp, _ in tokens],
+        "top_logprobs": tops if any(tops) else None,
         "text_offset": offsets,
     }
 

@@ -42,7 +42,6 @@ ALIASES: dict[str, str] = {
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "num_return_sequences": (1,),
-    "top_logprobs": (0,),
     "logit_bias": ({},),
     "tools": ([],),
     "functions": ([],),

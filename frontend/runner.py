@@ -22,7 +22,7 @@ from typing import Any
 
 from client.aio import AsyncGeneration, AsyncMultiStreamClient
 from client.errors import MultiStreamCancelled, MultiStreamError
-from client.events import Done, StreamDelta
+from client.events import Done, StreamDelta, TopLogprob
 from client.request import GenerateRequest
 
 from .errors import bad_request, busy
@@ -31,10 +31,18 @@ from .metrics import FrontMetrics
 _END = object()
 
 
-def token_logprobs(ev: StreamDelta) -> list[tuple[str, float]]:
-    """``(text, logprob)`` per token of a delta. A delta of several tokens (response grouping)
-    has one text: it goes with its first token, the others get ``""``."""
-    return [(ev.text if i == 0 else "", lp) for i, lp in enumerate(ev.logprobs)]
+#: One answer token for OpenAI's ``logprobs``: its text, its log probability and its
+#: ``top_logprobs`` alternatives (empty unless asked for).
+TokenLogprob = tuple[str, float, list[TopLogprob]]
+
+
+def token_logprobs(ev: StreamDelta) -> list[TokenLogprob]:
+    """``(text, logprob, alternatives)`` per token of a delta. A delta of several tokens
+    (response grouping) has one text: it goes with its first token, the others get ``""``."""
+    tops = ev.top_logprobs
+    return [
+        (ev.text if i == 0 else "", lp, tops[i] if i < len(tops) else []) for i, lp in enumerate(ev.logprobs)
+    ]
 
 
 class Run:
@@ -53,7 +61,7 @@ class Run:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._first_answer = False
         #: ``(text, logprob)`` per answer token when ``return_log_probs`` (OpenAI ``logprobs``).
-        self.answer_logprobs: list[tuple[str, float]] = []
+        self.answer_logprobs: list[TokenLogprob] = []
         self.task = asyncio.get_running_loop().create_task(self._pump())
 
     async def _pump(self) -> None:
