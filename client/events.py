@@ -8,6 +8,7 @@ timing and completeness rules are identical whatever the protocol.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -97,6 +98,8 @@ class StreamDelta:
     logprobs: list[float] = field(default_factory=list)
     #: Per token, its ``top_logprobs`` most likely tokens, most likely first, else empty.
     top_logprobs: list[list[TopLogprob]] = field(default_factory=list)
+    #: The sequence the delta belongs to (``num_return_sequences`` > 1: ``sequence_index``).
+    sequence: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class Done:
     finish_reasons: dict[str, str] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)  # every stream, e.g. a "revision" of the answer
     prompt_tokens: int | None = None  # the prompt's length in tokens (server output num_input_tokens)
+    #: ``num_return_sequences`` > 1: one summary per sequence, by index (this one is sequence 0's).
+    sequences: list[Done] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready form (used by ``--json``)."""
@@ -158,10 +163,19 @@ class StreamTracker:
         self.session_id = session_id
         self.streams: dict[str, _StreamState] = {}
         self.prompt_tokens: int | None = None
+        #: Sequences 1.. of a ``num_return_sequences`` request, each tracked on its own.
+        self.others: dict[int, StreamTracker] = {}
 
     def feed(self, fields: dict, t: float | None = None) -> StreamDelta | None:
         """Turn one response's fields into a delta; ``None`` for an empty (flags-only) response."""
         t = time.perf_counter() if t is None else t
+        seq = int(fields.get("sequence_index") or 0)
+        if seq:
+            sub = self.others.setdefault(seq, StreamTracker(self.t0, self.session_id))
+            delta = sub.feed({k: v for k, v in fields.items() if k != "sequence_index"}, t)
+            if self.prompt_tokens is None:
+                self.prompt_tokens = sub.prompt_tokens
+            return None if delta is None else dataclasses.replace(delta, sequence=seq)
         if fields.get("session_id"):
             self.session_id = fields["session_id"]
         if fields.get("num_input_tokens") is not None:
@@ -210,6 +224,8 @@ class StreamTracker:
         A transport that closes cleanly but early (server crash, proxy timeout)
         would otherwise look like a short answer.
         """
+        for sub in self.others.values():
+            sub.check_complete()
         if not self.streams:
             raise IncompleteStreamError("server ended the request without any response")
         open_streams = [
@@ -262,7 +278,7 @@ class StreamTracker:
             else:
                 rate[name] = st.tokens / max((st.last_t or self.t0) - self.t0, 1e-9)
         out = self.streams.get(OUTPUT_STREAM)
-        return Done(
+        first = Done(
             session_id=self.session_id,
             output_text="".join(out.parts) if out else "",
             reasoning_texts={
@@ -276,3 +292,7 @@ class StreamTracker:
             texts={n: "".join(st.parts) for n, st in self.streams.items()},
             prompt_tokens=self.prompt_tokens,
         )
+        if not self.others:
+            return first
+        rest = [self.others[i].done(t_end) for i in sorted(self.others)]
+        return dataclasses.replace(first, sequences=[first, *rest])

@@ -17,8 +17,9 @@ STRING_OUTPUTS = ("text_output", "reasoning_output", "stream_name", "finish_reas
 LIST_OUTPUTS = ("output_ids", "timing_ms", "output_log_probs", "top_logprobs_ids", "top_logprobs_values")
 #: String outputs with one entry per item (``[1, 1, tokens, k]`` alternatives' texts), kept apart.
 STRING_LIST_OUTPUTS = ("top_logprobs_text",)
-#: Integer outputs (TensorRT-LLM's names): the prompt's token count, on every response.
-INT_OUTPUTS = ("num_input_tokens",)
+#: Integer outputs (TensorRT-LLM's names): the prompt's token count, on every response; the
+#: sequence a response belongs to (``num_return_sequences`` > 1).
+INT_OUTPUTS = ("num_input_tokens", "sequence_index")
 # The ensemble cannot have an output named like one of its inputs (Triton treats them as one
 # tensor and rejects the ensemble), so the server's session id output is `output_session_id`;
 # a bare `session_id` output (e.g. a decoupled model served directly) is accepted too.

@@ -253,6 +253,13 @@ class GenerateRequest:
         help="output_log_probs / cum_log_probs: each answer token's log probability",
         web=False,
     )
+    num_return_sequences: int | None = param(
+        None,
+        datatype="INT32",
+        help="answers to sample for the prompt (> 1: the tensorrt_llm_bls model; Done.sequences)",
+        ge=1,
+        web=False,
+    )
     top_logprobs: int | None = param(
         None,
         datatype="INT32",

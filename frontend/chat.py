@@ -28,7 +28,7 @@ from .errors import bad_request
 from .options import Defaults, build_request, reasoning_effort, require
 from .runner import Run, TokenLogprob, token_logprobs
 from .streaming import chain
-from .usage import answer_text, chat_usage, finish_reason, joined_reasoning, reasoning_texts
+from .usage import answer_text, chat_usage, finish_reason, joined_reasoning, reasoning_texts, sequences_of
 
 #: Keys of a chat body the endpoint reads itself.
 CHAT_FIELDS = frozenset({"messages", "stream", "reasoning_effort", "stream_options"})
@@ -119,7 +119,11 @@ class ChatShape:
         self.created = int(time.time())
 
     def _chunk(
-        self, delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None
+        self,
+        delta: dict[str, Any],
+        finish: str | None = None,
+        logprobs: dict[str, Any] | None = None,
+        index: int = 0,
     ) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -127,7 +131,7 @@ class ChatShape:
             "created": self.created,
             "model": self.model,
             "session_id": self.run.session_id,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
 
     def delta(self, ev: StreamDelta) -> dict[str, Any] | None:
@@ -135,15 +139,16 @@ class ChatShape:
         if not ev.text or ev.kind == "input":
             return None
         if ev.kind == "reasoning":
-            return self._chunk({"reasoning_content": ev.text, "reasoning": ev.text, "stream": ev.stream})
+            delta = {"reasoning_content": ev.text, "reasoning": ev.text, "stream": ev.stream}
+            return self._chunk(delta, index=ev.sequence)
         lps = logprobs_content(token_logprobs(ev)) if ev.logprobs else None
-        return self._chunk({"content": ev.text, "stream": ev.stream}, logprobs=lps)
+        return self._chunk({"content": ev.text, "stream": ev.stream}, logprobs=lps, index=ev.sequence)
 
-    def first(self) -> dict[str, Any]:
-        return self._chunk({"role": "assistant", "content": ""})
+    def first(self, index: int = 0) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""}, index=index)
 
-    def last(self, done: Done) -> dict[str, Any]:
-        return self._chunk({}, finish_reason(done, self.run.cancelled))
+    def last(self, done: Done, index: int = 0) -> dict[str, Any]:
+        return self._chunk({}, finish_reason(done, self.run.cancelled), index=index)
 
     def usage_chunk(self, done: Done) -> dict[str, Any]:
         chunk = self._chunk({})
@@ -151,29 +156,30 @@ class ChatShape:
         chunk["usage"] = chat_usage(done, done.prompt_tokens or 0)
         return chunk
 
-    def completion(self, done: Done) -> dict[str, Any]:
+    def choice(self, done: Done, index: int) -> dict[str, Any]:
+        """Choice ``index`` of a whole answer (``n`` > 1: one per sequence, ``Done.sequences``)."""
         reasoning = joined_reasoning(done)
         message: dict[str, Any] = {"role": "assistant", "content": answer_text(done)}
         if reasoning:
             message["reasoning_content"] = reasoning
             message["reasoning"] = reasoning
             message["reasoning_streams"] = reasoning_texts(done)
+        lps = self.run.logprobs_of(index)
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": logprobs_content(lps) if lps else None,
+            "finish_reason": finish_reason(done, self.run.cancelled),
+        }
+
+    def completion(self, done: Done) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
             "session_id": self.run.session_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "logprobs": logprobs_content(self.run.answer_logprobs)
-                    if self.run.answer_logprobs
-                    else None,
-                    "finish_reason": finish_reason(done, self.run.cancelled),
-                }
-            ],
+            "choices": [self.choice(d, i) for i, d in enumerate(sequences_of(done))],
             "usage": chat_usage(done, done.prompt_tokens or 0),
         }
 
@@ -184,12 +190,16 @@ async def chat_chunks(
     rest: AsyncIterator[StreamDelta | Done],
     include_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
-    """The chunks of a streamed chat completion, from its first event on."""
-    yield shape.first()
+    """The chunks of a streamed chat completion, from its first event on (``n`` > 1: the
+    choices' chunks interleave, each with its ``index``; every choice ends with its own
+    ``finish_reason`` chunk)."""
+    for i in range(shape.run.sequences):
+        yield shape.first(i)
 
     async for ev in chain(first, rest):
         if isinstance(ev, Done):
-            yield shape.last(ev)
+            for i, seq in enumerate(sequences_of(ev)):
+                yield shape.last(seq, i)
             if include_usage:
                 yield shape.usage_chunk(ev)
             return

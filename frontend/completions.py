@@ -20,7 +20,7 @@ from .errors import bad_request
 from .options import Defaults, build_request, reasoning_effort, require
 from .runner import Run, TokenLogprob, token_logprobs
 from .streaming import chain
-from .usage import answer_text, chat_usage, finish_reason, joined_reasoning
+from .usage import answer_text, chat_usage, finish_reason, joined_reasoning, sequences_of
 
 COMPLETION_FIELDS = frozenset({"prompt", "stream", "echo", "reasoning_effort", "stream_options", "logprobs"})
 #: The most alternatives per token (``logprobs``), as chat's ``top_logprobs`` (client/request.py).
@@ -117,32 +117,43 @@ class CompletionShape:
             return None
         if ev.kind == "reasoning":
             return self._chunk(
-                {"text": "", "reasoning_content": ev.text, "reasoning": ev.text, "stream": ev.stream}
+                {
+                    "index": ev.sequence,
+                    "text": "",
+                    "reasoning_content": ev.text,
+                    "reasoning": ev.text,
+                    "stream": ev.stream,
+                }
             )
-        choice: dict[str, Any] = {"text": ev.text, "stream": ev.stream}
+        choice: dict[str, Any] = {"index": ev.sequence, "text": ev.text, "stream": ev.stream}
         if ev.logprobs:
             choice["logprobs"] = completion_logprobs(token_logprobs(ev))
         return self._chunk(choice)
 
-    def completion(self, done: Done) -> dict[str, Any]:
+    def choice(self, done: Done, index: int) -> dict[str, Any]:
+        """Choice ``index`` of a whole answer (``n`` > 1: one per sequence, ``Done.sequences``)."""
         text = answer_text(done)
+        lps = self.run.logprobs_of(index)
         choice: dict[str, Any] = {
-            "index": 0,
+            "index": index,
             "text": self.prompt + text if self.echo else text,
-            "logprobs": completion_logprobs(self.run.answer_logprobs) if self.run.answer_logprobs else None,
+            "logprobs": completion_logprobs(lps) if lps else None,
             "finish_reason": finish_reason(done, self.run.cancelled),
         }
         reasoning = joined_reasoning(done)
         if reasoning:
             choice["reasoning_content"] = reasoning
             choice["reasoning"] = reasoning
+        return choice
+
+    def completion(self, done: Done) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
             "session_id": self.run.session_id,
-            "choices": [choice],
+            "choices": [self.choice(d, i) for i, d in enumerate(sequences_of(done))],
             "usage": chat_usage(done, done.prompt_tokens or 0),
         }
 
@@ -154,11 +165,15 @@ async def completion_chunks(
     include_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
     if shape.echo:
-        yield shape._chunk({"text": shape.prompt, "stream": "output"})
+        for i in range(shape.run.sequences):
+            yield shape._chunk({"index": i, "text": shape.prompt, "stream": "output"})
 
     async for ev in chain(first, rest):
         if isinstance(ev, Done):
-            yield shape._chunk({"text": "", "finish_reason": finish_reason(ev, shape.run.cancelled)})
+            for i, seq in enumerate(sequences_of(ev)):
+                yield shape._chunk(
+                    {"index": i, "text": "", "finish_reason": finish_reason(seq, shape.run.cancelled)}
+                )
             if include_usage:
                 usage = shape._chunk({})
                 usage["choices"] = []

@@ -9,7 +9,7 @@ them.
 
 What this module adds: OpenAI's own names for our options (``max_completion_tokens`` ->
 ``max_tokens``, ``n`` -> ``num_return_sequences``), OpenAI fields that are accepted while
-they hold their neutral value (``n: 1``, ``logit_bias: {}``) and refused otherwise,
+they hold their neutral value (``logit_bias: {}``) and refused otherwise,
 ``reasoning_effort`` presets, and an error for anything unknown (a typo in ``extra_body``
 would otherwise silently do nothing).
 """
@@ -40,8 +40,6 @@ ALIASES: dict[str, str] = {
 
 #: OpenAI fields without an option (yet): accepted while neutral, refused otherwise.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "num_return_sequences": (1,),
     "logit_bias": ({},),
     "tools": ([],),
     "functions": ([],),

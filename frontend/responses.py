@@ -98,7 +98,7 @@ def request_for(
         raise bad_request('reasoning must be an object ({"effort": ...})', param="reasoning")
     effort = reasoning_effort((reasoning or {}).get("effort"), "reasoning.effort")
     last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user" and m["content"].strip())
-    return build_request(
+    request = build_request(
         body,
         last_user,
         endpoint_fields=RESPONSE_FIELDS,
@@ -106,6 +106,14 @@ def request_for(
         fixed={"messages": json.dumps(messages, ensure_ascii=False)},
         effort=effort,
     )
+    if (request.num_return_sequences or 1) > 1:  # the Responses API has no n: one output per response
+        key = next(k for k in ("n", "num_return_sequences") if k in body)
+        raise bad_request(
+            f"{key} must be 1 on /v1/responses (a response has one output); "
+            "for several answers use /v1/chat/completions or /v1/completions with n",
+            param=key,
+        )
+    return request
 
 
 class ResponseRecord:

@@ -51,7 +51,9 @@ class Run:
     def __init__(self, runs: Runs, request: GenerateRequest, endpoint: str) -> None:
         self._runs = runs
         self.endpoint = endpoint
-        self.generation = AsyncGeneration(runs.client, request)
+        #: Answers asked for (OpenAI ``n``); more than one goes through ``tensorrt_llm_bls``.
+        self.sequences = request.num_return_sequences or 1
+        self.generation = AsyncGeneration(runs.client_for(request), request)
         self.session_id: str = self.generation.session_id or ""
         self.created = time.time()
         self.t0 = time.perf_counter()
@@ -62,7 +64,13 @@ class Run:
         self._first_answer = False
         #: ``(text, logprob)`` per answer token when ``return_log_probs`` (OpenAI ``logprobs``).
         self.answer_logprobs: list[TokenLogprob] = []
+        #: The same for sequences 1.. of ``n`` > 1 (``answer_logprobs`` is sequence 0's).
+        self.sequence_logprobs: dict[int, list[tuple[str, float]]] = {}
         self.task = asyncio.get_running_loop().create_task(self._pump())
+
+    def logprobs_of(self, sequence: int) -> list[tuple[str, float]]:
+        """The answer's token log probabilities of one sequence (choice ``index``)."""
+        return self.answer_logprobs if sequence == 0 else self.sequence_logprobs.get(sequence, [])
 
     async def _pump(self) -> None:
         metrics = self._runs.metrics
@@ -77,7 +85,10 @@ class Run:
                     self._first_answer = True
                     metrics.ttft.labels(self.endpoint).observe(time.perf_counter() - self.t0)
                 if isinstance(ev, StreamDelta) and ev.logprobs and ev.kind == "output":
-                    self.answer_logprobs += token_logprobs(ev)
+                    if ev.sequence:
+                        self.sequence_logprobs.setdefault(ev.sequence, []).extend(token_logprobs(ev))
+                    else:
+                        self.answer_logprobs += token_logprobs(ev)
                 self._queue.put_nowait(ev)
         except MultiStreamCancelled:
             self._queue.put_nowait(MultiStreamCancelled("cancelled"))
@@ -113,11 +124,30 @@ class Run:
 class Runs:
     """Every live run of the front, by session id: the concurrency bound and the gauges."""
 
-    def __init__(self, client: AsyncMultiStreamClient, metrics: FrontMetrics, max_concurrent: int) -> None:
+    def __init__(
+        self,
+        client: AsyncMultiStreamClient,
+        metrics: FrontMetrics,
+        max_concurrent: int,
+        sequences_client: AsyncMultiStreamClient | None = None,
+    ) -> None:
         self.client = client
+        #: For ``n`` > 1: ``tensorrt_llm_bls``, which prefills the prompt once for all sequences.
+        self.sequences_client = sequences_client or client
         self.metrics = metrics
         self.max_concurrent = max_concurrent
         self.live: dict[str, Run] = {}
+
+    def client_for(self, request: GenerateRequest) -> AsyncMultiStreamClient:
+        """The ensemble for one answer; ``tensorrt_llm_bls`` for several (``n`` > 1).
+
+        Why not n runs on the ensemble: each would prefill the prompt again. Sessions admitted
+        in the same engine step all miss the prefix cache (a prompt's blocks are cached once
+        its prefill has finished), so n concurrent copies cost n prefills; the BLS model
+        computes the prompt once and hands its KV to n decode sessions
+        (``backend/serving/return_sequences.py``).
+        """
+        return self.sequences_client if (request.num_return_sequences or 1) > 1 else self.client
 
     def start(self, request: GenerateRequest, endpoint: str, names: dict[str, str] | None = None) -> Run:
         """A new run, or :class:`APIError` 429 when ``max_concurrent`` runs are live."""

@@ -12,16 +12,22 @@ from typing import Any
 from client.events import Done, kind_of
 
 
+def sequences_of(done: Done) -> list[Done]:
+    """The answers of a generation, one per choice: ``n`` > 1 asked for several sequences."""
+    return done.sequences or [done]
+
+
 def generated(done: Done) -> tuple[int, int]:
-    """(all generated tokens, of which reasoning) of a finished generation."""
+    """(all generated tokens, of which reasoning) of a finished generation, every sequence's."""
     total = reasoning = 0
-    for name, n in done.tokens.items():
-        kind = kind_of(name)
-        if kind == "input":
-            continue
-        total += n
-        if kind == "reasoning":
-            reasoning += n
+    for seq in sequences_of(done):
+        for name, n in seq.tokens.items():
+            kind = kind_of(name)
+            if kind == "input":
+                continue
+            total += n
+            if kind == "reasoning":
+                reasoning += n
     return total, reasoning
 
 

@@ -59,6 +59,8 @@ def trtllm_inputs(prompt: str, output_len: int, streaming: bool, **opt) -> dict[
     for name in ("end_id", "pad_id"):
         if opt.get(name) is not None:
             inputs[name] = np.array([[opt[name]]], dtype=np.int32)
+    if opt.get("seed") is not None:  # TensorRT-LLM's BLS takes a seed (its client sends none)
+        inputs["seed"] = np.array([[opt["seed"]]], dtype=np.uint64)
     return inputs
 
 
@@ -70,6 +72,9 @@ def trtllm_call(url: str, model: str, prompt: str, streaming: bool, output_len: 
     outputs = [grpcclient.InferRequestedOutput("text_output")]
     if opt.get("return_log_probs"):
         outputs += [grpcclient.InferRequestedOutput(n) for n in ("cum_log_probs", "output_log_probs")]
+    k = opt.get("num_return_sequences") or 1
+    if k > 1 and not opt.get("no_sequence_index"):  # the client asks for it exactly then
+        outputs.append(grpcclient.InferRequestedOutput("sequence_index"))
     got: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: got.put(error or result))
@@ -78,7 +83,7 @@ def trtllm_call(url: str, model: str, prompt: str, streaming: bool, output_len: 
     )
     client.stop_stream()  # waits for the server to close the stream, as the client does
     client.close()
-    text, errors, shapes, logprobs = "", [], [], []
+    texts, errors, shapes, logprobs, seqs = [""] * k, [], [], [], []
     while not got.empty():
         result = got.get()
         if isinstance(result, InferenceServerException):
@@ -89,10 +94,20 @@ def trtllm_call(url: str, model: str, prompt: str, streaming: bool, output_len: 
         batch_index = result.as_numpy("batch_index")
         assert batch_index is None  # not asked for
         piece = output[0].decode("utf-8")  # the client's own read: crashes on a [1, 1] output
-        text = text + piece if streaming else piece
+        seq = result.as_numpy("sequence_index")
+        seq = 0 if seq is None else int(seq[0][0])  # the client's read of it
+        seqs.append(seq)
+        texts[seq] = texts[seq] + piece if streaming else piece
         if opt.get("return_log_probs"):
             logprobs.append((result.as_numpy("cum_log_probs"), result.as_numpy("output_log_probs")))
-    return {"text": text, "errors": errors, "shapes": shapes, "logprobs": logprobs}
+    return {
+        "text": texts[0],
+        "texts": texts,
+        "seqs": seqs,
+        "errors": errors,
+        "shapes": shapes,
+        "logprobs": logprobs,
+    }
 
 
 def test_ensemble_alias_and_bls_are_served(triton_server) -> None:
@@ -206,6 +221,63 @@ def test_what_stays_unsupported_says_so(triton_server, opts: dict, needle: str) 
     for model in MODELS:
         r = trtllm_call(triton_server.grpc_url, model, PROMPT, streaming=False, **opts)
         assert r["errors"] and needle in r["errors"][0], r
+
+
+def _count(metrics: dict, model: str) -> float:
+    from tests.reliability_helpers import gauge_sum
+
+    return gauge_sum(metrics, "nv_inference_request_success", model)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streaming"])
+def test_num_return_sequences_one_prefill_k_decodes(triton_server, streaming: bool) -> None:
+    """k = 2 through tensorrt_llm_bls: every response tagged with sequence_index 0 or 1, as the
+    client files them; seeded sampling (seed, seed + 1) makes the two differ; the prompt is
+    prefilled once (Triton's own request counters: prefill +1, decode +2)."""
+    from tests.reliability_helpers import scrape, wait_for
+
+    before = scrape(triton_server.metrics_url)
+    opts = dict(temperature=1.0, seed=7, exclude_input_in_output=True, num_return_sequences=2)
+    r = trtllm_call(triton_server.grpc_url, "tensorrt_llm_bls", PROMPT, streaming, output_len=8, **opts)
+    assert not r["errors"], r
+    assert set(r["seqs"]) == {0, 1} and all(t.strip() for t in r["texts"]), r
+    assert r["texts"][0] != r["texts"][1], r
+    if not streaming:  # each sequence's whole text in its own response
+        assert sorted(r["seqs"]) == [0, 1], r
+
+    def counted(model: str, n: int) -> bool:
+        return _count(scrape(triton_server.metrics_url), model) - _count(before, model) == n
+
+    assert wait_for(lambda: counted("decode", 2), 10) and counted("prefill", 1)
+    # Sequence 0 with seed 7 is the k = 1 answer with seed 7: the fan-out changes nothing else.
+    one = trtllm_call(
+        triton_server.grpc_url,
+        "tensorrt_llm_bls",
+        PROMPT,
+        streaming,
+        output_len=8,
+        temperature=1.0,
+        seed=7,
+        exclude_input_in_output=True,
+    )
+    assert one["text"] == r["texts"][0], (one, r)
+
+
+def test_num_return_sequences_the_ensemble_refuses(triton_server) -> None:
+    """The ensemble cannot fan one request out: a clear error naming the field and the way."""
+    for streaming in (False, True):
+        r = trtllm_call(
+            triton_server.grpc_url,
+            "ensemble",
+            PROMPT,
+            streaming,
+            num_return_sequences=2,
+            no_sequence_index=True,
+        )
+        assert r["errors"], r
+        assert "num_return_sequences must be 1" in r["errors"][0] and "tensorrt_llm_bls" in r["errors"][0], r
+    over = trtllm_call(triton_server.grpc_url, "tensorrt_llm_bls", PROMPT, False, num_return_sequences=99)
+    assert over["errors"] and "num_return_sequences must be in 1..8" in over["errors"][0], over
 
 
 def test_bls_config_takes_the_ensembles_inputs(tmp_path: Path) -> None:

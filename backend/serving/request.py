@@ -314,12 +314,15 @@ class RequestConfig:
         cfg.pad_id = reader.int("pad_id", None)
         cfg.stop = [s for s in reader.strings("stop_words") if s]
         cfg.bad_words = [s for s in reader.strings("bad_words") if s]
-        for name in ("beam_width", "num_return_sequences"):
-            value = reader.int(name, 1)
-            if value != 1:
-                raise RequestError(
-                    f"{name} must be 1 (beam search / several sequences are not supported), got {value}"
-                )
+        beams = reader.int("beam_width", 1)
+        if beams != 1:
+            raise RequestError(f"beam_width must be 1 (beam search is not supported), got {beams}")
+        sequences = reader.int("num_return_sequences", 1)
+        if sequences != 1:
+            raise RequestError(
+                f"num_return_sequences must be 1 through the ensemble (one request is one decode session "
+                f"there), got {sequences}; for several sequences call tensorrt_llm_bls, or n on the OpenAI front"
+            )
         cfg.return_log_probs = reader.bool("return_log_probs", False)
         cfg.top_logprobs = reader.int("top_logprobs", 0)
         if not 0 <= cfg.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -498,6 +501,24 @@ def parse_messages(raw: str) -> list[dict[str, str]]:
     if not any(m["role"] == "user" and m["content"].strip() for m in out):
         raise RequestError("messages must contain a user message with non-blank content")
     return out
+
+
+def return_sequences(get: Callable[[str], np.ndarray | None], max_sequences: int) -> int:
+    """``num_return_sequences`` of a ``tensorrt_llm_bls`` request: 1..``max_sequences``.
+
+    Why apart from :meth:`RequestConfig.from_inputs`: only ``tensorrt_llm_bls`` can fan one
+    request out into several decode sessions (one prefill, its hand-off given to each), so it
+    reads the count here and sends ``preprocessing`` the rest; the ensemble, which cannot,
+    keeps refusing k > 1 there. Each sequence is a decode session, so ``max_sequences`` is
+    the deployment's ``max_sessions``.
+    """
+    k = _Reader(get).int("num_return_sequences", 1)
+    if not 1 <= k <= max_sequences:
+        raise RequestError(
+            f"num_return_sequences must be in 1..{max_sequences} (each sequence is a decode session; "
+            f"max_sessions={max_sequences}), got {k}"
+        )
+    return k
 
 
 def _valid_session_id(sid: str) -> bool:

@@ -18,6 +18,10 @@ every ``cancel_poll_ms`` and, on a cancel, posts ``cancel`` to the session's mai
 caller cannot cancel its decoupled callee on 2.51: reasoning_wire workaround 5), so decode
 stops within one engine step and frees the KV. The session id is chosen here when the
 client sends none, so the watcher knows it before decode starts.
+
+``num_return_sequences`` k > 1 (which the ensemble refuses): the prompt is prefilled once
+and its hand-off goes to k decode sessions, each response tagged with ``sequence_index``
+as TensorRT-LLM's backend tags it (``backend/serving/return_sequences.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,7 +38,8 @@ import torch
 from backend.serving.bls_wire import PACKET, unpack
 from backend.serving.instance import instance_parameters
 from backend.serving.reasoning_wire import DeferredRelease
-from backend.serving.request import INPUTS
+from backend.serving.request import INPUTS, RequestConfig, RequestError, return_sequences
+from backend.serving.return_sequences import SequenceFanout, sequence_config
 from backend.serving.session_control import Mailbox, SessionNotFound
 from backend.serving.session_ids import mint_session_id
 from backend.serving.tensors import ONE_D_OUTPUTS, Responder
@@ -87,6 +93,8 @@ class TensorrtLlmBlsModel:
             step: params.get(f"{step}_model", step) for step in ("preprocessing", "prefill", "decode")
         }
         self.poll_s = float(params.get("cancel_poll_ms", str(CANCEL_POLL_MS))) / 1000.0
+        #: ``num_return_sequences`` bound: each sequence is a decode session.
+        self.max_sequences = int(params.get("max_sessions", "16"))
         self.mailbox = Mailbox.for_args(args)
         self.release_later = DeferredRelease()
         self.closing = threading.Event()
@@ -106,7 +114,7 @@ class TensorrtLlmBlsModel:
         out = Responder(request)
         done = threading.Event()
         try:
-            sid, inputs = self._inputs(request)
+            sid, k, inputs = self._inputs(request)
             threading.Thread(
                 target=self._watch, args=(out, sid, done), name="bls-cancel", daemon=True
             ).start()
@@ -117,8 +125,11 @@ class TensorrtLlmBlsModel:
             ids, rj = (pb_utils.get_output_tensor_by_name(pre, n) for n in ("input_ids", "request_json"))
             pf = self._exec("prefill", [ids, rj], ["prompt_kv", "prompt_logits"])
             kv, logits = (pb_utils.get_output_tensor_by_name(pf, n) for n in ("prompt_kv", "prompt_logits"))
-            self._relay(out, [ids, rj, kv, logits])
-        except _StepError as e:
+            if k == 1:
+                self._relay(out, [ids, rj, kv, logits])
+            else:
+                self._fan_out(out, sid, k, ids, rj, kv, logits)
+        except (_StepError, RequestError) as e:
             out.finish(error=str(e))
         except Exception as e:  # noqa: BLE001 - every failure reaches the client
             traceback.print_exc()
@@ -128,14 +139,19 @@ class TensorrtLlmBlsModel:
             out.finish()
             self._threads.discard(threading.current_thread())
 
-    def _inputs(self, request: Any) -> tuple[str, list[Any]]:
-        """The client's inputs for ``preprocessing``, with a session id chosen here if none."""
+    def _inputs(self, request: Any) -> tuple[str, int, list[Any]]:
+        """The client's inputs for ``preprocessing``, with a session id chosen here if none,
+        and ``num_return_sequences``, read here (``request.return_sequences``), not sent on."""
         inputs = []
         sid = ""
         batch = 1
+        sequences: np.ndarray | None = None
         for name in INPUTS:
             t = pb_utils.get_input_tensor_by_name(request, name)
             if t is None:
+                continue
+            if name == "num_return_sequences":
+                sequences = t.as_numpy()
                 continue
             if name == "text_input":
                 batch = max(1, int(t.as_numpy().shape[0]))
@@ -153,7 +169,8 @@ class TensorrtLlmBlsModel:
             # is what answers a batch, with the ensemble's message.
             ids = np.array([[sid.encode()]] * batch, dtype=np.object_)
             inputs.append(pb_utils.Tensor("session_id", ids))
-        return sid, inputs
+        k = return_sequences(lambda n: sequences if n == "num_return_sequences" else None, self.max_sequences)
+        return sid, k, inputs
 
     def _exec(self, step: str, inputs: list[Any], outputs: list[str]) -> Any:
         resp = pb_utils.InferenceRequest(
@@ -163,29 +180,52 @@ class TensorrtLlmBlsModel:
             raise _StepError(resp.error().message())
         return resp
 
-    def _relay(self, out: Responder, inputs: list[Any]) -> None:
-        """decode's packets -> the client's responses, the final flag on the last one."""
+    def _packets(self, inputs: list[Any]) -> Iterator[dict[str, Any]]:
+        """One decode call's packets, decoded; a failed response as ``{"error": message}``."""
         responses = pb_utils.InferenceRequest(
             model_name=self.models["decode"], requested_output_names=[PACKET], inputs=inputs
         ).exec(decoupled=True)
         try:
             for resp in responses:
                 if resp.has_error():
-                    out.finish(error=resp.error().message())
+                    yield {"error": resp.error().message()}
                     continue
                 packet = pb_utils.get_output_tensor_by_name(resp, PACKET)
                 if packet is None:
                     continue  # a flags-only response
-                obj = unpack(torch.from_dlpack(packet.to_dlpack()))
-                if "error" in obj:
-                    out.finish(error=obj["error"])
-                elif obj.get("final"):
-                    tensors = client_tensors(obj)
-                    out.finish(tensors if len(tensors) else None)
-                else:
-                    out.send(client_tensors(obj))
+                yield unpack(torch.from_dlpack(packet.to_dlpack()))
         finally:
             self.release_later.keep(responses)  # reasoning_wire workaround 2
+
+    def _relay(self, out: Responder, inputs: list[Any]) -> None:
+        """decode's packets -> the client's responses, the final flag on the last one."""
+        for obj in self._packets(inputs):
+            if "error" in obj:
+                out.finish(error=obj["error"])
+            elif obj.get("final"):
+                tensors = client_tensors(obj)
+                out.finish(tensors if len(tensors) else None)
+            else:
+                out.send(client_tensors(obj))
+
+    def _fan_out(self, out: Responder, sid: str, k: int, ids: Any, rj: Any, kv: Any, logits: Any) -> None:
+        """``num_return_sequences`` k > 1: the one prefill's hand-off to k decode sessions,
+        their responses tagged with ``sequence_index`` (backend/serving/return_sequences.py)."""
+        cfg = RequestConfig.from_json(rj.as_numpy().reshape(-1)[0])
+
+        def decode(i: int) -> Iterator[dict[str, Any]]:
+            seq_json = sequence_config(cfg, i).to_json().encode("utf-8")
+            seq_rj = pb_utils.Tensor("request_json", np.array([[seq_json]], dtype=np.object_))
+            return self._packets([ids, seq_rj, kv, logits])
+
+        def tensors(obj: dict[str, Any], i: int) -> list[Any]:
+            if "session_id" in obj:  # the request's id: the one that reaches all k sessions
+                obj = {**obj, "session_id": [sid]}
+            out_tensors = client_tensors(obj)
+            index = pb_utils.Tensor("sequence_index", np.array([[i]], dtype=np.int32))
+            return out_tensors + [index] if out_tensors else []
+
+        SequenceFanout(out, self.mailbox, sid, k, self.poll_s).run(decode, tensors)
 
     def _watch(self, out: Responder, sid: str, done: threading.Event) -> None:
         """Polls ``is_cancelled()``; a cancel becomes the session's mailbox ``cancel``."""

@@ -123,10 +123,17 @@ class Responder:
         self.closed = False
 
     def cancelled(self) -> bool:
-        try:
-            return bool(self.sender.is_cancelled())
-        except Exception:  # noqa: BLE001 - older stubs: treat as not cancelled
-            return False
+        """The client went away. Never asked once the final flag is out: on 2.51 that reaches
+        a deleted response factory and kills tritonserver (SIGSEGV in
+        ``TRITONBACKEND_ResponseFactoryIsCancelled``); the lock keeps a watcher thread's
+        question from racing the final response another thread sends."""
+        with self.lock:
+            if self.closed:
+                return False
+            try:
+                return bool(self.sender.is_cancelled())
+            except Exception:  # noqa: BLE001 - older stubs: treat as not cancelled
+                return False
 
     def send(self, tensors: list[Any]) -> bool:
         with self.lock:
