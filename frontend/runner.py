@@ -65,10 +65,10 @@ class Run:
         #: ``(text, logprob)`` per answer token when ``return_log_probs`` (OpenAI ``logprobs``).
         self.answer_logprobs: list[TokenLogprob] = []
         #: The same for sequences 1.. of ``n`` > 1 (``answer_logprobs`` is sequence 0's).
-        self.sequence_logprobs: dict[int, list[tuple[str, float]]] = {}
+        self.sequence_logprobs: dict[int, list[TokenLogprob]] = {}
         self.task = asyncio.get_running_loop().create_task(self._pump())
 
-    def logprobs_of(self, sequence: int) -> list[tuple[str, float]]:
+    def logprobs_of(self, sequence: int) -> list[TokenLogprob]:
         """The answer's token log probabilities of one sequence (choice ``index``)."""
         return self.answer_logprobs if sequence == 0 else self.sequence_logprobs.get(sequence, [])
 
