@@ -29,59 +29,45 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "simd.h"
 
 namespace msk {
 
 namespace {
 
-using bf16 = at::BFloat16;
-
 inline float f(bf16 v) { return static_cast<float>(v); }
-
-// 16 bf16 <-> 16 fp32 lanes; round(v) is v rounded to bf16 (nearest even) and widened back.
-inline __m512 ld(const bf16* p) {
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline void st(bf16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-}
-inline __m512 round(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
 
 // exp in 16 lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp),
 // where std::exp one lane at a time cost more than the matmuls at 16 rows.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(y, n);
+inline V exp16(V x) {
+  x = vmin(vmax(x, vset(-87.3f)), vset(88.3f));
+  const V n = vrint(vmul(x, vset(1.44269504088896341f)));
+  V r = vfnma(n, vset(0.693359375f), x);
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  V y = vset(1.9875691500e-4f);
+  y = vfma(y, r, vset(1.3981999507e-3f));
+  y = vfma(y, r, vset(8.3334519073e-3f));
+  y = vfma(y, r, vset(4.1665795894e-2f));
+  y = vfma(y, r, vset(1.6666665459e-1f));
+  y = vfma(y, r, vset(5.0000001201e-1f));
+  y = vfma(y, vmul(r, r), vadd(r, vset(1.0f)));
+  return vscale2(y, n);
 }
 
 // out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), as llama.py's _rms. h % 16 == 0.
 void rms_row(const bf16* x, const bf16* w, bf16* out, int64_t h, float eps) {
-  __m512 ss = _mm512_setzero_ps();
+  V ss = vzero();
   for (int64_t i = 0; i < h; i += 16) {
-    const __m512 v = ld(x + i);
-    ss = _mm512_fmadd_ps(v, v, ss);
+    const V v = ld(x + i);
+    ss = vfma(v, v, ss);
   }
-  const __m512 r = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(h) + eps));
-  for (int64_t i = 0; i < h; i += 16) st(out + i, _mm512_mul_ps(ld(w + i), round(_mm512_mul_ps(ld(x + i), r))));
+  const V r = vset(1.0f / std::sqrt(vsum(ss) / static_cast<float>(h) + eps));
+  for (int64_t i = 0; i < h; i += 16) st(out + i, vmul(ld(w + i), round(vmul(ld(x + i), r))));
 }
 
 // x = bf16(x + y) over n values (n % 16 == 0): the residual adds.
 void add_into(bf16* x, const bf16* y, int64_t n) {
-  for (int64_t j = 0; j < n; j += 16) st(x + j, _mm512_add_ps(ld(x + j), ld(y + j)));
+  for (int64_t j = 0; j < n; j += 16) st(x + j, vadd(ld(x + j), ld(y + j)));
 }
 
 struct Int4 {
@@ -228,7 +214,6 @@ class DecodeStep {
       KPs[li] = k_pool[li].data_ptr<float>();
       VPs[li] = v_pool[li].data_ptr<float>();
     }
-    const int64_t groups_h = h_ / 32, groups_q = q_n / 32, groups_i = i_ / 32;
 
     SpinBarrier bar;
     // One parallel region for the whole step (see SpinBarrier): each thread takes its share
@@ -240,13 +225,13 @@ class DecodeStep {
         return {total * tid / nt, total * (tid + 1) / nt};
       };
       const auto [r0, r1] = share(n);  // this thread's rows for the row-wise phases
-      std::vector<float> xsum(n * std::max(groups_h, std::max(groups_q, groups_i)));
+      std::vector<float> prep(n * int4_prep_floats(std::max({h_, q_n, i_})));
       std::vector<float> score(L + 16);
       std::vector<float> acc(hd_);
       auto matmul = [&](const Int4& w, const bf16* in, int64_t k, bf16* out, int64_t ldo) {
-        int4_xsum(in, n, k, xsum.data());  // every thread, for all rows: cheaper than a barrier
+        int4_prep(in, n, k, prep.data());  // every thread, for all rows: cheaper than a barrier
         const auto [b0, b1] = share(w.n / 16);
-        int4_mm_blocks(in, n, k, xsum.data(), w.packed.data_ptr<uint8_t>(), w.sz.data_ptr<bf16>(), out, ldo, b0, b1);
+        int4_mm_blocks(in, n, k, prep.data(), w.packed.data_ptr<uint8_t>(), w.sz.data_ptr<bf16>(), out, ldo, b0, b1);
       };
 
       for (int64_t li = 0; li < nl; ++li) {
@@ -282,19 +267,17 @@ class DecodeStep {
                               : KP + ((tok_slot[t] * kvh_ + (head - nh_)) * max_ctx + tok_idx[t]) * hd_;
             // x * cos and rot * sin each rounded to bf16, then their sum, as torch computes it
             for (int64_t d = 0; d < half; d += 16) {
-              const __m512 a = ld(src + d), b = ld(src + d + half);
-              const __m512 lo = _mm512_sub_ps(round(_mm512_mul_ps(a, _mm512_loadu_ps(c + d))),
-                                              round(_mm512_mul_ps(b, _mm512_loadu_ps(s + d))));
-              const __m512 hi = _mm512_add_ps(round(_mm512_mul_ps(b, _mm512_loadu_ps(c + d + half))),
-                                              round(_mm512_mul_ps(a, _mm512_loadu_ps(s + d + half))));
-              _mm512_storeu_ps(dst + d, round(lo));
-              _mm512_storeu_ps(dst + d + half, round(hi));
+              const V a = ld(src + d), b = ld(src + d + half);
+              const V lo = vsub(round(vmul(a, vload(c + d))), round(vmul(b, vload(s + d))));
+              const V hi = vadd(round(vmul(b, vload(c + d + half))), round(vmul(a, vload(s + d + half))));
+              vstore(dst + d, round(lo));
+              vstore(dst + d + half, round(hi));
             }
           }
           const bf16* vsrc = QKV + t * qkv_n + q_n + kv_n;
           for (int64_t kh = 0; kh < kvh_; ++kh) {
             float* vd = VP + ((tok_slot[t] * kvh_ + kh) * max_ctx + tok_idx[t]) * hd_;
-            for (int64_t d = 0; d < hd_; d += 16) _mm512_storeu_ps(vd + d, ld(vsrc + kh * hd_ + d));
+            for (int64_t d = 0; d < hd_; d += 16) vstore(vd + d, ld(vsrc + kh * hd_ + d));
           }
         }
         bar.wait(nt);
@@ -314,36 +297,32 @@ class DecodeStep {
               continue;
             }
             const float* kv = kbase + l * hd_;
-            __m512 dot = _mm512_setzero_ps();
-            for (int64_t d = 0; d < hd_; d += 16)
-              dot = _mm512_fmadd_ps(_mm512_loadu_ps(qv + d), _mm512_loadu_ps(kv + d), dot);
-            score[l] = _mm512_reduce_add_ps(dot) * scale;
+            V dot = vzero();
+            for (int64_t d = 0; d < hd_; d += 16) dot = vfma(vload(qv + d), vload(kv + d), dot);
+            score[l] = vsum(dot) * scale;
             mx = std::max(mx, score[l]);
           }
           for (int64_t l = L; l < L + 16; ++l) score[l] = -INFINITY;
           // p = exp(score - max), exactly 0 where masked; then sum and p-weighted values
-          const __m512 vmx = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
-          __m512 vsum = _mm512_setzero_ps();
+          const V vmx = vset(mx);
+          V total = vzero();
           for (int64_t l = 0; l < L; l += 16) {
-            const __m512 sc = _mm512_loadu_ps(score.data() + l);
-            const __mmask16 live = _mm512_cmp_ps_mask(sc, ninf, _CMP_NEQ_OQ);
-            const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sc, vmx)));
-            _mm512_storeu_ps(score.data() + l, p);
-            vsum = _mm512_add_ps(vsum, p);
+            const V sc = vload(score.data() + l);
+            const V p = vlive(sc, exp16(vsub(sc, vmx)));
+            vstore(score.data() + l, p);
+            total = vadd(total, p);
           }
-          const float sum = _mm512_reduce_add_ps(vsum);
+          const float sum = vsum(total);
           std::fill(acc.begin(), acc.end(), 0.f);
           for (int64_t l = 0; l < L; ++l) {
             if (score[l] == 0.f) continue;
-            const __m512 p = _mm512_set1_ps(score[l]);
+            const V p = vset(score[l]);
             const float* vv = vbase + l * hd_;
-            for (int64_t d = 0; d < hd_; d += 16)
-              _mm512_storeu_ps(acc.data() + d,
-                               _mm512_fmadd_ps(p, _mm512_loadu_ps(vv + d), _mm512_loadu_ps(acc.data() + d)));
+            for (int64_t d = 0; d < hd_; d += 16) vstore(acc.data() + d, vfma(p, vload(vv + d), vload(acc.data() + d)));
           }
-          const __m512 inv = _mm512_set1_ps(sum > 0.f ? 1.0f / sum : 0.f);
+          const V inv = vset(sum > 0.f ? 1.0f / sum : 0.f);
           bf16* out = ATT + t * q_n + head * hd_;
-          for (int64_t d = 0; d < hd_; d += 16) st(out + d, _mm512_mul_ps(_mm512_loadu_ps(acc.data() + d), inv));
+          for (int64_t d = 0; d < hd_; d += 16) st(out + d, vmul(vload(acc.data() + d), inv));
         }
         bar.wait(nt);
         matmul(ly.o, ATT, q_n, T, h_);
@@ -361,10 +340,9 @@ class DecodeStep {
           const bf16* u = g + i_;
           bf16* a = Hb + t * i_;
           for (int64_t j = 0; j < i_; j += 16) {
-            const __m512 gv = ld(g + j);
-            const __m512 sg =
-                _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-            st(a + j, _mm512_mul_ps(round(sg), ld(u + j)));
+            const V gv = ld(g + j);
+            const V sg = vdiv(gv, vadd(vset(1.0f), exp16(vsub(vzero(), gv))));
+            st(a + j, vmul(round(sg), ld(u + j)));
           }
         }
         bar.wait(nt);

@@ -1,4 +1,4 @@
-// int8 x bf16 -> fp32 matmul for the LM head on AVX512-BF16 CPUs.
+// int8 x bf16 -> fp32 matmul for the LM head on AVX512-BF16 CPUs (and, without it, on AVX2 + FMA).
 //
 // Why: the LM head of a small model is its largest matmul (SmolLM2-135M: 49152 x 576, 57 MB
 // in bf16, more than all 30 int4 layers together) and a decode step reads it whole. The
@@ -18,11 +18,13 @@
 #include <cstring>
 
 #include "cpu_kernels.h"
+#include "simd.h"
 
 namespace msk {
 namespace {
 
 constexpr int64_t kGroup = 32;
+#if defined(__AVX512BF16__)
 constexpr int64_t kMaxRows = 8;
 
 // 32 int8 -> 32 bf16 (exact), in memory order.
@@ -57,10 +59,53 @@ void block_rows(const at::BFloat16* x, int64_t ldx, int64_t groups, const int8_t
   }
   for (int64_t r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
 }
+#else
+// AVX2 + FMA: the int8 pairs widened to fp32 once per block (even bytes = input k, odd = k + 1),
+// each row's two inputs of the pair broadcast from bf16, 8-lane FMAs; the same per-group sum.
+constexpr int64_t kMaxRows = 4;
+
+// 8 lanes of (int8 at k, int8 at k + 1) pairs -> the two as fp32
+inline void widen_pairs(const int8_t* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+  odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8));
+}
+
+template <int64_t R>
+void block_rows(const at::BFloat16* x, int64_t ldx, int64_t groups, const int8_t* w, const float* scales,
+                float* out, int64_t ldo) {
+  V acc[R];
+  for (int64_t r = 0; r < R; ++r) acc[r] = vzero();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 p0[R], p1[R];
+    for (int64_t r = 0; r < R; ++r) p0[r] = p1[r] = _mm256_setzero_ps();
+    const int8_t* wg = w + g * (kGroup / 2) * 32;
+    for (int64_t p = 0; p < kGroup / 2; ++p) {
+      __m256 e0, o0, e1, o1;
+      widen_pairs(wg + p * 32, e0, o0);       // columns 0..7
+      widen_pairs(wg + p * 32 + 16, e1, o1);  // columns 8..15
+      const int64_t k = g * kGroup + 2 * p;
+      for (int64_t r = 0; r < R; ++r) {
+        const __m256 xk = _mm256_set1_ps(static_cast<float>(x[r * ldx + k]));
+        const __m256 xk1 = _mm256_set1_ps(static_cast<float>(x[r * ldx + k + 1]));
+        p0[r] = _mm256_fmadd_ps(xk1, o0, _mm256_fmadd_ps(xk, e0, p0[r]));
+        p1[r] = _mm256_fmadd_ps(xk1, o1, _mm256_fmadd_ps(xk, e1, p1[r]));
+      }
+    }
+    const V scale = vload(scales + g * 16);
+    for (int64_t r = 0; r < R; ++r) acc[r] = vfma(V{p0[r], p1[r]}, scale, acc[r]);
+  }
+  for (int64_t r = 0; r < R; ++r) vstore(out + r * ldo, acc[r]);
+}
+#endif
 
 using BlockFn = void (*)(const at::BFloat16*, int64_t, int64_t, const int8_t*, const float*, float*, int64_t);
+#if defined(__AVX512BF16__)
 const BlockFn kBlock[kMaxRows + 1] = {nullptr,       block_rows<1>, block_rows<2>, block_rows<3>, block_rows<4>,
                                       block_rows<5>, block_rows<6>, block_rows<7>, block_rows<8>};
+#else
+const BlockFn kBlock[kMaxRows + 1] = {nullptr, block_rows<1>, block_rows<2>, block_rows<3>, block_rows<4>};
+#endif
 
 }  // namespace
 
