@@ -140,3 +140,71 @@ def test_steps_the_fused_path_does_not_take_use_the_torch_forward(models) -> Non
         architecture="LlamaForCausalLM",
     )
     assert not decode_step.eligible(LlamaModel.random(tiny, dtype=torch.bfloat16), torch.float32)
+
+
+def test_split_gives_prompt_tokens_int4_only_in_small_steps() -> None:
+    """``int4_prompts``: a step of at most the limit is all int4; a larger one keeps the split."""
+    mixed = [False] * 3 + [True] * 5
+    assert PackedSplit.from_flags(mixed, 8, int4_prompts=True).all_q4
+    big = PackedSplit.from_flags(mixed + [True], 8, int4_prompts=True)
+    assert big.q4.tolist() == [0, 1, 2] and big.dense.tolist() == list(range(3, 9))
+    off = PackedSplit.from_flags(mixed, 8, int4_prompts=False)
+    assert off.q4.tolist() == [0, 1, 2] and not off.all_q4
+    assert PackedSplit.from_flags([False] * 9, 8, int4_prompts=True).all_dense  # many decode rows
+
+
+def test_a_mixed_step_is_one_fused_call_and_no_token_depends_on_its_batch(models, default_model_dir) -> None:
+    """Decode rows of three sessions plus a fresh session's prompt chunk in one step: with
+    ``int4_prompts`` the step takes the C++ path, the decode rows' logits are bitwise those
+    of a decode-only step, and the chunk's last logits bitwise those of the prompt alone."""
+    fused, torch_path, _, tok = models
+    c = fused.cfg
+    keys, dec = 40, 3
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}]))
+    pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, dec + 1, 128, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    for t in pool.k + pool.v:
+        t.copy_(torch.randn(t.shape, generator=g))
+
+    def step(decode: bool, prompt: bool) -> torch.Tensor:
+        chunk = len(ids) if prompt else 0
+        rows = dec if decode else 0
+        b = rows + (1 if prompt else 0)
+        max_q = max(chunk, 1)
+        key_len = max(keys + 1 if decode else 0, chunk)
+        mask = torch.zeros(b, 1, max_q, key_len, dtype=torch.bool)
+        mask[:rows, :, 0, : keys + 1] = True
+        mask[:rows, :, 1:, 0] = True  # padding queries see key 0 (batch.step_mask's rule)
+        if prompt:
+            mask[rows, 0, :chunk, :chunk] = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool))
+        slots = list(range(rows)) + ([dec] if prompt else [])
+        n = rows + chunk
+        batch = PackedBatch(
+            tokens=torch.tensor([100 + s for s in range(rows)] + ids[:chunk]),
+            positions=torch.tensor([keys] * rows + list(range(chunk))),
+            channel_embed_ids=None,
+            slot=torch.tensor(list(range(rows)) + [dec] * chunk),
+            cache_index=torch.tensor([keys] * rows + list(range(chunk))),
+            slot_list=slots,
+            slots_tensor=torch.tensor(slots),
+            pad_index=torch.tensor(
+                [i * max_q for i in range(rows)] + [rows * max_q + j for j in range(chunk)]
+            ),
+            max_q=max_q,
+            key_len=key_len,
+            mask=mask,
+            logit_index=torch.tensor(list(range(rows)) + ([n - 1] if prompt else [])),
+            split=PackedSplit.from_flags([False] * rows + [True] * chunk, 96, int4_prompts=True),
+        )
+        assert batch.split.all_q4
+        fused._fused = None
+        out = fused.forward(batch, pool.k, pool.v)
+        assert fused._fused is not None, "a small mixed step must take the C++ path"
+        return out
+
+    mixed = step(decode=True, prompt=True)
+    assert torch.equal(mixed[:dec], step(decode=True, prompt=False))
+    assert torch.equal(mixed[dec], step(decode=False, prompt=True)[0])
+    # and the chunk predicts as the torch forward does on the same int4 weights
+    ref = run(torch_path, prompt_batch(ids, True))[-1]
+    assert ref.argmax() == mixed[dec].argmax() and kl(ref[None], mixed[dec][None]).item() < 0.01

@@ -57,10 +57,12 @@ def pack(
     *,
     channel_embedding: bool,
     int4_rows: int | None,
+    int4_prompts: bool = False,
 ) -> PackedBatch:
     """The plan's tokens as one packed batch: per-token slot/cache index for the KV writes,
     the padded ``[B, 1, Q, L]`` mask for attention, which tokens need logits, and (with int4
-    weights, ``int4_rows`` not None) which tokens take the dense and which the int4 matmuls."""
+    weights, ``int4_rows`` not None) which tokens take the dense and which the int4 matmuls
+    (``int4_prompts``: all of them int4 in a step of at most ``int4_rows`` tokens)."""
     n = len(plan)
     slices = plan.slices
     b = len(slices)
@@ -120,7 +122,7 @@ def pack(
         key_len=key_len,
         mask=mask[:, None].to(device),
         logit_index=torch.tensor(plan.logit_index, dtype=torch.long, device=device),
-        split=PackedSplit.from_flags(is_prompt, int4_rows) if int4_rows is not None else None,
+        split=PackedSplit.from_flags(is_prompt, int4_rows, int4_prompts) if int4_rows is not None else None,
     )
 
 

@@ -7,15 +7,24 @@ from pathlib import Path
 
 import torch
 
+from backend.kernels import native
 from backend.kernels.quant import int4_supported
 
+#: ``int4_rows_limit`` where the int4 kernel is faster than dense at every size.
+NO_ROW_LIMIT = 1 << 30
 
-def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
-    """``auto`` picks bf16 where the hardware has native bf16 math, else fp32.
+
+def resolve_dtype(name: str, device: str = "cpu", quantization: str = "auto") -> torch.dtype:
+    """``auto`` picks bf16 where the hardware has native bf16 math, or where the project's
+    AVX2 kernels run the int4 model (``quantization`` not ``none``); else fp32.
 
     Measured on this project's 2-core AVX512-BF16 CPU: bf16 decode steps are ~1.6x faster
     than fp32 (weights are half the bytes and oneDNN has bf16 kernels). A CPU without
-    bf16 support emulates it and is slower than fp32, hence the check.
+    bf16 support emulates it in torch (a bf16 matmul of 128 rows: 4.4x slower than fp32 on
+    an AVX2 EPYC), hence the check. On such a CPU the AVX2 variant of our kernels
+    (``backend.kernels.native``) computes in fp32 from int4 weights and bf16 activations and
+    takes every matmul of an int4 model (``EngineConfig.int4_rows_limit``): 48 GMAC/s at 128
+    rows against torch's fp32 18.5 on the same machine, so bf16 is the faster dtype there too.
     """
     if name in ("bf16", "bfloat16"):
         return torch.bfloat16
@@ -33,7 +42,11 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     except OSError:
         flags = ""
     has_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    return torch.bfloat16 if has_bf16 and cap in ("AVX512", "AMX") else torch.float32
+    if has_bf16 and cap in ("AVX512", "AMX"):
+        return torch.bfloat16
+    if quantization != "none" and native.variant() == "avx2" and native.module() is not None:
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_kv_dtype(name: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
@@ -73,9 +86,18 @@ class EngineConfig:
     #:   torch's int4 kernel  3.8 / 6.3 / 21.5 / 32.0 / 41.4 /   -  /   -
     #:   ours (bf16dp)        3.4 / 4.8 / 12.6 / 18.4 / 21.4 / 40.3 / 58.9
     #:   dense bf16          16.1 / 17.4 / 25.9 / 30.4 / 33.2 / 47.6 / 63.6
-    #: None = by kernel: 96 with ours, 20 with torch's. (Timing one layer alone keeps its
-    #: weights in cache and favours dense from ~8 rows: that misled an earlier default.)
+    #: None = by kernel: 96 with ours on AVX-512, no limit with ours on AVX2, 20 with torch's.
+    #: (Timing one layer alone keeps its weights in cache and favours dense from ~8 rows: that
+    #: misled an earlier default.)
     int4_max_rows: int | None = None
+    #: Prompt tokens take the int4 weights too when the whole step has at most
+    #: ``int4_rows_limit`` tokens: such a step, prompt chunks and decode rows together, runs
+    #: as the one C++ call of ``backend.kernels.decode_step`` instead of the torch forward
+    #: with a dense/int4 split (measured in docs/performance.md: a 16-row decode step plus a
+    #: 64-token prompt chunk). llama.cpp computes prompts with its quantized weights as well.
+    #: The price: a prompt's KV then carries the 4-bit rounding (agreement with the fp32
+    #: model is tested, ``tests/test_decode_step.py``). False: prompt tokens always dense.
+    int4_prompts: bool = True
     #: KV pool dtype: ``auto`` (fp32 on CPU, where attention runs in fp32; the model dtype
     #: elsewhere), or any dtype name ``resolve_dtype`` takes.
     kv_dtype: str = "auto"
@@ -101,4 +123,8 @@ class EngineConfig:
         """``int4_max_rows``, or the measured crossover of the kernel in use."""
         if self.int4_max_rows is not None:
             return self.int4_max_rows
-        return 96 if kernel == "bf16dp" else 20
+        if kernel != "bf16dp":
+            return 20
+        # AVX2: a dense bf16 matmul is emulated there (12x slower than our int4 kernel at 128
+        # rows, ``resolve_dtype``), so int4 takes every step, prompts included.
+        return 96 if native.variant() == "avx512" else NO_ROW_LIMIT

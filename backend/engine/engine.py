@@ -138,7 +138,7 @@ class Engine:
             try:
                 if config.threads:
                     torch.set_num_threads(config.threads)
-                dtype = resolve_dtype(config.dtype, config.device)
+                dtype = resolve_dtype(config.dtype, config.device, config.quantization)
                 quantization = resolve_quantization(config.quantization, torch.device(config.device), dtype)
                 # on CPU: mapped from the machine's packed weight file (backend.models.packed)
                 model = load_model(path, dtype=dtype, device=config.device, quantization=quantization)
@@ -378,6 +378,7 @@ class Engine:
             self.model.device,
             channel_embedding=self.model.channel_embedding is not None,
             int4_rows=self._int4_rows,
+            int4_prompts=self.config.int4_prompts,
         )
         logits = self.model.forward(batch, self.pool.k, self.pool.v).cpu()
         for sl in plan.slices:  # prefixes completed in this step: keep their blocks

@@ -287,7 +287,7 @@ def engine_with_shared_weights(model_dir: str | Path, config: Any, root: str | P
 
     model_dir = Path(model_dir)
     validate_model_dir(model_dir)
-    dtype = resolve_dtype(config.dtype, config.device)
+    dtype = resolve_dtype(config.dtype, config.device, config.quantization)
     share = WeightShare(root, share_key(model_dir, dtype, config.device))
     shared = share.load(lambda: load_model(model_dir, dtype=dtype, device=config.device))
     shared.model.quantize(resolve_quantization(config.quantization, shared.model.device, shared.model.dtype))

@@ -52,7 +52,9 @@ class PackedSplit:
     all_q4: bool
 
     @classmethod
-    def from_flags(cls, is_prompt: list[bool], int4_max_rows: int | None = None) -> PackedSplit:
+    def from_flags(
+        cls, is_prompt: list[bool], int4_max_rows: int | None = None, int4_prompts: bool = False
+    ) -> PackedSplit:
         """``int4_max_rows``: above that many decode tokens, dense matmuls are faster.
 
         An int4 kernel's cost grows with rows while dense bf16 stays memory-bound, so they
@@ -61,8 +63,14 @@ class PackedSplit:
         stack picks its GEMM kernel by batch size. The price: a decode token's numerics
         depend on whether its step had more than that many rows (int4 and dense weights
         differ by the 4-bit rounding).
+
+        ``int4_prompts``: a step of at most ``int4_max_rows`` tokens takes the int4 weights
+        for its prompt tokens too (``EngineConfig.int4_prompts``), so the whole step can be
+        the fused C++ call; larger steps keep the split.
         """
-        if int4_max_rows is not None and len(is_prompt) - sum(is_prompt) > int4_max_rows:
+        if int4_max_rows is not None and int4_prompts and len(is_prompt) <= int4_max_rows:
+            is_prompt = [False] * len(is_prompt)  # a small step: everything int4 (``int4_prompts``)
+        elif int4_max_rows is not None and len(is_prompt) - sum(is_prompt) > int4_max_rows:
             is_prompt = [True] * len(is_prompt)
         flags = torch.tensor(is_prompt, dtype=torch.bool)
         dense = flags.nonzero().flatten()
