@@ -208,3 +208,53 @@ def test_a_mixed_step_is_one_fused_call_and_no_token_depends_on_its_batch(models
     # and the chunk predicts as the torch forward does on the same int4 weights
     ref = run(torch_path, prompt_batch(ids, True))[-1]
     assert ref.argmax() == mixed[dec].argmax() and kl(ref[None], mixed[dec][None]).item() < 0.01
+
+
+def test_kernel_variant_follows_the_cpu_and_the_override(monkeypatch) -> None:
+    """``MULTISTREAM_CPU_KERNELS`` picks a variant the CPU has; a wrong name is an error naming it."""
+    fits = [v for v, need in native.VARIANT_CPU_FLAGS.items() if set(need) <= native._cpu_flags()]
+    assert native.variant() == fits[0]
+    for name in native.VARIANT_FLAGS:
+        monkeypatch.setenv("MULTISTREAM_CPU_KERNELS", name)
+        assert native.variant() == (name if name in fits else None)
+    monkeypatch.setenv("MULTISTREAM_CPU_KERNELS", "sse2")
+    with pytest.raises(ValueError, match="MULTISTREAM_CPU_KERNELS"):
+        native.variant()
+    monkeypatch.setenv("MULTISTREAM_INT4_KERNEL", "torch")
+    assert native.variant() is None
+
+
+def test_the_other_kernel_variant_passes_these_tests_too() -> None:
+    """On an AVX-512 machine, the AVX2 variant (what EPYC machines without AVX-512 get) is built
+    and put through this module's tests in a child process; skipped where only one variant fits."""
+    import os
+    import subprocess
+    import sys
+
+    others = [
+        v
+        for v, need in native.VARIANT_CPU_FLAGS.items()
+        if set(need) <= native._cpu_flags() and v != native.variant()
+    ]
+    if not others or os.environ.get("MULTISTREAM_CPU_KERNELS"):
+        pytest.skip("only one kernel variant fits this CPU")
+    env = dict(os.environ, MULTISTREAM_CPU_KERNELS=others[0])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "not other_kernel_variant",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
