@@ -10,11 +10,21 @@ every entry point a user can reach:
 - ``bls-grpc-cancel`` / ``bls-http-disconnect``: the same against ``tensorrt_llm_bls``;
 - ``openai-disconnect``: the OpenAI front (``python -m frontend``), the connection closed.
 
-"Running" is asked of the server itself: ``session_control`` action ``status`` every 10 ms
-until it answers that the session is not running (its decode loop has unregistered it, after
-the engine freed the KV). A session still running after ``--give-up-s`` counts as leaked. The
+"Running" is asked of the server itself: each client, right after its hang-up, asks
+``session_control`` (action ``status``) every 10 ms until it answers that the session is not
+running (its decode loop has unregistered it, after the engine freed the KV). A session still running after ``--give-up-s`` counts as leaked. The
 engine's step time (the answer's inter-token gap, measured on one ordinary request first) is
 the yardstick: "freed within one engine step" of the hang-up, plus the cancel's own polling.
+
+With ``--trace DIR`` (the ``MULTISTREAM_HOP_TRACE`` folder the server and the front were
+started with, ``backend.serving.hop_trace.cancel_hop``) the answer also says where the time
+went, hop by hop, in ms after the hang-up: ``bls_seen`` (the BLS watcher saw
+``is_cancelled()``), ``front_seen`` (the front saw the disconnect), ``mailbox_posted``,
+``decode_read`` (decode had handed the cancel to the engine), ``engine_ended`` (the engine
+ended the session at a step boundary), ``unregistered`` (decode let the session go: ``status``
+says so from then on); and, counted from the engine's own token times, how many engine steps
+each session still ran after its hang-up and after decode read the cancel (one answer token
+per step), which a loaded machine does not blur the way it blurs milliseconds.
 
 Needs a running server (``--grpc``, ``--http``) and, for the front, ``--openai``.
 """
@@ -30,6 +40,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,17 +175,36 @@ def step_ms(grpc_url: str) -> float:
 
 
 def probe(
-    entry: str, urls: dict[str, str], clients: int, max_tokens: int, give_up_s: float
+    entry: str,
+    urls: dict[str, str],
+    clients: int,
+    max_tokens: int,
+    give_up_s: float,
+    trace: Path | None = None,
 ) -> dict[str, Any]:
     fn, proto, model = ENTRY_POINTS[entry]
     status = Status(urls["grpc"])
     sids = [f"probe-{entry}-{uuid.uuid4().hex[:10]}" for _ in range(clients)]
     hung: dict[str, float] = {}
+    freed: dict[str, float] = {}
     errors: list[str] = []
 
     def run(sid: str) -> None:
+        """One client: its hang-up, then its own ``status`` poll until the server let it go.
+
+        Why each client polls its own session at once: polled together after every client
+        had hung up, an early hang-up waited for the slowest client's first response (its
+        prefill) and the serial ``status`` calls of the others, which read as cancel latency.
+        """
         try:
-            hung[sid] = fn(urls[proto], model, sid, max_tokens)
+            mine = Status(urls["grpc"])  # connected before the hang-up: not part of the time
+            t0 = hung[sid] = fn(urls[proto], model, sid, max_tokens)
+            deadline = t0 + give_up_s
+            while time.monotonic() < deadline:
+                if not mine.running(sid):
+                    freed[sid] = (time.monotonic() - t0) * 1000.0
+                    return
+                time.sleep(0.01)
         except Exception as e:  # noqa: BLE001 - reported in the JSON
             errors.append(f"{type(e).__name__}: {e}")
 
@@ -183,13 +213,6 @@ def probe(
         t.start()
     for t in threads:
         t.join()
-    freed: dict[str, float] = {}
-    deadline = time.monotonic() + give_up_s
-    while len(freed) < len(hung) and time.monotonic() < deadline:
-        for sid, t0 in hung.items():
-            if sid not in freed and not status.running(sid):
-                freed[sid] = (time.monotonic() - t0) * 1000.0
-        time.sleep(0.01)
     leaked = [s for s in hung if s not in freed]
     for sid in leaked:  # leave the server clean for the next entry point
         try:
@@ -200,16 +223,76 @@ def probe(
         except Exception:  # noqa: BLE001, S110 - it may have ended meanwhile
             pass
     times = sorted(freed.values())
-    return {
+    out = {
         "clients": clients,
         "hung_up": len(hung),
         "errors": errors,
         "leaked_after_s": {"seconds": give_up_s, "still_running": len(leaked)},
-        "freed_ms": {
-            "p50": statistics.median(times) if times else None,
-            "max": max(times) if times else None,
-        },
+        "freed_ms": _p50_max(times),
     }
+    if trace is not None:
+        out["sessions"] = sessions = session_hops(trace, hung)
+        out["trace"] = hops(sessions)
+    return out
+
+
+def _p50_max(values: list[float]) -> dict[str, float | None]:
+    return {
+        "p50": statistics.median(values) if values else None,
+        "max": max(values) if values else None,
+    }
+
+
+def session_hops(trace: Path, hung: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Per session: ms from its hang-up to each hop of its cancel, and engine steps it still ran.
+
+    Every process stamps ``time.monotonic()`` (CLOCK_MONOTONIC: one clock per machine), so the
+    stamps compare with the probe's own hang-up times directly. ``token`` rows are the engine
+    times of the session's last answer tokens, one per engine step: ``steps_after_hang_up``
+    counts those made after the hang-up, ``steps_after_decode_read`` those made after decode
+    had handed the cancel to the engine (the step then in flight: at most one), and
+    ``step_ms`` is the session's own median token gap (the step time under this load).
+    """
+    from backend.serving.hop_trace import CANCEL_FILE
+
+    path = trace / CANCEL_FILE
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        if row["sid"] in hung:
+            rows.setdefault(row["sid"], []).append(row)
+    out: dict[str, dict[str, Any]] = {}
+    for sid, mine in rows.items():
+        t0 = hung[sid]
+        stamps: dict[str, float] = {}
+        for r in mine:
+            if r["hop"] != "token":
+                stamps.setdefault(r["hop"], r["t"])  # the first, should a hop repeat
+        tokens = sorted(r["t"] for r in mine if r["hop"] == "token")
+        gaps = [b - a for a, b in zip(tokens, tokens[1:], strict=False)]
+        read = stamps.get("decode_read")
+        out[sid] = {
+            "hops_ms": {hop: (t - t0) * 1000.0 for hop, t in sorted(stamps.items(), key=lambda kv: kv[1])},
+            "steps_after_hang_up": sum(t > t0 for t in tokens),
+            "steps_after_decode_read": None if read is None else sum(t > read for t in tokens),
+            "step_ms": 1000.0 * statistics.median(gaps) if gaps else None,
+        }
+    return out
+
+
+def hops(sessions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """:func:`session_hops` summed up: p50 / max of each hop and of the step counts."""
+    per_hop: dict[str, list[float]] = {}
+    for one in sessions.values():
+        for hop, ms in one["hops_ms"].items():
+            per_hop.setdefault(hop, []).append(ms)
+    out: dict[str, Any] = {
+        "hops_ms": {hop: _p50_max(sorted(v)) for hop, v in sorted(per_hop.items(), key=lambda kv: min(kv[1]))}
+    }
+    for key in ("steps_after_hang_up", "steps_after_decode_read", "step_ms"):
+        values = sorted(one[key] for one in sessions.values() if one[key] is not None)
+        out[key] = _p50_max(values)
+    return out
 
 
 def _control(status: Status, name: str, value: str) -> Any:
@@ -227,13 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=900)
     p.add_argument("--give-up-s", type=float, default=30.0)
     p.add_argument("--entry", action="append", choices=sorted(ENTRY_POINTS), help="default: all reachable")
+    p.add_argument(
+        "--trace", type=Path, default=None, help="the server's MULTISTREAM_HOP_TRACE folder: hop by hop times"
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     urls = {"grpc": args.grpc, "http": args.http, "openai": args.openai or ""}
     entries = args.entry or [e for e, (_, proto, _) in ENTRY_POINTS.items() if urls[proto]]
     out: dict[str, Any] = {"step_ms": step_ms(args.grpc), "max_tokens": args.max_tokens, "entry_points": {}}
     for entry in entries:
-        out["entry_points"][entry] = res = probe(entry, urls, args.clients, args.max_tokens, args.give_up_s)
+        out["entry_points"][entry] = res = probe(
+            entry, urls, args.clients, args.max_tokens, args.give_up_s, args.trace
+        )
         if not args.json:
             print(
                 f"{entry:26s} still running after {args.give_up_s:g}s: {res['leaked_after_s']['still_running']:2d}"

@@ -45,6 +45,7 @@ class AsyncGeneration(GenerationCore):
         super().__init__(request)
         self._client = client
         self._call: Any = None
+        self._server_cancel: asyncio.Task[None] | None = None
 
     def __aiter__(self) -> AsyncIterator[Event]:
         self._begin()
@@ -59,10 +60,9 @@ class AsyncGeneration(GenerationCore):
             await inner.aclose()  # caller stopped early: cancel the call now
             session_id = self._claim_server_cancel()
             if session_id is not None:
-                try:
-                    await self._client.cancel(session_id)
-                except MultiStreamError:  # the session may have ended already
-                    pass
+                await self._cancel_on_server(session_id)
+            elif self._server_cancel is not None:
+                await self._server_cancel  # the one cancel() started: out before the iteration ends
 
     async def result(self) -> Done:
         """Consume the whole stream and return the summary."""
@@ -72,13 +72,30 @@ class AsyncGeneration(GenerationCore):
         return self.done
 
     def cancel(self) -> None:
-        """Cancel the in-flight call (gRPC call cancel / HTTP connection close).
+        """Cancel the in-flight call (gRPC call cancel / HTTP connection close) and the session.
 
-        The session is then cancelled through ``session_control`` as the iteration ends.
+        The ``session_control`` cancel goes out at once, on a task of the running loop (as the
+        sync client's does), not after the call's teardown: closing the channel first cost
+        the OpenAI front's disconnects a few ms, tens under load, before the server heard of
+        them. Called off the loop, the iteration's end cancels the session instead.
         """
         self._cancelled = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        session_id = self._claim_server_cancel() if loop is not None else None
+        if loop is not None and session_id is not None:
+            self._server_cancel = loop.create_task(self._cancel_on_server(session_id))
         if self._call is not None:
             self._call.cancel()
+
+    async def _cancel_on_server(self, session_id: str) -> None:
+        """``session_control`` cancel, best effort: the session may have ended already."""
+        try:
+            await self._client.cancel(session_id)
+        except MultiStreamError:
+            pass
 
     async def _next_response(self, responses: Any, watch: StallWatch) -> Any:
         """The next response, asking ``session_control`` about the session when it is slow."""

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from backend.serving.hop_trace import cancel_hop
 from client.aio import AsyncGeneration, AsyncMultiStreamClient
 from client.errors import MultiStreamCancelled, MultiStreamError
 from client.events import Done, StreamDelta, TopLogprob
@@ -113,6 +114,7 @@ class Run:
     def cancel(self) -> None:
         """Stop the generation; the session is cancelled on the server (see the module doc)."""
         if not self.task.done():
+            cancel_hop(self.session_id, "front_seen")  # bench.cancel_probe --trace
             self.cancelled = True
             self.generation.cancel()
 

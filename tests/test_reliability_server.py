@@ -5,7 +5,9 @@ doing that to the shared session fixture would hurt every test after them. Setti
 one decode instance with ``max_sessions`` 2 and ``max_queued`` 1 (so 4x capacity is only 8
 requests), a 4 s reasoning watchdog, the ``fault_injection`` deploy parameter that
 makes reasoning fail (or go silent) for session ids with a test-only prefix, and answer
-responses grouped by 4 tokens (``response_group_tokens``, which no other test needs).
+responses grouped by 4 tokens (``response_group_tokens``, which no other test needs). It
+runs with ``MULTISTREAM_HOP_TRACE`` set, so the cancel-latency test can count, from the
+engine's own token times, the engine steps a hung-up session still ran.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import os
 import random
 import signal
+import statistics
 import threading
 import time
 import uuid
@@ -23,7 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from backend.serving.hop_trace import ENV as HOP_TRACE_ENV
 from backend.serving.session_control import mailbox_root
+from bench.cancel_probe import probe
 from client import (
     AsyncMultiStreamClient,
     Done,
@@ -43,6 +48,7 @@ from tests.reliability_helpers import (
     tree_rss_mb,
     wait_for,
 )
+from tests.test_frontend import Front
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -55,7 +61,22 @@ PROMPT = "Write a short story about a lighthouse keeper."
 
 
 @pytest.fixture(scope="module")
-def small_server(gil_check: None) -> Iterator[ServerHandle]:
+def hop_trace_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``MULTISTREAM_HOP_TRACE`` for this module's server and the fronts its tests start."""
+    folder = tmp_path_factory.mktemp("hop_trace")
+    old = os.environ.get(HOP_TRACE_ENV)
+    os.environ[HOP_TRACE_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if old is None:
+            os.environ.pop(HOP_TRACE_ENV, None)
+        else:
+            os.environ[HOP_TRACE_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def small_server(gil_check: None, hop_trace_dir: Path) -> Iterator[ServerHandle]:
     handle = start_server(
         DEFAULT_REPOSITORY,
         model_dir=os.environ.get("MULTISTREAM_TEST_MODEL_DIR", "default"),
@@ -130,6 +151,40 @@ def _run(client: MultiStreamClient, **kw) -> Done | MultiStreamError:
         return client.generate(PROMPT, **kw).result()
     except MultiStreamError as e:
         return e
+
+
+@pytest.mark.parametrize("entry", ["bls-grpc-cancel", "bls-http-disconnect", "openai-disconnect"])
+def test_hung_up_clients_are_freed_within_one_engine_step(small_server, hop_trace_dir, entry: str) -> None:
+    """Issue 14 point 11, counted in engine steps (one answer token per step), not in ms.
+
+    Clients read one response and hang up (bench.cancel_probe). Per session: once decode has
+    handed the cancel to the engine, only the step then in flight still runs; from the
+    hang-up, at most one more (a hang-up that reaches decode just after a step boundary);
+    and decode reads the cancel when it is posted (the mailbox's doorbell), not at its next
+    poll, which waited half a step on average (median 0.45 of a step measured before).
+    """
+    srv = small_server
+    urls = {"grpc": srv.grpc_url, "http": srv.http_url}
+    front = Front(srv.grpc_url) if entry == "openai-disconnect" else None
+    try:
+        if front is not None:
+            urls["openai"] = f"127.0.0.1:{front.port}"
+        res = probe(entry, urls, MAX_SESSIONS, max_tokens=400, give_up_s=20.0, trace=hop_trace_dir)
+    finally:
+        if front is not None:
+            front.stop()
+    assert not res["errors"] and res["hung_up"] == MAX_SESSIONS, res
+    assert res["leaked_after_s"]["still_running"] == 0, res
+    sessions = res["sessions"]
+    assert len(sessions) == MAX_SESSIONS, res
+    pickups = []
+    for one in sessions.values():
+        assert one["steps_after_decode_read"] is not None and one["steps_after_decode_read"] <= 1, one
+        assert one["steps_after_hang_up"] <= 2, one
+        hops = one["hops_ms"]
+        pickups.append((hops["decode_read"] - hops["mailbox_posted"]) / one["step_ms"])
+    assert statistics.median(pickups) <= 0.2, f"decode read the cancel {pickups} steps after its post"
+    _idle(srv)
 
 
 def test_overload_4x_capacity_completes_or_says_busy(small_server) -> None:

@@ -10,7 +10,9 @@ arrives first, so the answer never waits on reasoning. Per request:
 2. start reasoning through BLS when ``reasoning_streams > 0``;
 3. loop: engine deltas -> responses (every ``response_group_tokens`` tokens), reasoning
    deltas -> their own responses (``text_output`` "" + ``reasoning_output``), mailbox
-   messages -> ``Engine.inject`` (User channel) or cancel, ``is_cancelled()`` -> cancel;
+   messages -> ``Engine.inject`` (User channel) or cancel, read as soon as the mailbox's
+   doorbell rings (so a cancel reaches the engine at once and the session ends at the next
+   step boundary), ``is_cancelled()`` -> cancel;
 4. in ``cross`` mode reasoning tokens are also injected into the answer's session as
    external channels; with ``sync: "revise"`` a ``revision`` stream follows once reasoning
    is done, conditioned on the reasoning text (the sync point for ordinary checkpoints);
@@ -34,7 +36,7 @@ from backend.serving.hop_trace import HopTrace
 from backend.serving.pump import POLL_S, CancelPoll, StreamPump
 from backend.serving.reasoning_wire import DeferredRelease, ReasoningCall, ReasoningDelta
 from backend.serving.request import RequestConfig
-from backend.serving.session_control import Mailbox
+from backend.serving.session_control import Doorbell, Mailbox
 from backend.serving.tensors import Responder, delta_tensors, input_ids, request_json
 from backend.serving.top_logprobs import top_arrays
 from backend.tokenizer import Tokenizer
@@ -135,7 +137,15 @@ class DecodeRequest:
     def run(self) -> None:
         cfg = self.cfg
         mailbox = self.model.mailbox
-        mailbox.register(self.sid)
+        doorbell = self.model.doorbell
+        if doorbell is not None:
+            doorbell.subscribe(self.sid, lambda: self.q.put(("mail", None)))
+        try:
+            mailbox.register(self.sid, doorbell)
+        except BaseException:
+            if doorbell is not None:
+                doorbell.unsubscribe(self.sid)
+            raise
         try:
             self._start()
             self.prefix = None  # the engine holds it until admission
@@ -170,9 +180,15 @@ class DecodeRequest:
                     self._on_engine(item)
                 elif kind == "reasoning":
                     self._forward_reasoning(self.reasoning.receive(item))
+                elif kind == "mail" and not self.cancelled:
+                    self._poll_mailbox()  # the doorbell rang: a cancel goes to the engine now
         finally:
             self.trace.close()
+            if doorbell is not None:
+                doorbell.unsubscribe(self.sid)
             mailbox.unregister(self.sid)
+            if self.cancelled:
+                self.trace.cancel("unregistered")
             for esid in self.engine_sids:
                 self.engine.cancel(esid)  # no-op for ended sessions; frees KV on any error path
             if cfg.reasoning_streams and not self.reasoning.live:
@@ -186,6 +202,7 @@ class DecodeRequest:
         self.cancel_deadline = time.monotonic() + CANCEL_GRACE_S
         for esid in self.engine_sids:
             self.engine.cancel(esid)
+        self.trace.cancel("decode_read")  # the engine has it: the session ends at this step's end
         self.reasoning.cancel()
 
     def _poll_mailbox(self) -> None:
@@ -242,6 +259,10 @@ class DecodeRequest:
         if self.pump.finished(ev.stream) or ev.stream.startswith("reasoning/"):
             return  # external reasoning channels of a cross session end with it: nothing to send
         reason = ev.finish_reason if ev.finished else None
+        if ev.token_ids and ev.stream == self.final_stream:
+            self.trace.token(ev.t)
+        if reason == "cancelled":
+            self.trace.cancel("engine_ended", ev.t)
         group = self.pump.push(ev.stream, ev.text, list(ev.token_ids), reason, ev.logprobs, ev.top_logprobs)
         if ev.finished and ev.finish_reason == "error":
             self.error = self.error or ev.error or f"stream {ev.stream} failed"
@@ -394,6 +415,8 @@ class DecodeModel(EngineModel):
         self.reasoning_model = self.params.get("reasoning_model", "reasoning")
         self.reasoning_timeout_s = float(self.params.get("reasoning_timeout_s", str(REASONING_TIMEOUT_S)))
         self.mailbox = Mailbox.for_args(args)
+        #: Rung by ``session_control`` (and tensorrt_llm_bls's watcher) after each message.
+        self.doorbell = Doorbell.open()
         self.release_later = DeferredRelease()
 
     def serve(self, request: Any, out: Responder) -> None:
@@ -407,3 +430,5 @@ class DecodeModel(EngineModel):
 
     def teardown(self) -> None:
         self.release_later.clear()
+        if self.doorbell is not None:
+            self.doorbell.close()

@@ -4,9 +4,10 @@ Why a mailbox directory: the session lives in one ``decode`` instance (a process
 own), and Triton may route a ``session_control`` request to any process. A directory per
 live session (``<root>/<session_id>/``) is visible to all of them without a broker:
 ``session_control`` drops one file per message (written under a dot-name, then renamed,
-so a reader never sees half a message) and the owning decode instance polls its directory
-every step. The directory exists exactly while the session runs, so an unknown or ended
-session is an immediate, clear error.
+so a reader never sees half a message) and then rings the owner's :class:`Doorbell`, which
+wakes the session's decode loop at once; the loop also polls its directory every step, so a
+lost ring only costs that step. The directory exists exactly while the session runs, so an
+unknown or ended session is an immediate, clear error.
 
 Root: ``$MULTISTREAM_RUN_DIR/sessions`` when set, else a per-repository directory under
 the system temp dir, so two servers on one host never share sessions.
@@ -18,13 +19,19 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from backend.serving.hop_trace import cancel_hop
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
@@ -61,6 +68,85 @@ def mailbox_root(model_repository: str | None = None) -> Path:
     return Path(tempfile.gettempdir()) / f"multistream-sessions-{digest}"
 
 
+class Doorbell:
+    """Wakes the decode loop of a session that just got a message (a cancel above all).
+
+    Why: polled, a message waits for the loop's next check (up to an engine step), and the
+    engine then needs up to one more step to stop the session; rung, decode hands a cancel to
+    the engine at once, so the session ends at the next step boundary ("within one step").
+    One Unix datagram socket per decode process, in Linux's abstract namespace (no file to
+    clean up, gone with the process); its address is in each session's ``.owner`` file and
+    :meth:`Mailbox.post` sends the session id to it once the message is in place. Best effort
+    by design: a ring that cannot be sent (another OS, a full socket buffer) only falls back
+    to the poll.
+    """
+
+    def __init__(self) -> None:
+        self.address = f"@multistream-bell-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(_sockaddr(self.address))
+        self._waiters: dict[str, Callable[[], None]] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="mailbox-doorbell", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(cls) -> Doorbell | None:
+        """A doorbell, or ``None`` where abstract Unix sockets do not exist (polling only)."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            return cls()
+        except OSError:
+            return None
+
+    def subscribe(self, session_id: str, wake: Callable[[], None]) -> None:
+        """``wake()`` runs (on the doorbell's thread) for each message posted to the session."""
+        with self._lock:
+            self._waiters[session_id] = wake
+
+    def unsubscribe(self, session_id: str) -> None:
+        with self._lock:
+            self._waiters.pop(session_id, None)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(1024)
+            except OSError:
+                return  # closed
+            if not data:
+                return  # close() woke us
+            with self._lock:
+                wake = self._waiters.get(data.decode("utf-8", "replace"))
+            if wake is not None:
+                wake()
+
+    def close(self) -> None:
+        ring(self.address, "")  # an empty datagram ends the thread's recv
+        self._thread.join(timeout=1.0)
+        self._sock.close()
+
+
+_RINGER = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if hasattr(socket, "AF_UNIX") else None
+
+
+def _sockaddr(address: str) -> str | bytes:
+    """``@name`` (how ``.owner`` spells it, JSON-safe) -> the abstract address ``\\0name``."""
+    return b"\0" + address[1:].encode() if address.startswith("@") else address
+
+
+def ring(address: str, session_id: str) -> bool:
+    """Sends the session id to a :class:`Doorbell`; False if it could not (the poll remains)."""
+    if _RINGER is None:
+        return False
+    try:
+        _RINGER.sendto(session_id.encode("utf-8"), socket.MSG_DONTWAIT, _sockaddr(address))
+        return True
+    except OSError:
+        return False
+
+
 class Mailbox:
     """Session directories: register / post / poll / unregister, plus a reasoning-cancel flag."""
 
@@ -79,14 +165,20 @@ class Mailbox:
         return self.root / session_id
 
     # -- owner side (decode) ---------------------------------------------------------------
-    def register(self, session_id: str) -> None:
-        """Claims the id; ``ValueError`` if a live session already uses it."""
+    def register(self, session_id: str, doorbell: Doorbell | None = None) -> None:
+        """Claims the id; ``ValueError`` if a live session already uses it.
+
+        With ``doorbell`` (subscribed to the id first), each message posted rings it.
+        """
         path = self._dir(session_id)
         try:
             path.mkdir()
         except FileExistsError:
             raise ValueError(f"session_id {session_id!r} is already in use by a running session") from None
-        (path / ".owner").write_text(json.dumps({"pid": os.getpid(), "t": time.time()}))
+        owner: dict[str, Any] = {"pid": os.getpid(), "t": time.time()}
+        if doorbell is not None:
+            owner["bell"] = doorbell.address
+        (path / ".owner").write_text(json.dumps(owner))
 
     def unregister(self, session_id: str) -> None:
         shutil.rmtree(self._dir(session_id), ignore_errors=True)
@@ -110,11 +202,19 @@ class Mailbox:
         return out
 
     # -- client side (session_control) -----------------------------------------------------
+    def _owner(self, session_id: str) -> dict[str, Any]:
+        """The session's ``.owner`` record (empty while it registers or once it ended)."""
+        try:
+            owner = json.loads((self._dir(session_id) / ".owner").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
     def owner_pid(self, session_id: str) -> int | None:
         """Pid of the decode process serving the session (None while it registers)."""
         try:
-            return int(json.loads((self._dir(session_id) / ".owner").read_text())["pid"])
-        except (FileNotFoundError, ValueError, KeyError):
+            return int(self._owner(session_id)["pid"])
+        except (KeyError, TypeError, ValueError):
             return None
 
     def check(self, session_id: str) -> None:
@@ -148,6 +248,11 @@ class Mailbox:
             tmp.rename(path / name)
         except FileNotFoundError:
             raise SessionNotFound(f"session_id {session_id!r} ended while the message was posted") from None
+        if action == "cancel":
+            cancel_hop(session_id, "mailbox_posted")
+        bell = self._owner(session_id).get("bell")
+        if isinstance(bell, str):
+            ring(bell, session_id)
 
     # -- reasoning cancel flag (decode -> reasoning, which BLS cannot cancel in 2.51) --------
     def cancel_reasoning(self, session_id: str) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from backend.serving.bls_wire import PACKET, unpack
+from backend.serving.hop_trace import cancel_hop
 from backend.serving.instance import instance_parameters
 from backend.serving.reasoning_wire import DeferredRelease
 from backend.serving.request import INPUTS, RequestConfig, RequestError, return_sequences
@@ -233,6 +234,7 @@ class TensorrtLlmBlsModel:
             if not (out.cancelled() or self.closing.is_set()):
                 continue
             self.cancels_seen += 1
+            cancel_hop(sid, "bls_seen")
             while not done.is_set():  # decode may not have registered the session yet
                 try:
                     self.mailbox.post(sid, "cancel")
