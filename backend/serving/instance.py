@@ -76,9 +76,9 @@ def engine_config(params: dict[str, str], device: str, **overrides: Any) -> Engi
         # session's prompt per step: what a prompt computed inside decode may cost a step.
         max_step_tokens=int(params.get("max_step_tokens", "0") or 0) or EngineConfig.max_step_tokens,
         prefill_chunk=int(params.get("prefill_chunk", "0") or 0) or EngineConfig.prefill_chunk,
-        # Prompt tokens of a small step take the int4 weights (the fused C++ step); "false"
-        # keeps them dense (EngineConfig.int4_prompts).
-        int4_prompts=(params.get("int4_prompts", "true") or "true").lower() not in ("false", "0", "no"),
+        # "true": prompt tokens of a small step take the int4 weights (the fused C++ step);
+        # off by default (EngineConfig.int4_prompts).
+        int4_prompts=(params.get("int4_prompts", "false") or "false").lower() in ("true", "1", "yes"),
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)
