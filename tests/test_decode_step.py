@@ -212,7 +212,7 @@ def test_a_mixed_step_is_one_fused_call_and_no_token_depends_on_its_batch(models
 
 def test_kernel_variant_follows_the_cpu_and_the_override(monkeypatch) -> None:
     """``MULTISTREAM_CPU_KERNELS`` picks a variant the CPU has; a wrong name is an error naming it."""
-    fits = [v for v, need in native.VARIANT_CPU_FLAGS.items() if set(need) <= native._cpu_flags()]
+    fits = native.fitting_variants()
     assert native.variant() == fits[0]
     for name in native.VARIANT_FLAGS:
         monkeypatch.setenv("MULTISTREAM_CPU_KERNELS", name)
@@ -231,11 +231,7 @@ def test_the_other_kernel_variant_passes_these_tests_too() -> None:
     import subprocess
     import sys
 
-    others = [
-        v
-        for v, need in native.VARIANT_CPU_FLAGS.items()
-        if set(need) <= native._cpu_flags() and v != native.variant()
-    ]
+    others = [v for v in native.fitting_variants() if v != native.variant()]
     if not others or os.environ.get("MULTISTREAM_CPU_KERNELS"):
         pytest.skip("only one kernel variant fits this CPU")
     env = dict(os.environ, MULTISTREAM_CPU_KERNELS=others[0])

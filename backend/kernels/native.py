@@ -68,12 +68,17 @@ def cpu_has_avx512_bf16() -> bool:
     return "avx512_bf16" in _cpu_flags()
 
 
+def fitting_variants() -> list[str]:
+    """The variants this CPU can run, best first (whatever the environment asks for)."""
+    flags = _cpu_flags()
+    return [v for v, need in VARIANT_CPU_FLAGS.items() if all(f in flags for f in need)]
+
+
 def variant() -> str | None:
     """The kernel variant this machine gets (``avx512`` / ``avx2``), or None (torch's kernels)."""
     if os.environ.get("MULTISTREAM_INT4_KERNEL", "auto") == "torch":
         return None
-    flags = _cpu_flags()
-    fits = [v for v, need in VARIANT_CPU_FLAGS.items() if all(f in flags for f in need)]
+    fits = fitting_variants()
     wanted = os.environ.get("MULTISTREAM_CPU_KERNELS", "auto")
     if wanted != "auto":
         if wanted not in VARIANT_FLAGS:
