@@ -15,8 +15,10 @@ then ``decode`` through decoupled BLS, its responses asked for as one BF16 packe
 caller on 2.51) and re-sent to the client with the ensemble's outputs and shapes
 (``text_output`` one-dimensional, as TensorRT-LLM's). A watcher polls ``is_cancelled()``
 every ``cancel_poll_ms`` and, on a cancel, posts ``cancel`` to the session's mailbox (a BLS
-caller cannot cancel its decoupled callee on 2.51: reasoning_wire workaround 5), so decode
-stops within one engine step and frees the KV. The session id is chosen here when the
+caller cannot cancel its decoupled callee on 2.51: reasoning_wire workaround 5). Posting rings
+the mailbox's doorbell, a datagram to the decode process that owns the session
+(``backend/serving/session_control.py``), so decode hands the cancel to its engine at once
+rather than at its next poll: the session ends within one engine step and frees the KV. The session id is chosen here when the
 client sends none, so the watcher knows it before decode starts.
 
 ``num_return_sequences`` k > 1 (which the ensemble refuses): the prompt is prefilled once
