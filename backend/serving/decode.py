@@ -386,7 +386,9 @@ class GridRequest(DecodeRequest):
         if self.cfg.return_channel_stats:
             self.pending_stats.setdefault(ev.stream, []).extend(ev.stats)
         reason = ev.finish_reason if ev.finished else None
-        group = pump.push(ev.stream, ev.text, list(ev.token_ids), reason)
+        # Log probabilities: Output's only (RequestConfig.grid_sampling), and only of the tokens
+        # the client sees: the engine records none for a silence token (scheduler.update).
+        group = pump.push(ev.stream, ev.text, list(ev.token_ids), reason, ev.logprobs, ev.top_logprobs)
         if ev.stream != "output":
             self.reasoning_text[ev.stream] = self.reasoning_text.get(ev.stream, "") + ev.text
         if ev.finished and ev.finish_reason == "error":
@@ -394,7 +396,8 @@ class GridRequest(DecodeRequest):
         if group is None or not self.cfg.stream or self.cancelled and not ev.finished:
             return
         stats = self.pending_stats.pop(ev.stream, []) if self.cfg.return_channel_stats else None
-        text, reasoning = (group.text, "") if ev.stream == "output" else ("", group.text)
+        answer = ev.stream == "output"
+        text, reasoning = (group.text, "") if answer else ("", group.text)
         self._send(
             group.stream,
             text=text,
@@ -403,6 +406,8 @@ class GridRequest(DecodeRequest):
             finish_reason=group.finish_reason,
             timing=group.timing,
             stats=stats,
+            logprobs=group.logprobs if answer and self.cfg.return_log_probs else None,
+            top=self._top(group.top) if answer else None,
         )
 
 

@@ -231,7 +231,9 @@ class RequestConfig:
         """Sampling of channel ``channel`` of the paper's grid: the request's parameters, a seed
         per channel (so a seeded request replays channel by channel), rows bounded by
         ``max_tokens``, and no end-of-sequence stop (this layout never emits EOS; it ends on
-        silence). Stop words and ``end_id`` apply to Output only."""
+        silence). Stop words, ``end_id`` and ``return_log_probs`` / ``top_logprobs`` apply to
+        Output only: it is the answer the client reads; the thinking channels' log probabilities
+        would cost a ``log_softmax`` per row each and nobody asked for them."""
         base = self.seed if self.seed is not None else _stable_seed(self.session_id)
         output = channel == 1
         return SamplingParams(
@@ -244,6 +246,8 @@ class RequestConfig:
             stop=list(self.stop) if output else [],
             stop_token_ids=[self.end_id] if output and self.end_id is not None else [],
             ignore_eos=True,
+            logprobs=self.return_log_probs and output,
+            top_logprobs=self.top_logprobs if output else 0,
         )
 
     def grid_rules(self) -> GridRules:
