@@ -8,6 +8,14 @@ second message item. Items are numbered in the order their stream first speaks, 
 events of parallel streams interleave exactly as the server produced them. Every item also
 carries ``stream``, the server's stream name.
 
+Log probabilities (``include: ["message.output_text.logprobs"]``, with ``top_logprobs`` 0..20
+alternatives per token): each answer token's ``{token, logprob, bytes, top_logprobs}`` in its
+``output_text`` part's ``logprobs`` and in the ``logprobs`` of the
+``response.output_text.delta`` that carries it (a delta whose tokens have no text yet, a
+character split across tokens, still goes out, with ``delta: ""``, so the streamed entries
+are exactly the stored ones); the same entries as chat's ``logprobs.content``
+(``chat.logprobs_content``). Reasoning items have none: the server sends the answer's only.
+
 Responses are kept in memory (``store``, the last ``STORE_SIZE``): ``GET
 /v1/responses/{id}``, ``previous_response_id`` (the conversation goes on), ``background:
 true`` (answer at once, poll with GET) and ``POST /v1/responses/{id}/cancel`` (cancels the
@@ -27,16 +35,39 @@ from client.errors import MultiStreamError
 from client.events import Done, StreamDelta, kind_of
 from client.request import GenerateRequest
 
-from .chat import text_of
+from .chat import logprobs_content, text_of
 from .errors import APIError, bad_request, from_server
 from .options import Defaults, build_request, reasoning_effort
-from .runner import Run
+from .runner import Run, token_logprobs
 from .usage import answer_stream, responses_usage
 
 STORE_SIZE = 1000
 RESPONSE_FIELDS = frozenset(
-    {"input", "instructions", "stream", "background", "previous_response_id", "reasoning", "store"}
+    {"input", "instructions", "stream", "background", "previous_response_id", "reasoning", "store", "include"}
 )
+#: The ``include`` value that asks for the answer's token log probabilities (OpenAI's name);
+#: the only one this server has data for.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+def wants_logprobs(body: Mapping[str, Any]) -> bool:
+    """``include``: a list of strings, of which only :data:`LOGPROBS_INCLUDE` means something
+    here; anything else (tool results, encrypted reasoning) is refused by name, not ignored."""
+    include = body.get("include")
+    if include is None:
+        return False
+    if not isinstance(include, list) or not all(isinstance(x, str) for x in include):
+        raise bad_request(
+            f'include must be a list of strings (e.g. ["{LOGPROBS_INCLUDE}"]), got {include!r}',
+            param="include",
+        )
+    other = [x for x in include if x != LOGPROBS_INCLUDE]
+    if other:
+        raise bad_request(
+            f"include: {other[0]!r} is not supported by this server (only {LOGPROBS_INCLUDE!r} is)",
+            param="include",
+        )
+    return bool(include)
 
 
 def conversation(body: Mapping[str, Any], store: ResponseStore) -> list[dict[str, str]]:
@@ -98,14 +129,23 @@ def request_for(
         raise bad_request('reasoning must be an object ({"effort": ...})', param="reasoning")
     effort = reasoning_effort((reasoning or {}).get("effort"), "reasoning.effort")
     last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user" and m["content"].strip())
+    fixed: dict[str, Any] = {"messages": json.dumps(messages, ensure_ascii=False)}
+    if wants_logprobs(body):
+        fixed["return_log_probs"] = True
     request = build_request(
         body,
         last_user,
         endpoint_fields=RESPONSE_FIELDS,
         defaults=defaults,
-        fixed={"messages": json.dumps(messages, ensure_ascii=False)},
+        fixed=fixed,
         effort=effort,
     )
+    if request.top_logprobs and not request.return_log_probs:
+        raise bad_request(
+            f'top_logprobs ({request.top_logprobs}) needs include: ["{LOGPROBS_INCLUDE}"] '
+            "(the alternatives are listed beside each token's own log probability)",
+            param="top_logprobs",
+        )
     if (request.num_return_sequences or 1) > 1:  # the Responses API has no n: one output per response
         key = next(k for k in ("n", "num_return_sequences") if k in body)
         raise bad_request(
@@ -129,7 +169,7 @@ class ResponseRecord:
         self.background = bool(body.get("background"))
         self.store = body.get("store") is not False
         self.instructions = body.get("instructions")
-        self.params = {k: body.get(k) for k in ("temperature", "top_p", "max_output_tokens")}
+        self.params = {k: body.get(k) for k in ("temperature", "top_p", "max_output_tokens", "top_logprobs")}
         self.metadata = body.get("metadata") or {}
         self.previous_response_id = body.get("previous_response_id")
         self.items: list[dict[str, Any]] = []
@@ -159,6 +199,7 @@ class ResponseRecord:
             "temperature": self.params["temperature"],
             "top_p": self.params["top_p"],
             "max_output_tokens": self.params["max_output_tokens"],
+            "top_logprobs": self.params["top_logprobs"],
             "text": {"format": {"type": "text"}},
             "truncation": "disabled",
             "usage": self.usage,
@@ -228,7 +269,7 @@ class ResponseRecord:
         item["status"] = status
         part = item["content"][0]
         kind = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
-        extra = {} if item["type"] == "reasoning" else {"logprobs": []}
+        extra = {} if item["type"] == "reasoning" else {"logprobs": list(part["logprobs"])}
         return [
             self._event(
                 kind, item_id=item["id"], output_index=index, content_index=0, text=part["text"], **extra
@@ -254,8 +295,14 @@ class ResponseRecord:
             events += self._open_item(ev.stream)
         index = self._by_stream[ev.stream]
         item = self.items[index]
-        if ev.text:
-            item["content"][0]["text"] += ev.text
+        part = item["content"][0]
+        logprobs = (
+            logprobs_content(token_logprobs(ev))["content"]
+            if ev.logprobs and item["type"] == "message"
+            else []
+        )
+        if ev.text or logprobs:
+            part["text"] += ev.text
             if item["type"] == "reasoning":
                 events.append(
                     self._event(
@@ -274,9 +321,10 @@ class ResponseRecord:
                         output_index=index,
                         content_index=0,
                         delta=ev.text,
-                        logprobs=[],
+                        logprobs=logprobs,
                     )
                 )
+                part["logprobs"] += logprobs
         if ev.finish_reason:
             events += self._close_item(
                 index, "completed" if ev.finish_reason in ("stop", "length") else "incomplete"

@@ -158,3 +158,86 @@ def test_bad_top_logprobs_are_400s_naming_the_field(front: Front, path: str, ext
     status, err, _ = _post(f"{front.url}/v1/{path}", body | extra)
     assert status == 400 and err["error"]["param"] == param, err
     assert param in err["error"]["message"], err
+
+
+# ---------------------------------------------------------------------------------- responses
+INCLUDE = ["message.output_text.logprobs"]
+
+
+def test_responses_logprobs_match_chat(front: Front) -> None:
+    """``include`` + ``top_logprobs`` on ``/v1/responses``, streaming and not and through GET:
+    typed by the SDK, the same tokens and values as chat's ``logprobs`` for the same greedy
+    request, each delta's entries spelling that delta's text."""
+    from openai.types.responses import ResponseOutputText
+
+    sdk = front.sdk()
+    chat = sdk.chat.completions.create(
+        model=MODEL, messages=MSGS, max_tokens=6, logprobs=True, top_logprobs=K
+    )
+    want = chat.choices[0].logprobs.content
+    r = sdk.responses.create(
+        model=MODEL, input=QUESTION, max_output_tokens=6, include=INCLUDE, top_logprobs=K
+    )
+    part = next(o for o in r.output if o.type == "message").content[0]
+    assert isinstance(part, ResponseOutputText) and r.top_logprobs == K
+    assert len(part.logprobs) == r.usage.output_tokens
+    _check_chat_entries(part.logprobs)
+    assert [e.token for e in part.logprobs] == [e.token for e in want]
+    assert [e.logprob for e in part.logprobs] == pytest.approx([e.logprob for e in want], abs=1e-5)
+    assert [[t.token for t in e.top_logprobs] for e in part.logprobs] == [
+        [t.token for t in e.top_logprobs] for e in want
+    ]
+    assert "".join(e.token for e in part.logprobs) == part.text == chat.choices[0].message.content
+    got = sdk.responses.retrieve(r.id)
+    assert got.output[0].content[0].logprobs == part.logprobs
+
+    with sdk.responses.stream(
+        model=MODEL, input=QUESTION, max_output_tokens=6, include=INCLUDE, top_logprobs=K
+    ) as stream:
+        events = list(stream)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    for d in deltas:
+        assert d.logprobs and "".join(e.token for e in d.logprobs) == d.delta
+        for e in d.logprobs:
+            values = [t.logprob for t in e.top_logprobs]
+            assert len(values) == K and values == sorted(values, reverse=True) and values[0] == e.logprob
+    streamed = [e for d in deltas for e in d.logprobs]
+    assert [e.token for e in streamed] == [e.token for e in part.logprobs]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in part.logprobs], abs=1e-5)
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [e.token for e in done.logprobs] == [e.token for e in streamed]
+    final = next(o for o in events[-1].response.output if o.type == "message").content[0]
+    assert [e.logprob for e in final.logprobs] == [e.logprob for e in streamed]
+
+
+def test_responses_without_include_have_no_logprobs(front: Front) -> None:
+    r = front.sdk().responses.create(model=MODEL, input=QUESTION, max_output_tokens=3)
+    assert r.output_text and r.output[0].content[0].logprobs == []
+
+
+def test_responses_logprobs_without_alternatives(front: Front) -> None:
+    """``top_logprobs`` 0 (or left out): each token's own log probability, no alternatives."""
+    r = front.sdk().responses.create(model=MODEL, input=QUESTION, max_output_tokens=3, include=INCLUDE)
+    entries = r.output[0].content[0].logprobs
+    assert len(entries) == r.usage.output_tokens and all(
+        e.top_logprobs == [] and e.logprob <= 0 for e in entries
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "rule"),
+    [
+        ({"include": INCLUDE, "top_logprobs": 21}, "top_logprobs", "<= 20"),
+        ({"include": INCLUDE, "top_logprobs": -1}, "top_logprobs", ">= 0"),
+        ({"include": INCLUDE, "top_logprobs": "3"}, "top_logprobs", "integer"),
+        ({"include": INCLUDE, "top_logprobs": 2.5}, "top_logprobs", "integer"),
+        ({"include": INCLUDE, "top_logprobs": True}, "top_logprobs", "integer"),
+        ({"top_logprobs": 3}, "top_logprobs", "message.output_text.logprobs"),
+        ({"include": "message.output_text.logprobs"}, "include", "list of strings"),
+        ({"include": ["reasoning.encrypted_content"]}, "include", "not supported"),
+    ],
+)
+def test_bad_responses_logprobs_are_400s(front: Front, extra: dict, param: str, rule: str) -> None:
+    status, err, _ = _post(f"{front.url}/v1/responses", {"model": MODEL, "input": QUESTION} | extra)
+    assert status == 400 and err["error"]["param"] == param, err
+    assert param in err["error"]["message"] and rule in err["error"]["message"], err
