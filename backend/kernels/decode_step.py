@@ -4,8 +4,11 @@ Why: measured on this project's 2-core CPU, the torch forward of a one-row SmolL
 step spent more time in per-op Python and dispatcher overhead (about 25 small ops per layer,
 30 layers) than in its int4 matmuls; the C++ step runs the same computation with no Python
 in between and reads the LM head as int8 (``backend.kernels.int8``). The alternative the
-issue names, ``torch.compile`` at fixed row buckets, was measured against it; the figures
-are in docs/performance.md.
+issue names, ``torch.compile`` at fixed row buckets, was measured against it
+(``python -m bench.compile_step``): even with our kernels as torch custom ops, so inductor
+sees whole layers, the compiled step took 2.0x / 1.6x / 1.3x the C++ step's time at 1 / 4 /
+16 rows, compiled for up to a minute per bucket and did not keep torch's rounding points
+(docs/performance.md).
 
 Used for steps whose every token takes the int4 weights (decode rows, at most
 ``int4_max_rows`` of them) when the model is bf16 with our int4 kernel and the KV pool is
