@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.server
 
-QUESTION = "What is the capital of France?"
+QUESTION = "Name the capital of France."  # greedy margin >= 1 logit over its first 8 answer tokens, int4 or dense prompt
 STORY = "Write a long story about a dragon who learns to paint."
 REPEAT = "List the days of the week, again and again."
 TYPES = {

@@ -153,6 +153,27 @@ def test_split_gives_prompt_tokens_int4_only_in_small_steps() -> None:
     assert PackedSplit.from_flags([False] * 9, 8, int4_prompts=True).all_dense  # many decode rows
 
 
+def test_int4_prompts_auto_follows_whether_bf16_is_native(monkeypatch) -> None:
+    """auto: int4 prompts only where a dense bf16 prompt would be an emulated CPU matmul;
+    an explicit setting wins; the model parameter is auto / true / false and nothing else."""
+    from backend.engine import config
+    from backend.serving.parameters import parse_auto_bool
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for native_bf16 in (True, False):
+        monkeypatch.setattr(config, "cpu_has_native_bf16", lambda v=native_bf16: v)
+        assert config.resolve_int4_prompts(None, cpu, torch.bfloat16) is (not native_bf16)
+        assert config.resolve_int4_prompts(None, cpu, torch.float32) is False
+        assert config.resolve_int4_prompts(None, gpu, torch.bfloat16) is False
+        assert config.resolve_int4_prompts(True, cpu, torch.float32) is True
+        assert config.resolve_int4_prompts(False, cpu, torch.bfloat16) is False
+    assert [parse_auto_bool("int4_prompts", v) for v in ("auto", "", None, "TRUE", "0")] == [
+        None, None, None, True, False
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="int4_prompts must be auto, true or false"):
+        parse_auto_bool("int4_prompts", "ture")
+
+
 def test_a_mixed_step_is_one_fused_call_and_no_token_depends_on_its_batch(models, default_model_dir) -> None:
     """Decode rows of three sessions plus a fresh session's prompt chunk in one step: with
     ``int4_prompts`` the step takes the C++ path, the decode rows' logits are bitwise those

@@ -30,7 +30,7 @@ from tests.reliability_helpers import freed_within_s
 pytestmark = pytest.mark.server
 
 STORY = "Write a long story about a dragon who learns to paint."
-QUESTION = "What is the capital of France?"
+QUESTION = "Name the capital of France."  # greedy margin >= 1 logit over its first 8 answer tokens, int4 or dense prompt
 DTYPES = {
     "text_input": ("BYTES", np.object_),
     "text": ("BYTES", np.object_),

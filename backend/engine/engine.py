@@ -23,7 +23,13 @@ import torch
 
 from backend.engine.attention import EMBED_USER, USER_CHANNEL, grid_visibility, visibility
 from backend.engine.batch import pack
-from backend.engine.config import EngineConfig, resolve_dtype, resolve_kv_dtype, resolve_quantization
+from backend.engine.config import (
+    EngineConfig,
+    resolve_dtype,
+    resolve_int4_prompts,
+    resolve_kv_dtype,
+    resolve_quantization,
+)
 from backend.engine.errors import ContextLengthError, EngineBusyError
 from backend.engine.kv_cache import KVPool
 from backend.engine.prefix_cache import PrefixCache
@@ -103,6 +109,7 @@ class Engine:
             on_admit=self.prefix_cache.admit,
         )
         self._int4_rows = config.int4_rows_limit(model.int4_kernel) if model.quantization != "none" else None
+        self._int4_prompts = resolve_int4_prompts(config.int4_prompts, model.device, model.dtype)
         self._lock = threading.Condition()
         self._commands: collections.deque[tuple] = collections.deque()
         self._imported: dict[str, PrefixKV] = {}
@@ -378,7 +385,7 @@ class Engine:
             self.model.device,
             channel_embedding=self.model.channel_embedding is not None,
             int4_rows=self._int4_rows,
-            int4_prompts=self.config.int4_prompts,
+            int4_prompts=self._int4_prompts,
         )
         logits = self.model.forward(batch, self.pool.k, self.pool.v).cpu()
         for sl in plan.slices:  # prefixes completed in this step: keep their blocks

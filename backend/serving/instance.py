@@ -22,7 +22,7 @@ import torch
 
 from backend.engine import Engine, EngineConfig, cuda_graphs, shared_weights
 from backend.serving import gpu_handoff, trtllm_prefill
-from backend.serving.parameters import model_parameters
+from backend.serving.parameters import model_parameters, parse_auto_bool
 
 
 def enable_crash_traces() -> None:
@@ -77,8 +77,8 @@ def engine_config(params: dict[str, str], device: str, **overrides: Any) -> Engi
         max_step_tokens=int(params.get("max_step_tokens", "0") or 0) or EngineConfig.max_step_tokens,
         prefill_chunk=int(params.get("prefill_chunk", "0") or 0) or EngineConfig.prefill_chunk,
         # "true": prompt tokens of a small step take the int4 weights (the fused C++ step);
-        # off by default (EngineConfig.int4_prompts).
-        int4_prompts=(params.get("int4_prompts", "false") or "false").lower() in ("true", "1", "yes"),
+        # "auto" (default): where dense bf16 is emulated (EngineConfig.int4_prompts).
+        int4_prompts=parse_auto_bool("int4_prompts", params.get("int4_prompts", "auto")),
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)

@@ -20,3 +20,19 @@ def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     ``parameters`` section gets an empty dict rather than an error.
     """
     return {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
+
+
+def parse_auto_bool(name: str, value: str | None) -> bool | None:
+    """A tri-state parameter: ``auto`` (or empty) -> None, ``true`` / ``false`` -> bool.
+
+    ``ValueError`` names the parameter and the values it takes: a typo in a deployment's
+    config must stop the model from loading, not silently pick the default.
+    """
+    text = (value or "auto").strip().lower()
+    if text == "auto":
+        return None
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"parameter {name} must be auto, true or false, got {value!r}")
