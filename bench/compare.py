@@ -179,7 +179,7 @@ def run_server_systems(
             preprocessing_instances=1,
             threads=threads,
             max_sessions=max(32, 2 * max(workload.concurrency)),
-            parameters=None if prefix_cache else {"*": {"prefix_cache_mb": "0"}},
+            parameters=_server_parameters(args.param, prefix_cache),
             log_level="warning",
             ready_timeout=600,
         )
@@ -202,6 +202,7 @@ def run_server_systems(
                 "threads": threads,
                 "decode_instances": args.decode_instances,
                 "prefix_cache": prefix_cache,
+                "parameters": _server_parameters(args.param, prefix_cache),
             }
             try:
                 if prefix_cache:
@@ -521,6 +522,22 @@ def _parse_threads(spec: str | None, default: int) -> dict[str, int]:
     return threads
 
 
+def _server_parameters(specs: list[str], prefix_cache: bool) -> dict[str, dict[str, str]] | None:
+    """Model parameters of the server started here: ``--param MODEL.KEY=VALUE`` (``*`` = every
+    model), plus ``prefix_cache_mb 0`` for the throughput levels (llama-server's cache is off
+    there too). ``ValueError`` names a malformed spec."""
+    params: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        target, eq, value = spec.partition("=")
+        model, dot, key = target.partition(".")
+        if not eq or not dot or not model or not key:
+            raise ValueError(f"--param {spec!r}: expected MODEL.KEY=VALUE, e.g. decode.int4_prompts=true")
+        params.setdefault(model, {})[key] = value
+    if not prefix_cache:
+        params.setdefault("*", {})["prefix_cache_mb"] = "0"
+    return params or None
+
+
 def _ints(text: str) -> list[int]:
     return sorted({int(x) for x in text.split(",") if x.strip()})
 
@@ -554,8 +571,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="closed-loop requests per worker at each concurrency level (default 3; quick 1)",
     )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="MODEL.KEY=VALUE",
+        help="a model parameter of the server started here, repeatable "
+        "(e.g. prefill.prefill_at=decode, decode.int4_prompts=true; '*' = every model)",
+    )
     p.add_argument("--url", default=None, help="gRPC host:port of a running server (else one is started)")
     args = p.parse_args(argv)
+    try:
+        _server_parameters(args.param, True)
+    except ValueError as e:
+        p.error(str(e))
     q = args.quick
     if args.concurrency is None:
         args.concurrency = "1,4" if q else "1,4,16"
