@@ -6,6 +6,7 @@ so the same checkpoint is the reference for the attention policies.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -516,3 +517,51 @@ def test_top_logprobs_are_log_softmax_topk_of_the_logits(tiny_engine, temperatur
         tiny_engine, list(range(40, 52)), [StreamSpec("output", sampling=SamplingParams(max_tokens=2))]
     )
     assert all(e.top_logprobs == [] for e in plain.events)  # only sessions that ask pay for it
+
+
+@pytest.mark.parametrize("attention", ["isolated", "cross"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+def test_k_answers_in_one_session_equal_one_answer_sessions(tiny_engine, attention, temperature):
+    """num_return_sequences k = 3 as three output streams of ONE session: each answer's tokens
+    are bitwise the one-answer session's (seed + i), and the session holds one KV slot."""
+    from backend.engine.attention import FIRST_STREAM_CHANNEL
+    from backend.engine.session import answer_specs, answer_stream
+
+    prompt = list(range(600, 627))
+    sampling = SamplingParams(temperature=temperature, top_k=50, seed=5, max_tokens=9, ignore_eos=True)
+    slots: list[int] = []
+    c, cb = collector(3)
+
+    def on_event(ev):  # the engine thread; a final event comes after the session freed its slot
+        if not ev.finished:
+            slots.append(tiny_engine.stats()["kv_slots_used"])
+        cb(ev)
+
+    sid = tiny_engine.submit(prompt, answer_specs(sampling, 3), attention=attention, on_event=on_event)
+    assert c.done.wait(60)
+    assert set(slots) == {1}, slots  # one session, one slot, for the three answers
+    assert _wait_idle(tiny_engine) and not tiny_engine.has_session(sid)
+    for i in range(3):
+        alone = run(tiny_engine, prompt, answer_specs(dataclasses.replace(sampling, seed=5 + i), 1))
+        assert c.tokens(answer_stream(i)) == alone.tokens("output"), (i, attention)
+        assert len(alone.tokens("output")) == 9
+    if temperature > 0:  # seeded sampling: the answers differ
+        assert c.tokens("output") != c.tokens("output/1")
+    # The answers' channels: none sees another; further answers are seen by no other channel.
+    from backend.engine.attention import visibility
+
+    vis = visibility(attention, [None] * 4, ["output", "output", "output", "reasoning"])
+    a, b, r = FIRST_STREAM_CHANNEL, FIRST_STREAM_CHANNEL + 1, FIRST_STREAM_CHANNEL + 3
+    assert not vis[a, b] and not vis[b, a] and vis[a, a] and vis[b, b] and vis[b, PROMPT_CHANNEL]
+    assert not vis[r, b] and not vis[USER_CHANNEL, b]
+    assert bool(vis[b, r]) == bool(vis[r, a]) == (attention == "cross")
+
+
+def test_k_answers_fit_the_context_together(tiny_engine):
+    """The slot covers prompt + every answer's max_tokens: k answers that do not fit are refused
+    at submission, naming the limit."""
+    from backend.engine.session import answer_specs
+
+    sampling = SamplingParams(max_tokens=80, ignore_eos=True)
+    with pytest.raises(ContextLengthError, match="context limit is 256"):
+        tiny_engine.submit(list(range(100)), answer_specs(sampling, 2))

@@ -13,6 +13,14 @@ small boolean *visibility* matrix per session; the mask of a step is
   Ordinary checkpoints have never seen interleaved channels, so this keeps each stream
   a clean continuation of the prompt while still advancing all streams in one forward.
 
+Several answers (``num_return_sequences`` / OpenAI ``n``): a session may carry k output
+streams. Under either policy no answer sees another, and answers after the first are seen
+by no other channel, so each answer is the computation a one-answer session runs from the
+same prompt and seed, sharing the one slot's prompt KV (the same tokens in fp32; in bf16 the
+attention sums over this slot's other key layout round differently). In ``cross`` mode the other channels
+(User, reasoning) see the first answer only: that one equals the one-answer session exactly,
+and the others read the same reasoning rows.
+
 The paper's own layout (``GridRules``) numbers channels as its checkpoints were trained:
 0 User, 1 Output, 2.. thinking, all under the block-causal mask.
 """
@@ -38,9 +46,13 @@ EMBED_OUTPUT = 1
 EMBED_FIRST_THINKING = 2
 
 
-def visibility(attention: str, stream_modes: Sequence[str | None]) -> torch.Tensor:
+def visibility(
+    attention: str, stream_modes: Sequence[str | None], kinds: Sequence[str] | None = None
+) -> torch.Tensor:
     """The ``[MAX_CHANNELS, MAX_CHANNELS]`` matrix of the project's layout: may a token of
-    channel q see channel k. ``stream_modes[i]`` overrides the policy of stream ``i``."""
+    channel q see channel k. ``stream_modes[i]`` overrides the policy of stream ``i``;
+    ``kinds[i]`` (``output`` / ``reasoning``; None: no answers marked) marks the
+    answers, which never see each other (the module's "several answers")."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention!r}")
     n = FIRST_STREAM_CHANNEL + len(stream_modes)
@@ -59,6 +71,14 @@ def visibility(attention: str, stream_modes: Sequence[str | None]) -> torch.Tens
             vis[c, :n] = True
         else:
             vis[c, PROMPT_CHANNEL] = vis[c, USER_CHANNEL] = vis[c, c] = True
+    answers = [FIRST_STREAM_CHANNEL + i for i, kind in enumerate(kinds or ()) if kind == "output"]
+    for c in answers[1:]:  # a further answer: seen by no other channel
+        vis[:, c] = False
+        vis[c, c] = True
+    for c in answers:  # an answer sees no other answer
+        for other in answers:
+            if other != c:
+                vis[c, other] = False
     return vis
 
 

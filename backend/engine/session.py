@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,33 @@ class StreamSpec:
             )
         if not self.external:
             self.sampling.validate()
+
+
+def answer_stream(index: int) -> str:
+    """The stream of answer ``index`` of a session with several (``num_return_sequences``,
+    OpenAI ``n``): ``output``, ``output/1``, ``output/2``, ... (answer 0 keeps the one-answer
+    name, so a k = 1 session is exactly what it always was)."""
+    return "output" if index == 0 else f"output/{index}"
+
+
+def answer_index(name: str) -> int | None:
+    """Inverse of :func:`answer_stream`; None for a stream that is not an answer."""
+    if name == "output":
+        return 0
+    head, _, tail = name.partition("/")
+    return int(tail) if head == "output" and tail.isdigit() and int(tail) > 0 else None
+
+
+def answer_specs(sampling: SamplingParams, k: int) -> list[StreamSpec]:
+    """k answers of one session: answer i seeded ``seed + i`` when ``sampling`` is seeded, so
+    sampled answers differ yet replay (answer 0 is the one-answer session's). They share the
+    session's slot and prompt KV and never see each other (``attention.visibility``)."""
+    specs = []
+    for i in range(k):
+        seed = None if sampling.seed is None else (sampling.seed + i) & 0xFFFF_FFFF_FFFF_FFFF
+        params = dataclasses.replace(sampling, seed=seed)
+        specs.append(StreamSpec(name=answer_stream(i), kind="output", sampling=params))
+    return specs
 
 
 @dataclass
@@ -304,7 +332,7 @@ def new_session(
         vis = grid_visibility(rules.num_channels)
         user_channel = user_embed = 0
     else:
-        vis = visibility(attention, [s.attention for s in specs])
+        vis = visibility(attention, [s.attention for s in specs], [s.kind for s in specs])
         user_channel, user_embed = USER_CHANNEL, EMBED_USER
     return Session(
         sid,
