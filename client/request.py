@@ -256,7 +256,7 @@ class GenerateRequest:
     num_return_sequences: int | None = param(
         None,
         datatype="INT32",
-        help="answers to sample for the prompt (> 1: the tensorrt_llm_bls model; Done.sequences)",
+        help="answers to sample for the prompt, as answer streams of one session (> 1: Done.sequences)",
         ge=1,
         web=False,
     )

@@ -24,11 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ensemble", default=d.ensemble, help="the Triton model to call")
     p.add_argument(
-        "--sequences-model",
-        default=d.sequences_model,
-        help="the Triton model for n > 1 (one prefill shared by the n answers)",
-    )
-    p.add_argument(
         "--served-model-name", default=None, help="the model name clients use (default: --ensemble)"
     )
     p.add_argument(
@@ -48,7 +43,6 @@ def settings_from(args: argparse.Namespace) -> FrontSettings:
         protocol=args.protocol,
         ensemble=args.ensemble,
         served_model_name=args.served_model_name or args.ensemble,
-        sequences_model=args.sequences_model,
         max_concurrent=args.max_concurrent,
         default_max_tokens=args.default_max_tokens,
         idle_timeout_s=args.idle_timeout,

@@ -50,14 +50,7 @@ class Front:
             idle_timeout_s=settings.idle_timeout_s,
         )
         self.metrics = FrontMetrics()
-        #: ``n`` > 1 goes to ``tensorrt_llm_bls`` (one prefill, n decode sessions: runner.Runs).
-        self.sequences_client = AsyncMultiStreamClient(
-            settings.triton,
-            settings.protocol,
-            model_name=settings.sequences_model,
-            idle_timeout_s=settings.idle_timeout_s,
-        )
-        self.runs = Runs(self.client, self.metrics, settings.max_concurrent, self.sequences_client)
+        self.runs = Runs(self.client, self.metrics, settings.max_concurrent)
         self.store = responses.ResponseStore()
         self.defaults = Defaults(max_tokens=settings.default_max_tokens)
         self.created = int(time.time())
@@ -294,7 +287,6 @@ class Front:
     async def shutdown(self) -> None:
         await self.runs.drain()
         await self.client.close()
-        await self.sequences_client.close()
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

@@ -52,9 +52,10 @@ class Run:
     def __init__(self, runs: Runs, request: GenerateRequest, endpoint: str) -> None:
         self._runs = runs
         self.endpoint = endpoint
-        #: Answers asked for (OpenAI ``n``); more than one goes through ``tensorrt_llm_bls``.
+        #: Answers asked for (OpenAI ``n``): k answer streams of one decode session, each
+        #: response tagged ``sequence_index`` (backend/serving/decode.py).
         self.sequences = request.num_return_sequences or 1
-        self.generation = AsyncGeneration(runs.client_for(request), request)
+        self.generation = AsyncGeneration(runs.client, request)
         self.session_id: str = self.generation.session_id or ""
         self.created = time.time()
         self.t0 = time.perf_counter()
@@ -131,25 +132,12 @@ class Runs:
         client: AsyncMultiStreamClient,
         metrics: FrontMetrics,
         max_concurrent: int,
-        sequences_client: AsyncMultiStreamClient | None = None,
     ) -> None:
+        #: The ensemble, for every request: ``n`` > 1 too (one session, n answer streams).
         self.client = client
-        #: For ``n`` > 1: ``tensorrt_llm_bls``, which prefills the prompt once for all sequences.
-        self.sequences_client = sequences_client or client
         self.metrics = metrics
         self.max_concurrent = max_concurrent
         self.live: dict[str, Run] = {}
-
-    def client_for(self, request: GenerateRequest) -> AsyncMultiStreamClient:
-        """The ensemble for one answer; ``tensorrt_llm_bls`` for several (``n`` > 1).
-
-        Why not n runs on the ensemble: each would prefill the prompt again. Sessions admitted
-        in the same engine step all miss the prefix cache (a prompt's blocks are cached once
-        its prefill has finished), so n concurrent copies cost n prefills; the BLS model
-        computes the prompt once and hands its KV to n decode sessions
-        (``backend/serving/return_sequences.py``).
-        """
-        return self.sequences_client if (request.num_return_sequences or 1) > 1 else self.client
 
     def start(self, request: GenerateRequest, endpoint: str, names: dict[str, str] | None = None) -> Run:
         """A new run, or :class:`APIError` 429 when ``max_concurrent`` runs are live."""

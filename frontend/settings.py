@@ -19,8 +19,6 @@ class FrontSettings:
     #: The ensemble the front talks to, and the model name clients use (``/v1/models``).
     ensemble: str = "multistream"
     served_model_name: str = "multistream"
-    #: The model that answers ``n`` > 1 (``tensorrt_llm_bls``: one prefill for all n sequences).
-    sequences_model: str = "tensorrt_llm_bls"
     #: Bearer token every endpoint but ``/health*`` requires; ``None``: no key.
     api_key: str | None = field(default_factory=lambda: os.environ.get(API_KEY_ENV) or None)
     #: Generations in flight at once; one more gets 429 at once (the front never queues).

@@ -1,7 +1,8 @@
 """``n`` > 1 on the OpenAI front, through the official ``openai`` SDK, against the real server.
 
-The front sends such a request to ``tensorrt_llm_bls`` (one prefill, n decode sessions:
-``backend/serving/return_sequences.py``). ``ignore_eos`` with a small ``max_tokens`` makes
+The front sends such a request to the ensemble like any other: decode runs the n answers as
+n answer streams of ONE engine session sharing the prompt KV (``backend/serving/decode.py``,
+``backend.engine.session.answer_specs``). ``ignore_eos`` with a small ``max_tokens`` makes
 every choice exactly ``max_tokens`` long, so usage can be checked to the token; a seeded,
 sampled request (seed, seed + 1 per choice) makes the choices differ reproducibly.
 """
@@ -95,16 +96,17 @@ def test_responses_refuse_n(front: Front) -> None:
     assert "/v1/chat/completions" in err["error"]["message"]
 
 
-def test_n_beyond_max_sessions_is_400(front: Front) -> None:
+def test_n_beyond_the_streams_of_a_session_is_400(front: Front) -> None:
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "n": 99}
     status, err, _ = _post(f"{front.url}/v1/chat/completions", body)
     assert status == 400 and err["error"]["param"] == "n", err
-    assert "max_sessions" in err["error"]["message"], err
+    assert "1..14" in err["error"]["message"] and "one decode session" in err["error"]["message"], err
 
 
 def _start_long(front: Front) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
     conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=60)
-    body = {"model": MODEL, "messages": CHAT, "n": 2, "max_tokens": 500, "ignore_eos": True, "stream": True}
+    # n answers share one slot: the prompt plus n x max_tokens must fit max_context (1024 here).
+    body = {"model": MODEL, "messages": CHAT, "n": 2, "max_tokens": 400, "ignore_eos": True, "stream": True}
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200
@@ -112,20 +114,30 @@ def _start_long(front: Front) -> tuple[http.client.HTTPConnection, http.client.H
     return conn, resp, resp.getheader("X-Session-Id")
 
 
-def test_disconnect_frees_all_n_sessions(front: Front, triton_server) -> None:
+def test_disconnect_frees_the_n_answers_session(front: Front, triton_server) -> None:
+    """n = 2 is ONE engine session (the active-session gauge shows 1, and stays there while both
+    answers stream); a client that hangs up frees it."""
     assert wait_for(lambda: _idle(triton_server), 30), "the server is not idle before the test"
     conn, resp, _ = _start_long(front)
-    assert wait_for(
-        lambda: gauge_sum(scrape(triton_server.metrics_url), "multistream_active_sessions") == 2, 10
-    ), "the two sequences never ran as two sessions"
+    seen = set()
+    for _ in range(20):  # both answers are streaming now
+        line = resp.readline()
+        if line.startswith(b"data: {"):
+            seen |= {c["index"] for c in json.loads(line[6:])["choices"]}
+        if seen == {0, 1}:
+            break
+    assert seen == {0, 1}, seen
+    gauge = lambda: gauge_sum(scrape(triton_server.metrics_url), "multistream_active_sessions")  # noqa: E731
+    assert wait_for(lambda: gauge() == 1, 10), "the two answers never showed as one session"
+    assert max(gauge() for _ in range(5)) == 1, "the two answers ran as more than one session"
     resp.close()
     conn.close()  # hang up mid-stream
     assert wait_for(lambda: _idle(triton_server), 30), "sessions of a client that disconnected still run"
 
 
 def test_session_cancel_stops_all_n(front: Front, triton_server) -> None:
-    """``/v1/sessions/{id}/cancel`` with the request's id reaches both sequences (the BLS model
-    holds that id and forwards the cancel), and both choices end ``cancelled``."""
+    """``/v1/sessions/{id}/cancel`` with the request's id stops both answers (they are one
+    session), and both choices end ``cancelled``."""
     assert wait_for(lambda: _idle(triton_server), 30), "the server is not idle before the test"
     conn, resp, sid = _start_long(front)
     status, body, _ = _post(f"{front.url}/v1/sessions/{sid}/cancel", {})

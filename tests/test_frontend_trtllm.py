@@ -75,6 +75,8 @@ def trtllm_call(url: str, model: str, prompt: str, streaming: bool, output_len: 
     k = opt.get("num_return_sequences") or 1
     if k > 1 and not opt.get("no_sequence_index"):  # the client asks for it exactly then
         outputs.append(grpcclient.InferRequestedOutput("sequence_index"))
+    if opt.get("with_ids"):  # not the client's: our tests' look at the token ids
+        outputs.append(grpcclient.InferRequestedOutput("output_ids"))
     got: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: got.put(error or result))
@@ -84,6 +86,7 @@ def trtllm_call(url: str, model: str, prompt: str, streaming: bool, output_len: 
     client.stop_stream()  # waits for the server to close the stream, as the client does
     client.close()
     texts, errors, shapes, logprobs, seqs = [""] * k, [], [], [], []
+    ids: list[list[int]] = [[] for _ in range(k)]
     while not got.empty():
         result = got.get()
         if isinstance(result, InferenceServerException):
@@ -98,6 +101,8 @@ def trtllm_call(url: str, model: str, prompt: str, streaming: bool, output_len: 
         seq = 0 if seq is None else int(seq[0][0])  # the client's read of it
         seqs.append(seq)
         texts[seq] = texts[seq] + piece if streaming else piece
+        if opt.get("with_ids"):
+            ids[seq] += [int(t) for t in result.as_numpy("output_ids").reshape(-1)]
         if opt.get("return_log_probs"):
             logprobs.append((result.as_numpy("cum_log_probs"), result.as_numpy("output_log_probs")))
     return {
@@ -107,6 +112,7 @@ def trtllm_call(url: str, model: str, prompt: str, streaming: bool, output_len: 
         "errors": errors,
         "shapes": shapes,
         "logprobs": logprobs,
+        "ids": ids,
     }
 
 
@@ -230,54 +236,74 @@ def _count(metrics: dict, model: str) -> float:
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streaming"])
-def test_num_return_sequences_one_prefill_k_decodes(triton_server, streaming: bool) -> None:
-    """k = 2 through tensorrt_llm_bls: every response tagged with sequence_index 0 or 1, as the
-    client files them; seeded sampling (seed, seed + 1) makes the two differ; the prompt is
-    prefilled once (Triton's own request counters: prefill +1, decode +2)."""
+@pytest.mark.parametrize("model", MODELS)
+def test_num_return_sequences_k_answers_of_one_session(triton_server, model: str, streaming: bool) -> None:
+    """k = 2 as the client asks for it (``--num-return-sequences 2``: it requests output
+    ``sequence_index``), through the ensemble and tensorrt_llm_bls: every response tagged 0 or
+    1, as the client files them; seeded sampling (seed, seed + 1) makes the two differ; the
+    request is one prefill and one decode session (Triton's request counters: +1 each).
+    Answer i draws from the one-answer request's seed 7 + i: its first token (sampled from
+    the prompt's logits, the same numbers) is that request's first token. Later tokens are the
+    same computation, but in bf16 the attention sums of one session holding two answers run
+    over another key layout, so their rounding (not their math) differs: the bitwise check
+    is the engine's fp32 test (tests/test_engine_unit.py), the greedy one below."""
     from tests.reliability_helpers import scrape, wait_for
 
     before = scrape(triton_server.metrics_url)
-    opts = dict(temperature=1.0, seed=7, exclude_input_in_output=True, num_return_sequences=2)
-    r = trtllm_call(triton_server.grpc_url, "tensorrt_llm_bls", PROMPT, streaming, output_len=8, **opts)
-    assert not r["errors"], r
-    assert set(r["seqs"]) == {0, 1} and all(t.strip() for t in r["texts"]), r
-    assert r["texts"][0] != r["texts"][1], r
-    if not streaming:  # each sequence's whole text in its own response
-        assert sorted(r["seqs"]) == [0, 1], r
-
-    def counted(model: str, n: int) -> bool:
-        return _count(scrape(triton_server.metrics_url), model) - _count(before, model) == n
-
-    assert wait_for(lambda: counted("decode", 2), 10) and counted("prefill", 1)
-    # Sequence 0 with seed 7 is the k = 1 answer with seed 7: the fan-out changes nothing else.
-    one = trtllm_call(
+    opts = dict(temperature=1.0, seed=7, exclude_input_in_output=True)
+    r = trtllm_call(
         triton_server.grpc_url,
-        "tensorrt_llm_bls",
+        model,
         PROMPT,
         streaming,
         output_len=8,
-        temperature=1.0,
-        seed=7,
-        exclude_input_in_output=True,
+        num_return_sequences=2,
+        with_ids=True,
+        **opts,
     )
-    assert one["text"] == r["texts"][0], (one, r)
+    assert not r["errors"], r
+    assert set(r["seqs"]) == {0, 1} and all(t.strip() for t in r["texts"]), r
+    assert r["texts"][0] != r["texts"][1], r
+    if not streaming:  # each sequence's whole text in its own response, as TensorRT-LLM's
+        assert sorted(r["seqs"]) == [0, 1], r
+    assert set(r["shapes"]) == {(1,)}, r
 
+    def counted(name: str, n: int) -> bool:
+        return _count(scrape(triton_server.metrics_url), name) - _count(before, name) == n
 
-def test_num_return_sequences_the_ensemble_refuses(triton_server) -> None:
-    """The ensemble cannot fan one request out: a clear error naming the field and the way."""
-    for streaming in (False, True):
-        r = trtllm_call(
+    assert wait_for(lambda: counted("decode", 1), 10) and counted("prefill", 1)
+    for i in range(2):  # answer i draws as the k = 1 request seeded 7 + i
+        one = trtllm_call(
             triton_server.grpc_url,
-            "ensemble",
+            model,
             PROMPT,
             streaming,
-            num_return_sequences=2,
-            no_sequence_index=True,
+            output_len=8,
+            with_ids=True,
+            **{**opts, "seed": 7 + i},
         )
-        assert r["errors"], r
-        assert "num_return_sequences must be 1" in r["errors"][0] and "tensorrt_llm_bls" in r["errors"][0], r
-    over = trtllm_call(triton_server.grpc_url, "tensorrt_llm_bls", PROMPT, False, num_return_sequences=99)
-    assert over["errors"] and "num_return_sequences must be in 1..8" in over["errors"][0], over
+        assert not one["errors"] and one["seqs"] and set(one["seqs"]) == {0}, one
+        assert one["ids"][0][0] == r["ids"][i][0], (i, one, r)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streaming"])
+def test_num_return_sequences_greedy_answers_are_the_one_answer(triton_server, streaming: bool) -> None:
+    """Greedy k = 3 on the ensemble: no answer sees another, so each is the k = 1 answer
+    (the prompt's greedy margin is >= 1 logit over these tokens, well above bf16 rounding)."""
+    opts = dict(temperature=0.0, exclude_input_in_output=True, output_len=8)
+    one = trtllm_call(triton_server.grpc_url, "ensemble", PROMPT, streaming, **opts)
+    r = trtllm_call(triton_server.grpc_url, "ensemble", PROMPT, streaming, num_return_sequences=3, **opts)
+    assert not one["errors"] and not r["errors"], (one, r)
+    assert one["text"].strip() and r["texts"] == [one["text"]] * 3, (one, r)
+
+
+def test_num_return_sequences_bounds(triton_server) -> None:
+    """k beyond the streams of one session, and k > 1 on a rule that excludes it: clear errors
+    naming the field and the rule, through both client-facing models."""
+    for model in MODELS:
+        over = trtllm_call(triton_server.grpc_url, model, PROMPT, False, num_return_sequences=99)
+        assert over["errors"] and "num_return_sequences must be in 1..14" in over["errors"][0], over
+        assert "output stream of the one decode session" in over["errors"][0], over
 
 
 def test_bls_config_takes_the_ensembles_inputs(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ RULES: list[tuple[str, Any, int, dict[str, tuple[Any, str]], list[str]]] = [
     ("repetition-penalty-zero", "Hi", 4, {"repetition_penalty": (0.0, "FP32")}, ["repetition_penalty", "> 0"]),
     ("repetition-penalty-inf", "Hi", 4, {"repetition_penalty": (float("inf"), "FP32")}, ["repetition_penalty", "> 0"]),
     ("beam-width-2", "Hi", 4, {"beam_width": (2, "INT32")}, ["beam_width", "must be 1", "not supported"]),
-    ("num-return-sequences-3", "Hi", 4, {"num_return_sequences": (3, "INT32")}, ["num_return_sequences", "must be 1"]),
+    ("num-return-sequences-15", "Hi", 4, {"num_return_sequences": (15, "INT32")}, ["num_return_sequences", "1..14", "output stream"]),
     ("return-context-logits", "Hi", 4, {"return_context_logits": (True, "BOOL")}, ["return_context_logits", "not supported"]),
     ("return-generation-logits", "Hi", 4, {"return_generation_logits": (True, "BOOL")}, ["return_generation_logits", "not supported"]),
     ("frequency-penalty-above-2", "Hi", 4, {"frequency_penalty": (2.5, "FP32")}, ["frequency_penalty", "[-2, 2]", "2.5"]),

@@ -57,7 +57,24 @@ def test_defaults_and_round_trip() -> None:
         ({"max_tokens": np.int32(101)}, "max_tokens must be in 1..100"),
         ({"text_input": "   "}, "text_input must not be blank"),
         ({"beam_width": np.int32(2)}, "beam_width must be 1"),
-        ({"num_return_sequences": np.int32(3)}, "num_return_sequences must be 1"),
+        (
+            {"num_return_sequences": np.int32(15)},
+            "num_return_sequences must be in 1..14 (each answer is an output",
+        ),
+        ({"num_return_sequences": np.int32(0)}, "num_return_sequences must be in 1..14"),
+        (
+            {
+                "num_return_sequences": np.int32(13),
+                "reasoning_streams": np.int32(2),
+                "attention_mode": "cross",
+            },
+            "num_return_sequences must be in 1..12 (each answer is an output stream of the one decode session, "
+            "at most 14 streams including 2 injected reasoning streams), got 13",
+        ),
+        (
+            {"num_return_sequences": np.int32(2), "reasoning_streams": np.int32(1), "sync": "revise"},
+            "num_return_sequences must be 1 with sync 'revise'",
+        ),
         ({"return_context_logits": True}, "return_context_logits is not supported"),
         ({"presence_penalty": np.float32(2.5)}, "presence_penalty must be in [-2, 2], got 2.5"),
         ({"frequency_penalty": np.float32(-3)}, "frequency_penalty must be in [-2, 2]"),
@@ -102,6 +119,14 @@ def test_context_check() -> None:
         cfg.check_context(20, 100)
     cfg = parse(reasoning_streams=np.int32(2), reasoning_budget=np.int32(60))
     with pytest.raises(RequestError, match="reasoning_budget"):
+        cfg.check_context(20, 100)
+    # k answers share the session's slot: the prompt plus k x max_tokens must fit it.
+    cfg = parse(max_tokens=np.int32(40), num_return_sequences=np.int32(2))
+    cfg.check_context(20, 100)
+    cfg = parse(max_tokens=np.int32(45), num_return_sequences=np.int32(2))
+    with pytest.raises(
+        RequestError, match=r"for each of num_return_sequences \(2\) answers needs 110 positions"
+    ):
         cfg.check_context(20, 100)
 
 

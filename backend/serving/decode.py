@@ -29,6 +29,7 @@ import numpy as np
 
 from backend.engine import StreamEvent, StreamSpec
 from backend.engine.layout import StreamLayout, user_tokens
+from backend.engine.session import answer_index, answer_specs, answer_stream
 from backend.serving import handoff
 from backend.serving.bls_wire import responder_for
 from backend.serving.engine_model import EngineModel
@@ -100,16 +101,25 @@ class DecodeRequest:
         self.reasoning_text: dict[str, str] = {}
         #: The stream whose text a ``stream=false`` response carries: the revision if any.
         self.final_stream = "output"
+        #: The answers' engine streams (``num_return_sequences`` k: ``output``, ``output/1``, ...).
+        self.answers = [answer_stream(i) for i in range(self.cfg.num_return_sequences)]
 
     # ------------------------------------------------------------------ setup
     def _submit(self, prompt: list[int], name: str, engine_sid: str, prefix: Any = None) -> None:
-        streams = [StreamSpec(name=name, kind="output", sampling=self.cfg.output_sampling())]
+        """One engine session: the answer (``num_return_sequences`` k: k answer streams of this
+        one session, sharing its slot and prompt KV, seeded ``seed + i``), or the revision."""
+        sampling = self.cfg.output_sampling()
+        if name == "output":
+            streams = answer_specs(sampling, self.cfg.num_return_sequences)
+        else:
+            streams = [StreamSpec(name=name, kind="output", sampling=sampling)]
+        for spec in streams:
+            self.pump.open(spec.name)
         if name == "output" and self.cfg.attention_mode == "cross":
             streams += [
                 StreamSpec(name=f"reasoning/{i}", kind="reasoning", external=True)
                 for i in range(self.cfg.reasoning_streams)
             ]
-        self.pump.open(name)
         self.final_stream = name
         self.engine.submit(
             prompt,
@@ -233,9 +243,10 @@ class DecodeRequest:
         top: tuple[np.ndarray, ...] | None = None,
     ) -> None:
         t0 = time.monotonic()
+        name, sequence = self._client_stream(stream)
         self.out.send(
             delta_tensors(
-                stream=stream,
+                stream=name,
                 text=text,
                 reasoning=reasoning,
                 ids=ids or [],
@@ -246,9 +257,21 @@ class DecodeRequest:
                 logprobs=logprobs,
                 stats=stats,
                 top=top,
+                sequence=sequence,
             )
         )
         self.trace.sent(stream, len(ids or []), t0, time.monotonic())
+
+    def _client_stream(self, stream: str) -> tuple[str, int | None]:
+        """The ``stream_name`` and ``sequence_index`` a client sees for an engine stream.
+
+        With k > 1 answers every answer is ``output`` under its own ``sequence_index`` (as
+        TensorRT-LLM tags sequences); what the answers share (reasoning, the User echo) is
+        filed under sequence 0. With one answer no ``sequence_index`` is sent."""
+        if len(self.answers) == 1:
+            return stream, None
+        index = answer_index(stream)
+        return ("output", index) if index is not None else (stream, 0)
 
     def _on_engine(self, ev: StreamEvent) -> None:
         if ev.kind == "user":
@@ -293,7 +316,7 @@ class DecodeRequest:
                 not self.cancelled
                 and self.cfg.attention_mode == "cross"
                 and d.ids
-                and not self.pump.finished("output")
+                and not all(self.pump.finished(a) for a in self.answers)
             ):
                 try:
                     self.engine.inject(self.sid, d.ids, d.stream)
@@ -311,25 +334,31 @@ class DecodeRequest:
         if cfg.stream:
             self.out.finish()
             return
-        # stream=false: one response with the final user-facing text (the revision if any).
-        name = self.final_stream
-        text = self.pump.text(name)
+        # stream=false: one response with the final user-facing text (the revision if any);
+        # k > 1 answers: one response per answer, tagged sequence_index, the last one final
+        # (TensorRT-LLM answers one result per sequence). Each carries the shared reasoning.
+        names = self.answers if len(self.answers) > 1 else [self.final_stream]
         reasoning = "\n\n".join(self.reasoning_text[k] for k in sorted(self.reasoning_text))
-        reason = "cancelled" if self.cancelled else self.pump.finish_reason(name)
-        self.out.finish(
-            delta_tensors(
-                stream=name,
+        for i, name in enumerate(names):
+            text = self.pump.text(name)
+            client_name, sequence = self._client_stream(name)
+            tensors = delta_tensors(
+                stream=client_name,
                 text=text if cfg.exclude_input_in_output else cfg.text + text,
                 reasoning=reasoning,
                 ids=self.pump.ids(name),
-                finish_reason=reason,
+                finish_reason="cancelled" if self.cancelled else self.pump.finish_reason(name),
                 session_id=self.sid,
                 timing=self.pump.stamp(name),
                 prompt_tokens=self.cfg.prompt_tokens,
                 logprobs=self.pump.logprobs(name) if cfg.return_log_probs else None,
                 top=self._top(self.pump.top(name)),
+                sequence=sequence,
             )
-        )
+            if i == len(names) - 1:
+                self.out.finish(tensors)
+            else:
+                self.out.send(tensors)
 
 
 class GridRequest(DecodeRequest):

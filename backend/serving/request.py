@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.engine.attention import ATTENTION_MODES
+from backend.engine.attention import ATTENTION_MODES, FIRST_STREAM_CHANNEL, MAX_CHANNELS
 from backend.engine.layout import START_MODES
 from backend.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from backend.engine.session import GridRules
@@ -171,6 +171,9 @@ class RequestConfig:
     return_log_probs: bool = False
     #: Per answer token, its ``top_logprobs`` most likely alternatives (``top_logprobs_*`` outputs).
     top_logprobs: int = 0
+    #: Answers of the request (TensorRT-LLM ``num_return_sequences``, OpenAI ``n``): k output
+    #: streams of ONE decode session sharing its prompt KV (``backend.engine.session.answer_specs``).
+    num_return_sequences: int = 1
     # ---- the paper's stream layout (``layout == "paper"``); defaults are the paper's
     #: ``project`` or ``paper``: decided by the deployment, never by the client.
     layout: str = "project"
@@ -321,12 +324,7 @@ class RequestConfig:
         beams = reader.int("beam_width", 1)
         if beams != 1:
             raise RequestError(f"beam_width must be 1 (beam search is not supported), got {beams}")
-        sequences = reader.int("num_return_sequences", 1)
-        if sequences != 1:
-            raise RequestError(
-                f"num_return_sequences must be 1 through the ensemble (one request is one decode session "
-                f"there), got {sequences}; for several sequences call tensorrt_llm_bls, or n on the OpenAI front"
-            )
+        cfg.num_return_sequences = reader.int("num_return_sequences", 1)
         cfg.return_log_probs = reader.bool("return_log_probs", False)
         cfg.top_logprobs = reader.int("top_logprobs", 0)
         if not 0 <= cfg.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -374,6 +372,7 @@ class RequestConfig:
             raise RequestError(f"sync must be one of {SYNC_MODES}, got {cfg.sync!r}")
         if cfg.sync == "revise" and cfg.reasoning_streams == 0:
             raise RequestError("sync 'revise' needs reasoning_streams >= 1")
+        cfg._check_sequences(paper)
         cfg.session_id = reader.string("session_id", default="") or mint_session_id()
         if not _valid_session_id(cfg.session_id):
             raise RequestError(
@@ -394,6 +393,31 @@ class RequestConfig:
                     "project's layout (serve a stream-trained checkpoint, or set stream_layout=paper)"
                 )
         return cfg
+
+    def _check_sequences(self, paper: bool) -> None:
+        """``num_return_sequences``: each answer is an output stream of the one decode session,
+        so k is bounded by the streams a session can carry (with, in ``cross`` mode, the
+        reasoning channels injected into it)."""
+        k = self.num_return_sequences
+        if paper and k != 1:
+            raise RequestError(
+                f"num_return_sequences must be 1 with the paper's stream layout (its grid has one "
+                f"Output channel), got {k}"
+            )
+        if self.sync == "revise" and k != 1:
+            raise RequestError(
+                f"num_return_sequences must be 1 with sync 'revise' (the revision is the one answer "
+                f"written after reasoning), got {k}"
+            )
+        injected = self.reasoning_streams if self.attention_mode == "cross" else 0
+        most = MAX_CHANNELS - FIRST_STREAM_CHANNEL - injected
+        if not 1 <= k <= most:
+            raise RequestError(
+                f"num_return_sequences must be in 1..{most} (each answer is an output stream of the one "
+                f"decode session, at most {MAX_CHANNELS - FIRST_STREAM_CHANNEL} streams"
+                + (f" including {injected} injected reasoning streams" if injected else "")
+                + f"), got {k}"
+            )
 
     def _read_layout(self, reader: _Reader, num_channels: int) -> None:
         """The paper-layout options; the project's options that mean nothing there are refused."""
@@ -455,12 +479,17 @@ class RequestConfig:
                 f"text_input is too long: {prompt_tokens} tokens (with the chat template), "
                 f"the context limit is {max_context} tokens including max_tokens"
             )
-        answer = prompt_tokens + self.max_tokens
+        answer = prompt_tokens + self.num_return_sequences * self.max_tokens
         if self.attention_mode == "cross":
             answer += self.reasoning_streams * self.reasoning_budget
         if answer > max_context:
             raise RequestError(
                 f"max_tokens: the prompt ({prompt_tokens} tokens) plus max_tokens ({self.max_tokens})"
+                + (
+                    f" for each of num_return_sequences ({self.num_return_sequences}) answers"
+                    if self.num_return_sequences > 1
+                    else ""
+                )
                 + (
                     " plus injected reasoning"
                     if self.attention_mode == "cross" and self.reasoning_streams
@@ -505,24 +534,6 @@ def parse_messages(raw: str) -> list[dict[str, str]]:
     if not any(m["role"] == "user" and m["content"].strip() for m in out):
         raise RequestError("messages must contain a user message with non-blank content")
     return out
-
-
-def return_sequences(get: Callable[[str], np.ndarray | None], max_sequences: int) -> int:
-    """``num_return_sequences`` of a ``tensorrt_llm_bls`` request: 1..``max_sequences``.
-
-    Why apart from :meth:`RequestConfig.from_inputs`: only ``tensorrt_llm_bls`` can fan one
-    request out into several decode sessions (one prefill, its hand-off given to each), so it
-    reads the count here and sends ``preprocessing`` the rest; the ensemble, which cannot,
-    keeps refusing k > 1 there. Each sequence is a decode session, so ``max_sequences`` is
-    the deployment's ``max_sessions``.
-    """
-    k = _Reader(get).int("num_return_sequences", 1)
-    if not 1 <= k <= max_sequences:
-        raise RequestError(
-            f"num_return_sequences must be in 1..{max_sequences} (each sequence is a decode session; "
-            f"max_sessions={max_sequences}), got {k}"
-        )
-    return k
 
 
 def _valid_session_id(sid: str) -> bool:

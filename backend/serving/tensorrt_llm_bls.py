@@ -21,9 +21,10 @@ the mailbox's doorbell, a datagram to the decode process that owns the session
 rather than at its next poll: the session ends within one engine step and frees the KV. The session id is chosen here when the
 client sends none, so the watcher knows it before decode starts.
 
-``num_return_sequences`` k > 1 (which the ensemble refuses): the prompt is prefilled once
-and its hand-off goes to k decode sessions, each response tagged with ``sequence_index``
-as TensorRT-LLM's backend tags it (``backend/serving/return_sequences.py``).
+``num_return_sequences`` k > 1 goes through as the ensemble serves it: decode runs the k
+answers as k output streams of one engine session sharing the prompt KV, each response
+tagged ``sequence_index`` (``backend/serving/decode.py``); a cancel of the request's session
+id stops all k, since they are one session.
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ from backend.serving.bls_wire import PACKET, unpack
 from backend.serving.hop_trace import cancel_hop
 from backend.serving.instance import instance_parameters
 from backend.serving.reasoning_wire import DeferredRelease
-from backend.serving.request import INPUTS, RequestConfig, RequestError, return_sequences
-from backend.serving.return_sequences import SequenceFanout, sequence_config
+from backend.serving.request import INPUTS, RequestError
 from backend.serving.session_control import Mailbox, SessionNotFound
 from backend.serving.session_ids import mint_session_id
 from backend.serving.tensors import ONE_D_OUTPUTS, Responder
@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover
 #: the same name here keeps the two client-facing models interchangeable).
 RENAMED = {"session_id": "output_session_id"}
 #: Outputs re-sent as ``[1, n]`` integers / floats; the rest are strings.
-INT_OUTPUTS = ("output_ids", "num_input_tokens")
+INT_OUTPUTS = ("output_ids", "num_input_tokens", "sequence_index")
 FLOAT_OUTPUTS = ("timing_ms", "channel_stats", "output_log_probs", "cum_log_probs")
 #: How often the watcher asks the sender whether the client went away (ms).
 CANCEL_POLL_MS = 20.0
@@ -96,8 +96,6 @@ class TensorrtLlmBlsModel:
             step: params.get(f"{step}_model", step) for step in ("preprocessing", "prefill", "decode")
         }
         self.poll_s = float(params.get("cancel_poll_ms", str(CANCEL_POLL_MS))) / 1000.0
-        #: ``num_return_sequences`` bound: each sequence is a decode session.
-        self.max_sequences = int(params.get("max_sessions", "16"))
         self.mailbox = Mailbox.for_args(args)
         self.release_later = DeferredRelease()
         self.closing = threading.Event()
@@ -117,7 +115,7 @@ class TensorrtLlmBlsModel:
         out = Responder(request)
         done = threading.Event()
         try:
-            sid, k, inputs = self._inputs(request)
+            sid, inputs = self._inputs(request)
             threading.Thread(
                 target=self._watch, args=(out, sid, done), name="bls-cancel", daemon=True
             ).start()
@@ -128,10 +126,10 @@ class TensorrtLlmBlsModel:
             ids, rj = (pb_utils.get_output_tensor_by_name(pre, n) for n in ("input_ids", "request_json"))
             pf = self._exec("prefill", [ids, rj], ["prompt_kv", "prompt_logits"])
             kv, logits = (pb_utils.get_output_tensor_by_name(pf, n) for n in ("prompt_kv", "prompt_logits"))
-            if k == 1:
-                self._relay(out, [ids, rj, kv, logits])
-            else:
-                self._fan_out(out, sid, k, ids, rj, kv, logits)
+            if out.cancelled():  # hung up during prefill: no decode session at all
+                out.finish(error="cancelled by the client")
+                return
+            self._relay(out, [ids, rj, kv, logits])
         except (_StepError, RequestError) as e:
             out.finish(error=str(e))
         except Exception as e:  # noqa: BLE001 - every failure reaches the client
@@ -142,19 +140,14 @@ class TensorrtLlmBlsModel:
             out.finish()
             self._threads.discard(threading.current_thread())
 
-    def _inputs(self, request: Any) -> tuple[str, int, list[Any]]:
-        """The client's inputs for ``preprocessing``, with a session id chosen here if none,
-        and ``num_return_sequences``, read here (``request.return_sequences``), not sent on."""
+    def _inputs(self, request: Any) -> tuple[str, list[Any]]:
+        """The client's inputs for ``preprocessing``, with a session id chosen here if none."""
         inputs = []
         sid = ""
         batch = 1
-        sequences: np.ndarray | None = None
         for name in INPUTS:
             t = pb_utils.get_input_tensor_by_name(request, name)
             if t is None:
-                continue
-            if name == "num_return_sequences":
-                sequences = t.as_numpy()
                 continue
             if name == "text_input":
                 batch = max(1, int(t.as_numpy().shape[0]))
@@ -172,8 +165,7 @@ class TensorrtLlmBlsModel:
             # is what answers a batch, with the ensemble's message.
             ids = np.array([[sid.encode()]] * batch, dtype=np.object_)
             inputs.append(pb_utils.Tensor("session_id", ids))
-        k = return_sequences(lambda n: sequences if n == "num_return_sequences" else None, self.max_sequences)
-        return sid, k, inputs
+        return sid, inputs
 
     def _exec(self, step: str, inputs: list[Any], outputs: list[str]) -> Any:
         resp = pb_utils.InferenceRequest(
@@ -210,25 +202,6 @@ class TensorrtLlmBlsModel:
                 out.finish(tensors if len(tensors) else None)
             else:
                 out.send(client_tensors(obj))
-
-    def _fan_out(self, out: Responder, sid: str, k: int, ids: Any, rj: Any, kv: Any, logits: Any) -> None:
-        """``num_return_sequences`` k > 1: the one prefill's hand-off to k decode sessions,
-        their responses tagged with ``sequence_index`` (backend/serving/return_sequences.py)."""
-        cfg = RequestConfig.from_json(rj.as_numpy().reshape(-1)[0])
-
-        def decode(i: int) -> Iterator[dict[str, Any]]:
-            seq_json = sequence_config(cfg, i).to_json().encode("utf-8")
-            seq_rj = pb_utils.Tensor("request_json", np.array([[seq_json]], dtype=np.object_))
-            return self._packets([ids, seq_rj, kv, logits])
-
-        def tensors(obj: dict[str, Any], i: int) -> list[Any]:
-            if "session_id" in obj:  # the request's id: the one that reaches all k sessions
-                obj = {**obj, "session_id": [sid]}
-            out_tensors = client_tensors(obj)
-            index = pb_utils.Tensor("sequence_index", np.array([[i]], dtype=np.int32))
-            return out_tensors + [index] if out_tensors else []
-
-        SequenceFanout(out, self.mailbox, sid, k, self.poll_s).run(decode, tensors)
 
     def _watch(self, out: Responder, sid: str, done: threading.Event) -> None:
         """Polls ``is_cancelled()``; a cancel becomes the session's mailbox ``cancel``."""

@@ -74,10 +74,13 @@ def delta_tensors(
     logprobs: tuple[list[float], float] | None = None,
     stats: list[tuple[float, float]] | None = None,
     top: tuple[np.ndarray, ...] | None = None,
+    sequence: int | None = None,
 ) -> list[Any]:
     """The tensors of one response. ``stats`` (the paper layout's ``return_channel_stats``)
     adds ``channel_stats``: ``[entropy, top-1 probability]`` per token, flattened; ``top``
-    (``top_logprobs``) the three ``top_logprobs_*`` arrays of ``backend.serving.top_logprobs``."""
+    (``top_logprobs``) the three ``top_logprobs_*`` arrays of ``backend.serving.top_logprobs``;
+    ``sequence`` (``num_return_sequences`` > 1) ``sequence_index`` ``[1, 1]`` INT32, as
+    TensorRT-LLM's backend tags the sequence a response belongs to."""
     values = {
         "text_output": text,
         "stream_name": stream,
@@ -106,6 +109,8 @@ def delta_tensors(
     if stats is not None:
         flat = [x for pair in stats for x in pair]
         out.append(pb_utils.Tensor("channel_stats", np.array([flat], dtype=np.float32).reshape(1, -1)))
+    if sequence is not None:
+        out.append(pb_utils.Tensor("sequence_index", np.array([[sequence]], dtype=np.int32)))
     return out
 
 
