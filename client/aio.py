@@ -25,6 +25,7 @@ from .core import (
     ClientCore,
     GenerationCore,
     StallWatch,
+    cancel_action,
     control_accepted,
     control_batched,
     documents_options,
@@ -58,9 +59,9 @@ class AsyncGeneration(GenerationCore):
                 yield ev
         finally:
             await inner.aclose()  # caller stopped early: cancel the call now
-            session_id = self._claim_server_cancel()
-            if session_id is not None:
-                await self._cancel_on_server(session_id)
+            claim = self._claim_server_cancel()
+            if claim is not None:
+                await self._cancel_on_server(*claim)
             elif self._server_cancel is not None:
                 await self._server_cancel  # the one cancel() started: out before the iteration ends
 
@@ -84,16 +85,16 @@ class AsyncGeneration(GenerationCore):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        session_id = self._claim_server_cancel() if loop is not None else None
-        if loop is not None and session_id is not None:
-            self._server_cancel = loop.create_task(self._cancel_on_server(session_id))
+        claim = self._claim_server_cancel() if loop is not None else None
+        if loop is not None and claim is not None:
+            self._server_cancel = loop.create_task(self._cancel_on_server(*claim))
         if self._call is not None:
             self._call.cancel()
 
-    async def _cancel_on_server(self, session_id: str) -> None:
+    async def _cancel_on_server(self, session_id: str, pending: bool) -> None:
         """``session_control`` cancel, best effort: the session may have ended already."""
         try:
-            await self._client.cancel(session_id)
+            await self._client.cancel(session_id, pending=pending)
         except MultiStreamError:
             pass
 
@@ -163,9 +164,11 @@ class AsyncGeneration(GenerationCore):
                 except grpc.RpcError as exc:
                     if self._cancelled or exc.code() == grpc.StatusCode.CANCELLED:
                         raise self._cancelled_error() from exc
+                    self._heard()
                     raise from_exception(_rpc_exc(exc), c.url) from exc
                 t = time.perf_counter()
                 if response.error_message:
+                    self._heard()
                     raise MultiStreamError(response.error_message)
                 delta, final = self._feed_grpc(grpcclient.InferResult(response.infer_response), t)
                 if delta is not None:
@@ -196,6 +199,7 @@ class AsyncGeneration(GenerationCore):
                 ) as resp:
                     self._call = _AiohttpCancel(resp)
                     if resp.status != 200:
+                        self._heard()
                         raise MultiStreamError(
                             http_error_message(resp.status, await resp.read()), status=str(resp.status)
                         )
@@ -276,9 +280,14 @@ class AsyncMultiStreamClient(ClientCore):
         """Inject user text into a running session (the User channel)."""
         return await self._control(session_id, "input", text)
 
-    async def cancel(self, session_id: str) -> bool:
-        """Ask the server to cancel a session (works from any connection)."""
-        return await self._control(session_id, "cancel", None)
+    async def cancel(self, session_id: str, *, pending: bool = False) -> bool:
+        """Ask the server to cancel a session (works from any connection).
+
+        ``pending``: the caller owns an in-flight request of this id that has not answered
+        yet; a session not registered yet is then cancelled when it registers, instead of
+        "not found" (``core.cancel_action``).
+        """
+        return await self._control(session_id, cancel_action(pending), None)
 
     async def _check_session_alive(self, session_id: str) -> None:
         """Raises if the server says the session was lost (``core.raise_if_lost``)."""

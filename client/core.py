@@ -14,7 +14,9 @@ stand on one core and differ only in transport, so a rule decided here holds for
 - the stall check: when a silent stream asks ``session_control`` for its session's status,
   and what an answer of "was lost" means;
 - the cancel-on-server policy: a generation that did not finish cancels its session through
-  ``session_control``, once.
+  ``session_control``, once; with action ``cancel_pending`` while the server has answered
+  nothing yet (the session may not be registered: the server then applies the cancel when
+  it is), with a plain ``cancel`` after.
 
 A transport only opens the connection, waits for responses, hands each to its
 :class:`GenerationCore` and turns its own exceptions into ``MultiStreamError`` subclasses.
@@ -115,6 +117,16 @@ def control_batched(config: Any) -> bool:
     """
     mbs = config.get("max_batch_size", 0) if isinstance(config, dict) else config.config.max_batch_size
     return int(mbs) > 0
+
+
+def cancel_action(pending: bool) -> str:
+    """The ``session_control`` action of a cancel (``backend/serving/session_control.py``).
+
+    ``pending`` (the caller owns an in-flight request of the id that has not answered yet):
+    ``cancel_pending``, which the server remembers for a session not registered yet; else
+    ``cancel``, which says "not found" for an unknown or ended session.
+    """
+    return "cancel_pending" if pending else "cancel"
 
 
 def control_accepted(result: Any) -> bool:
@@ -239,6 +251,26 @@ class GenerationCore:
         self._sse = SSEParser()
         self._lock = threading.Lock()
         self._server_cancel_claimed = False
+        self._answered = False  # the server sent a response or an error for this request
+
+    @property
+    def answered(self) -> bool:
+        """Whether the server has answered this request yet (a response or an error).
+
+        Until then its session may not be registered on the server (the request is still in
+        preprocessing or queued for prefill), so a cancel must be a pending one
+        (``cancel_action``).
+        """
+        return self._answered
+
+    def _heard(self) -> None:
+        """The transport got a response or an error from the server for this request.
+
+        Ignored once the client cancelled: what arrives then is the local cancel's own error,
+        which says nothing about the session.
+        """
+        if not self._cancelled:
+            self._answered = True
 
     @property
     def session_id(self) -> str | None:
@@ -260,12 +292,16 @@ class GenerationCore:
 
     def _feed_grpc(self, result: Any, t: float) -> tuple[StreamDelta | None, bool]:
         """One gRPC stream response -> (its delta, whether it carries the final flag)."""
+        self._heard()
         return self.tracker.feed(fields_from_result(result), t), is_final_grpc(result)
 
     def _feed_sse_line(self, line: bytes | str) -> StreamDelta | None:
         """One line of ``generate_stream``; a delta when it completes an event."""
         data = self._sse.feed_line(line)
-        return None if data is None else self.tracker.feed(fields_from_json(sse_json(data)))
+        if data is None:
+            return None
+        self._heard()
+        return self.tracker.feed(fields_from_json(sse_json(data)))
 
     def _end_sse(self) -> StreamDelta | None:
         """The connection closed: an event not followed by a blank line still counts."""
@@ -274,6 +310,7 @@ class GenerationCore:
 
     def _feed_json_body(self, raw: bytes) -> StreamDelta | None:
         """The one answer of HTTP ``generate`` (no streaming)."""
+        self._heard()
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -288,19 +325,20 @@ class GenerationCore:
         self.done = self.tracker.done()
         return self.done
 
-    def _claim_server_cancel(self) -> str | None:
-        """The session to cancel through ``session_control`` now, or ``None``.
+    def _claim_server_cancel(self) -> tuple[str, bool] | None:
+        """``(session id, pending)`` to cancel through ``session_control`` now, or ``None``.
 
         Only a generation that did not finish, and only once (the iteration's end and
         ``cancel()`` may both ask, from two threads). Why at all: Triton 2.51 does not pass a
         stream's cancellation on to the running step of an ensemble, so without it the server
-        would generate on until ``max_tokens``.
+        would generate on until ``max_tokens``. ``pending`` while the server has answered
+        nothing (``answered``): the cancel then also reaches a session that registers later.
         """
         with self._lock:
             if self.done is not None or self._server_cancel_claimed or not self.session_id:
                 return None
             self._server_cancel_claimed = True
-            return self.session_id
+            return self.session_id, not self._answered
 
     @staticmethod
     def _cancelled_error() -> MultiStreamCancelled:

@@ -25,6 +25,7 @@ from .core import (
     ClientCore,
     GenerationCore,
     StallWatch,
+    cancel_action,
     control_accepted,
     control_batched,
     documents_options,
@@ -90,11 +91,12 @@ class Generation(GenerationCore):
     def _cancel_on_server(self) -> None:
         """``session_control`` cancel when the core's policy says so (best effort)."""
         with self._server_cancel_lock:
-            session_id = self._claim_server_cancel()
-            if session_id is None:
+            claim = self._claim_server_cancel()
+            if claim is None:
                 return
+            session_id, pending = claim
             try:
-                self._client.cancel(session_id)
+                self._client.cancel(session_id, pending=pending)
             except MultiStreamError:  # the session may have ended already
                 pass
 
@@ -153,6 +155,7 @@ class Generation(GenerationCore):
                 if error is not None:
                     if self._cancelled:
                         raise self._cancelled_error()
+                    self._heard()
                     raise from_exception(error, c.url)
                 delta, final = self._feed_grpc(result, t)
                 if delta is not None:
@@ -199,6 +202,7 @@ class Generation(GenerationCore):
                     raise self._cancelled_error() from exc
                 raise from_exception(exc, c.url) from exc
             if resp.status != 200:
+                self._heard()
                 raise MultiStreamError(http_error_message(resp.status, resp.read()), status=str(resp.status))
             try:
                 if self.request.stream:
@@ -271,9 +275,14 @@ class MultiStreamClient(ClientCore):
         """Inject user text into a running session (the User channel)."""
         return self._control(session_id, "input", text)
 
-    def cancel(self, session_id: str) -> bool:
-        """Ask the server to cancel a session (works from any connection)."""
-        return self._control(session_id, "cancel", None)
+    def cancel(self, session_id: str, *, pending: bool = False) -> bool:
+        """Ask the server to cancel a session (works from any connection).
+
+        ``pending``: the caller owns an in-flight request of this id that has not answered
+        yet; a session not registered yet is then cancelled when it registers, instead of
+        "not found" (``core.cancel_action``).
+        """
+        return self._control(session_id, cancel_action(pending), None)
 
     def _check_session_alive(self, session_id: str) -> None:
         """Raises if the server says the session was lost (``core.raise_if_lost``)."""

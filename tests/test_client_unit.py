@@ -28,7 +28,14 @@ from client import (
     StreamTracker,
     cli,
 )
-from client.core import GenerationCore, StallWatch, control_tensors, make_request, normalize_url
+from client.core import (
+    GenerationCore,
+    StallWatch,
+    cancel_action,
+    control_tensors,
+    make_request,
+    normalize_url,
+)
 from client.parse import (
     SSEParser,
     fields_from_json,
@@ -548,11 +555,28 @@ def test_server_cancel_is_claimed_once_and_only_for_an_unfinished_generation():
     gen = GenerationCore(GenerateRequest(prompt="x"))
     sid = gen.session_id
     assert sid and sid.startswith("client-")  # chosen client side before anything is sent
-    assert gen._claim_server_cancel() == sid and gen._claim_server_cancel() is None
+    # Nothing heard from the server yet: a pending cancel (its session may not be registered).
+    assert gen._claim_server_cancel() == (sid, True) and gen._claim_server_cancel() is None
     done_gen = GenerationCore(GenerateRequest(prompt="x", session_id="s1"))
     done_gen._feed_json_body(b'{"text_output": "a", "finish_reason": "stop", "output_session_id": "s1"}')
     done_gen._finish()
     assert done_gen._claim_server_cancel() is None
+
+
+def test_server_cancel_is_pending_only_until_the_server_answers():
+    """After a response the session is registered (or never will be): a plain cancel, which
+    says "not found" for an ended session instead of remembering a cancel for its id."""
+    gen = GenerationCore(GenerateRequest(prompt="x", session_id="s2"))
+    assert not gen.answered
+    gen._feed_sse_line(b'data: {"text_output": "a", "output_session_id": "s2"}')
+    assert not gen.answered, "half an event is not an answer yet"
+    gen._feed_sse_line(b"")
+    assert gen.answered and gen._claim_server_cancel() == ("s2", False)
+    cancelled = GenerationCore(GenerateRequest(prompt="x", session_id="s3"))
+    cancelled._cancelled = True
+    cancelled._heard()  # the local cancel's own error: says nothing about the session
+    assert cancelled._claim_server_cancel() == ("s3", True)
+    assert cancel_action(True) == "cancel_pending" and cancel_action(False) == "cancel"
 
 
 def test_stall_watch_schedules_checks_and_deadline():

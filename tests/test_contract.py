@@ -54,3 +54,10 @@ def test_ensemble_and_preprocessing_declare_exactly_the_request_inputs() -> None
     """``backend.serving.request.INPUTS`` is the one definition; the two configs must match it."""
     for model in ("multistream", "preprocessing"):
         assert _declared_inputs(model) == server_request.INPUTS, model
+
+
+def test_cancel_actions_are_session_control_actions() -> None:
+    from backend.serving.session_control import ACTIONS
+    from client.core import cancel_action
+
+    assert {cancel_action(True), cancel_action(False)} <= set(ACTIONS)

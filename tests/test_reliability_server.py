@@ -13,6 +13,7 @@ engine's own token times, the engine steps a hung-up session still ran.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -326,7 +327,9 @@ def test_cancellation_storm_leaves_nothing_behind(small_server) -> None:
     # Triton gives each model its own folder as ``model_repository``; the root hangs off its parent.
     root = mailbox_root(str(srv.run_dir / "model_repository" / "decode"))
     assert root.is_dir(), root
-    left = [p.name for p in root.iterdir() if p.name != ".cancel"] + [
+    # ``.pending``: cancels of requests that never reached decode (the ensemble dropped them
+    # after their stream cancel) are remembered for their TTL, by design (Mailbox.cancel_pending).
+    left = [p.name for p in root.iterdir() if p.name not in (".cancel", ".pending")] + [
         p.name for p in (root / ".cancel").iterdir()
     ]
     assert not left, f"mailbox entries left behind: {left}"
@@ -401,6 +404,208 @@ def test_response_group_tokens_groups_the_answer(small_server) -> None:
     assert len(ids) == 4 * GROUP_TOKENS + 2 or done.finish_reasons["output"] == "stop", sizes
     assert done.output_text == tok.decode([t for t in ids if t not in tok.eos_token_ids])
     _idle(small_server)
+
+
+# -- a cancel before decode registered the session (issue 14: hung-up clients) -------------
+
+#: The answer an early-cancelled request would make without the cancel (it ignores EOS).
+EARLY_MAX_TOKENS = 400
+
+
+def _cancel_hops(trace: Path, sid: str) -> dict[str, list[float]]:
+    """``hop -> [times]`` of one session's cancel (``backend.serving.hop_trace.cancel_hop``)."""
+    from backend.serving.hop_trace import CANCEL_FILE
+
+    out: dict[str, list[float]] = {}
+    path = trace / CANCEL_FILE
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        if row["sid"] == sid:
+            out.setdefault(row["hop"], []).append(row["t"])
+    return out
+
+
+def _long_prompt(words: int = 400) -> str:
+    """A prompt of ~``words`` tokens unlike any other (no prefix-cache hit): a slow prefill."""
+    rng = random.Random(uuid.uuid4().int)
+    vocab = ["the", "red", "ship", "sailed", "over", "a", "calm", "sea", "and", "old", "keeper", "watched"]
+    return " ".join(rng.choice(vocab) for _ in range(words))
+
+
+class PrefillQueue:
+    """Two long prompts queued on the one prefill instance, so the next request's prefill waits
+    behind them (seconds) and a cancel sent meanwhile lands before decode registers it."""
+
+    def __init__(self, srv: ServerHandle) -> None:
+        self.errors: list[str] = []
+
+        def one() -> None:
+            try:
+                with MultiStreamClient(srv.grpc_url, idle_timeout_s=120) as c:
+                    c.generate(_long_prompt(), max_tokens=2).result()
+            except MultiStreamError as e:
+                self.errors.append(str(e))
+
+        self.threads = [threading.Thread(target=one, daemon=True) for _ in range(2)]
+        for t in self.threads:
+            t.start()
+        time.sleep(0.3)  # both are in preprocessing / prefill now
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(timeout=120)
+        assert not self.errors, self.errors
+
+
+def _assert_cancelled_before_registration(trace: Path, sid: str) -> dict[str, list[float]]:
+    """The cancel was remembered before decode registered ``sid`` (so the test is not vacuous),
+    decode applied it on registration, and the session ended within a step or two."""
+    hops: dict[str, list[float]] = {}
+
+    def ended() -> bool:
+        nonlocal hops
+        hops = _cancel_hops(trace, sid)
+        return "unregistered" in hops
+
+    assert wait_for(ended, 60), f"session {sid} was not unregistered after its early cancel: {hops}"
+    assert "mailbox_pending" in hops, f"the cancel reached a registered session: not an early cancel {hops}"
+    assert hops["mailbox_pending"][0] < hops["pending_applied"][0], hops
+    assert hops["pending_applied"][0] <= hops["decode_read"][0] <= hops["unregistered"][0], hops
+    tokens = len(hops.get("token", []))
+    assert tokens <= 2, f"the session made {tokens} answer tokens after its pending cancel was applied"
+    return hops
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_client_cancel_before_the_first_response_frees_the_session(
+    small_server, hop_trace_dir, protocol: str
+) -> None:
+    """The project's client cancels while its request waits for prefill: the session decode
+    registers later is cancelled at once (``cancel_pending``), not run to ``max_tokens``.
+
+    Over gRPC the stream cancel also reaches Triton, whose ensemble then may not run decode at
+    all (it checks cancellation between steps): then the session never runs and the pending
+    cancel stays remembered (until its TTL). Over HTTP Triton 2.51 never learns of the
+    hang-up, so decode always registers the session and the pending cancel must end it.
+    """
+    srv = small_server
+    url = srv.grpc_url if protocol == "grpc" else srv.http_url
+    queue_ = PrefillQueue(srv)
+    sid = f"early-{protocol}-{uuid.uuid4().hex[:8]}"
+    with MultiStreamClient(url, protocol=protocol, idle_timeout_s=60) as client:
+        gen = client.generate(PROMPT, max_tokens=EARLY_MAX_TOKENS, ignore_eos=True, session_id=sid)
+        threading.Timer(0.2, gen.cancel).start()
+        t0 = time.monotonic()
+        with pytest.raises(MultiStreamCancelled):
+            gen.result()
+        assert not gen.answered, "the request was answered before the cancel: not an early cancel"
+    queue_.join()
+    root = mailbox_root(str(srv.run_dir / "model_repository" / "decode"))
+    hops = _cancel_hops(hop_trace_dir, sid)
+    if protocol == "grpc" and "pending_applied" not in hops:
+        # The ensemble dropped the cancelled request before decode: nothing ever ran.
+        print(f"{protocol}: the ensemble did not call decode after the stream cancel: {sorted(hops)}")
+        assert "mailbox_pending" in hops and (root / ".pending" / sid).exists(), hops
+        assert "decode_read" not in hops and "token" not in hops, hops
+    else:
+        hops = _assert_cancelled_before_registration(hop_trace_dir, sid)
+        assert not (root / ".pending" / sid).exists(), "an applied pending cancel must be consumed"
+        print(f"{protocol}: applied {1000 * (hops['pending_applied'][0] - t0):.0f} ms after the cancel")
+    _idle(srv)
+
+
+def test_front_cancel_and_disconnect_before_the_first_response(small_server, hop_trace_dir) -> None:
+    """The OpenAI front: ``/v1/sessions/{id}/cancel`` of a run it carries that has no session
+    yet is accepted (not a 404) and ends the run as ``cancelled``; a client that hangs up
+    before its first chunk frees its session; an unknown id is still a 404."""
+    import http.client
+
+    from tests.test_frontend import _post
+
+    srv = small_server
+    front = Front(srv.grpc_url)
+    try:
+        status, err, _ = _post(f"{front.url}/v1/sessions/never-{uuid.uuid4().hex[:8]}/cancel", {})
+        assert status == 404 and err["error"]["param"] == "session_id", err
+
+        # /v1/sessions/{id}/cancel while the run waits for prefill.
+        queue_ = PrefillQueue(srv)
+        sid = f"early-front-{uuid.uuid4().hex[:8]}"
+        body = {
+            "model": "multistream",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": EARLY_MAX_TOKENS,
+            "ignore_eos": True,
+            "session_id": sid,
+        }
+        answer: dict = {}
+        t = threading.Thread(target=lambda: answer.update(r=_post(f"{front.url}/v1/chat/completions", body)))
+        t.start()
+        time.sleep(0.3)
+        status, res, _ = _post(f"{front.url}/v1/sessions/{sid}/cancel", {})
+        assert status == 200 and res["accepted"] is True, (status, res)
+        t.join(timeout=120)
+        status, done, _ = answer["r"]
+        assert status == 200, done
+        assert done["choices"][0]["finish_reason"] == "cancelled", done
+        assert done["usage"]["completion_tokens"] <= 2, done["usage"]
+        _assert_cancelled_before_registration(hop_trace_dir, sid)
+        queue_.join()
+
+        # A client that hangs up before its first chunk.
+        queue_ = PrefillQueue(srv)
+        sid = f"early-hangup-{uuid.uuid4().hex[:8]}"
+        conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=60)
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps(body | {"stream": True, "session_id": sid}),
+            {"Content-Type": "application/json"},
+        )
+        time.sleep(0.3)
+        conn.close()  # hang up: nothing read yet
+        queue_.join()
+        hops = _cancel_hops(hop_trace_dir, sid)
+        print(f"front hang-up before the first chunk: {sorted(hops)}")
+        assert "front_seen" in hops and "mailbox_pending" in hops, hops
+        if "pending_applied" in hops:
+            _assert_cancelled_before_registration(hop_trace_dir, sid)
+        else:  # the ensemble dropped the cancelled gRPC call before decode: nothing ran
+            assert "decode_read" not in hops and "token" not in hops, hops
+    finally:
+        front.stop()
+    _idle(srv)
+
+
+def test_bls_cancel_during_prefill_frees_the_session(small_server, hop_trace_dir) -> None:
+    """``tensorrt_llm_bls`` sees the cancel itself (``is_cancelled``); one that arrives while
+    its prompt waits for prefill means decode is never called: nothing runs, nothing leaks."""
+    srv = small_server
+    queue_ = PrefillQueue(srv)
+    sid = f"early-bls-{uuid.uuid4().hex[:8]}"
+    with MultiStreamClient(srv.grpc_url, model_name="tensorrt_llm_bls", idle_timeout_s=60) as client:
+        gen = client.generate(PROMPT, max_tokens=EARLY_MAX_TOKENS, ignore_eos=True, session_id=sid)
+        threading.Timer(0.2, gen.cancel).start()
+        with pytest.raises(MultiStreamCancelled):
+            gen.result()
+        assert not gen.answered
+    queue_.join()
+    hops: dict[str, list[float]] = {}
+
+    def seen() -> bool:
+        nonlocal hops
+        hops = _cancel_hops(hop_trace_dir, sid)
+        return "bls_seen" in hops
+
+    assert wait_for(seen, 30), hops
+    time.sleep(1.0)  # had decode been called, it would have registered by now
+    hops = _cancel_hops(hop_trace_dir, sid)
+    print(f"bls cancel during prefill: {sorted(hops)}")
+    if "pending_applied" in hops:  # prefill had ended before the watcher saw the cancel
+        _assert_cancelled_before_registration(hop_trace_dir, sid)
+    else:
+        assert "decode_read" not in hops and "token" not in hops, hops
+    _idle(srv)
 
 
 def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None:

@@ -8,13 +8,16 @@ error does not fail the client's request but an answer error does).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from backend.serving.reasoning import parse_fault
-from backend.serving.session_control import Mailbox, SessionLost, SessionNotFound
+from backend.serving.session_control import ACTIONS, Doorbell, Mailbox, SessionLost, SessionNotFound
 from client.errors import MultiStreamError
 from client.events import StreamTracker
 
@@ -50,6 +53,62 @@ def test_mailbox_treats_a_zombie_owner_as_dead(tmp_path) -> None:
             box.post("zombie", "status")
     finally:
         child.wait()
+
+
+def test_pending_cancel_is_applied_once_when_the_session_registers(tmp_path) -> None:
+    """A cancel of a session not registered yet: remembered, then its first message, once."""
+    assert "cancel_pending" in ACTIONS
+    box = Mailbox(tmp_path / "sessions")
+    with pytest.raises(SessionNotFound, match="not a running session"):
+        box.post("early", "cancel")  # a plain cancel of an unknown id stays "not found"
+    box.post("early", "cancel_pending")
+    assert (box.pending / "early").exists()
+    with pytest.raises(SessionNotFound):
+        box.post("early", "status")  # remembered is not running
+    bell = Doorbell.open()
+    rang = threading.Event()
+    try:
+        if bell is not None:
+            bell.subscribe("early", rang.set)
+        box.register("early", bell)
+        assert box.poll("early") == [("cancel", "")], "the pending cancel is the session's first message"
+        assert bell is None or rang.wait(2.0), "registering with a pending cancel rings the owner's doorbell"
+    finally:
+        if bell is not None:
+            bell.close()
+    assert not (box.pending / "early").exists()
+    box.unregister("early")
+    box.register("early")  # the same id again: the cancel was consumed by the first session
+    assert box.poll("early") == []
+
+
+def test_pending_cancel_of_a_running_session_is_a_plain_cancel(tmp_path) -> None:
+    box = Mailbox(tmp_path / "sessions")
+    box.register("running")
+    assert box.cancel_pending("running") is False
+    assert box.poll("running") == [("cancel", "")]
+    assert list(box.pending.iterdir()) == []
+
+
+def test_pending_cancel_expires_and_touches_no_other_id(tmp_path) -> None:
+    """After the TTL a reused id runs normally; other ids never see someone's pending cancel."""
+    box = Mailbox(tmp_path / "sessions", pending_ttl_s=30.0)
+    assert box.cancel_pending("old") is True
+    past = time.time() - 31.0
+    os.utime(box.pending / "old", (past, past))
+    box.register("old")
+    assert box.poll("old") == [], "a pending cancel older than the TTL must not hit a new request"
+    assert not (box.pending / "old").exists(), "an expired cancel is dropped when its id registers"
+    box.cancel_pending("stale")
+    os.utime(box.pending / "stale", (past, past))
+    box.cancel_pending("fresh")  # each new pending cancel prunes the expired ones
+    assert sorted(p.name for p in box.pending.iterdir()) == ["fresh"]
+    box.register("other")
+    assert box.poll("other") == []
+    with pytest.raises(SessionNotFound):
+        box.post("unknown", "cancel")
+    with pytest.raises(SessionNotFound, match="not a valid session id"):
+        box.cancel_pending("../escape")
 
 
 def test_parse_fault() -> None:

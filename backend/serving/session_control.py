@@ -9,6 +9,10 @@ wakes the session's decode loop at once; the loop also polls its directory every
 lost ring only costs that step. The directory exists exactly while the session runs, so an
 unknown or ended session is an immediate, clear error.
 
+One exception, for the client that owns a request: action ``cancel_pending`` (see
+:meth:`Mailbox.cancel_pending`) remembers a cancel for a session that is not running *yet*
+(its request still in preprocessing or queued for prefill), and ``register`` applies it.
+
 Root: ``$MULTISTREAM_RUN_DIR/sessions`` when set, else a per-repository directory under
 the system temp dir, so two servers on one host never share sessions.
 """
@@ -38,7 +42,12 @@ try:  # only inside the Triton python stub
 except ImportError:  # pragma: no cover
     pb_utils = None
 
-ACTIONS = ("input", "cancel", "status")
+#: The one list of ``session_control`` actions. ``cancel_pending``: the cancel of the client that
+#: owns an in-flight request and has not heard its first response (``Mailbox.cancel_pending``).
+ACTIONS = ("input", "cancel", "cancel_pending", "status")
+#: How long a pending cancel waits for its session to register (s). A request that was not in
+#: decode this long after its client gave up never will be (the prefill queue is bounded).
+PENDING_CANCEL_TTL_S = 60.0
 
 
 class SessionNotFound(KeyError):
@@ -150,10 +159,14 @@ def ring(address: str, session_id: str) -> bool:
 class Mailbox:
     """Session directories: register / post / poll / unregister, plus a reasoning-cancel flag."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, pending_ttl_s: float = PENDING_CANCEL_TTL_S):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / ".cancel").mkdir(exist_ok=True)
+        #: Cancels of sessions not registered yet, one empty file per id (its mtime: when).
+        self.pending = self.root / ".pending"
+        self.pending.mkdir(exist_ok=True)
+        self.pending_ttl_s = pending_ttl_s
 
     @classmethod
     def for_args(cls, args: dict[str, Any]) -> Mailbox:
@@ -168,7 +181,10 @@ class Mailbox:
     def register(self, session_id: str, doorbell: Doorbell | None = None) -> None:
         """Claims the id; ``ValueError`` if a live session already uses it.
 
-        With ``doorbell`` (subscribed to the id first), each message posted rings it.
+        With ``doorbell`` (subscribed to the id first), each message posted rings it. A pending
+        cancel of the id (``cancel_pending``, younger than the TTL) becomes the session's first
+        message: decode reads it at its loop's first turn (the doorbell rang, and the first
+        poll is due at once), so the session ends at the engine's next step boundary.
         """
         path = self._dir(session_id)
         try:
@@ -179,6 +195,11 @@ class Mailbox:
         if doorbell is not None:
             owner["bell"] = doorbell.address
         (path / ".owner").write_text(json.dumps(owner))
+        # After the directory exists: a ``cancel_pending`` racing with us either sees it (and
+        # posts an ordinary cancel) or wrote its file before this look (and we take it).
+        if self._take_pending(session_id):
+            cancel_hop(session_id, "pending_applied")
+            self.post(session_id, "cancel")
 
     def unregister(self, session_id: str) -> None:
         shutil.rmtree(self._dir(session_id), ignore_errors=True)
@@ -237,6 +258,9 @@ class Mailbox:
         """
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        if action == "cancel_pending":
+            self.cancel_pending(session_id)
+            return
         path = self._dir(session_id)
         self.check(session_id)
         if action == "status":
@@ -253,6 +277,80 @@ class Mailbox:
         bell = self._owner(session_id).get("bell")
         if isinstance(bell, str):
             ring(bell, session_id)
+
+    def cancel_pending(self, session_id: str) -> bool:
+        """Cancels the session, or, not running yet, when it registers; True if remembered.
+
+        For the client that owns an in-flight request of this id and has not heard its first
+        response: the request may still be in preprocessing or queued for prefill (seconds
+        under load), so the session is not registered and a plain ``cancel`` would be "not
+        found" and lost, while the ensemble (Triton 2.51) never tells decode of the stream's
+        cancel: decode would register the session later and run it to ``max_tokens``.
+
+        Rules, and why:
+
+        - only this action remembers: a plain ``cancel`` (or ``input``) of an unknown id stays
+          ``SessionNotFound`` (the front's 404), so a typo or someone else's stale id is told
+          so, not silently accepted;
+        - the clients send it only while they have heard nothing from the server (a response
+          means decode registered the session; an error means it never will), with the id
+          they chose themselves for that request (a fresh uuid unless the caller picked one);
+        - consumed once, by the first ``register`` of the id, then gone;
+        - kept for ``pending_ttl_s`` (60 s), pruned at each new pending cancel: a request that
+          never reached decode (the ensemble dropped it after the stream cancel, or it failed
+          earlier) leaves its cancel behind, and a later, unrelated request that reuses the id
+          after the TTL must run normally. One that reuses it within the TTL is cancelled: a
+          caller that retries a cancelled request under the same id should wait that long.
+
+        ``SessionLost`` when the session runs but its decode instance died.
+        """
+        path = self._dir(session_id)
+        if path.is_dir():
+            self.post(session_id, "cancel")  # running: an ordinary cancel
+            return False
+        pending = self.pending / session_id
+        tmp = self.pending / f".{session_id}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.touch()
+        tmp.rename(pending)  # atomic, so ``register`` never takes half a record
+        cancel_hop(session_id, "mailbox_pending")
+        self._prune_pending()
+        if path.is_dir():  # registered meanwhile: it may have looked before our file existed
+            try:
+                pending.unlink()
+            except FileNotFoundError:
+                return True  # ``register`` took it and posted the cancel
+            try:
+                self.post(session_id, "cancel")
+            except SessionLost:
+                raise
+            except SessionNotFound:
+                pass  # it ended already: nothing to cancel
+            return False
+        return True
+
+    def _take_pending(self, session_id: str) -> bool:
+        """Consumes the id's pending cancel; True if there was one younger than the TTL."""
+        pending = self.pending / session_id
+        try:
+            age = time.time() - pending.stat().st_mtime
+            pending.unlink()  # whoever unlinks it owns it: exactly one cancel goes out
+        except FileNotFoundError:
+            return False
+        return age <= self.pending_ttl_s
+
+    def _prune_pending(self) -> None:
+        """Drops pending cancels (and stray temp files) older than the TTL: a bounded folder."""
+        limit = time.time() - self.pending_ttl_s
+        try:
+            entries = list(os.scandir(self.pending))
+        except FileNotFoundError:
+            return
+        for e in entries:
+            try:
+                if e.stat().st_mtime < limit:
+                    os.unlink(e.path)
+            except FileNotFoundError:
+                continue
 
     # -- reasoning cancel flag (decode -> reasoning, which BLS cannot cancel in 2.51) --------
     def cancel_reasoning(self, session_id: str) -> None:
@@ -296,8 +394,9 @@ def _first_text(request: Any, name: str, required: bool = True) -> str:
 
 
 class SessionControlModel:
-    """Triton model ``session_control``: ``action`` "input" (with ``text_input``), "cancel" or
-    "status" (is the session still running: the client asks when its stream stalls)."""
+    """Triton model ``session_control``: ``action`` "input" (with ``text_input``), "cancel",
+    "cancel_pending" (the owner's cancel before its first response: ``Mailbox.cancel_pending``)
+    or "status" (is the session still running: the client asks when its stream stalls)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         self.mailbox = Mailbox.for_args(args)
