@@ -211,7 +211,9 @@ def _run_part(args: argparse.Namespace, part: str) -> dict:
     """``engine``: the engine with ``--quantization``; ``dense``: without; ``hf``: transformers."""
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(args.model_dir)
-    dtype = resolve_dtype(args.dtype)
+    # Each part in the dtype the engine would pick for it: dense (and HF) on a CPU without bf16
+    # instructions is fp32 (torch emulates bf16 matmuls there; a dense bf16 run took minutes).
+    dtype = resolve_dtype(args.dtype, "cpu", "none" if part in ("dense", "hf") else args.quantization)
     dtype_name = str(dtype).removeprefix("torch.")
     tok = Tokenizer.from_dir(model_dir)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         # The same weights in the same dtype as HF, dense: an int4 kernel's cost grows with
         # rows while a dense step is memory-bound, so their row/batch ratios differ.
         dense = _measure_in_child(args, "dense")
-        shared = ("model", "dtype", "threads", "cpu", "prompt_tokens", "new_tokens")
+        shared = ("model", "threads", "cpu", "prompt_tokens", "new_tokens")
         result["dense"] = {k: v for k, v in dense.items() if k not in shared}
         modes.append(result["dense"])
     hf = None
