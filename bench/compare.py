@@ -585,6 +585,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         _server_parameters(args.param, True)
     except ValueError as e:
         p.error(str(e))
+    if args.param and args.url:
+        p.error("--param sets parameters of the server started here; it cannot reach a running one (--url)")
     q = args.quick
     if args.concurrency is None:
         args.concurrency = "1,4" if q else "1,4,16"

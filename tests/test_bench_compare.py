@@ -84,3 +84,22 @@ def test_quick_compare_writes_json_and_chart(tmp_path: Path) -> None:
     assert ratios["aggregate_vs_llama_server_at_2"]["value"] is None
     assert ratios["repeated_prefix_ttft_vs_llama_server"]["value"] is None
     assert ratios["reasoning_answer_ttft_speedup"]["value"] is None
+
+
+def test_param_specs_become_server_parameters() -> None:
+    """``--param MODEL.KEY=VALUE`` (repeatable, ``*`` = every model) merged with the prefix-cache
+    switch of the throughput levels; a malformed spec names itself and the form."""
+    from bench.compare import _server_parameters
+
+    specs = ["prefill.prefill_at=decode", "decode.int4_prompts=true", "*.max_step_tokens=128"]
+    assert _server_parameters(specs, prefix_cache=True) == {
+        "prefill": {"prefill_at": "decode"},
+        "decode": {"int4_prompts": "true"},
+        "*": {"max_step_tokens": "128"},
+    }
+    off = _server_parameters(specs, prefix_cache=False)
+    assert off["*"] == {"max_step_tokens": "128", "prefix_cache_mb": "0"}
+    assert _server_parameters([], prefix_cache=True) is None
+    for bad in ("prefill_at=decode", "prefill.prefill_at", ".x=1"):
+        with pytest.raises(ValueError, match="expected MODEL.KEY=VALUE"):
+            _server_parameters([bad], prefix_cache=True)
