@@ -87,6 +87,31 @@ def triton_server(gil_check: None) -> Iterator[ServerHandle]:
 
 
 @pytest.fixture(scope="session")
+def paper_server(gil_check: None) -> Iterator[ServerHandle]:
+    """One server on the paper's stream layout (``PAPER_CHANNELS`` channels) for every paper
+    test module: test_paper_serving and test_paper_logprobs each started their own."""
+    from tests.server_helpers import PAPER_CHANNELS, small_server
+
+    with small_server(
+        model_dir="default",
+        parameters={"*": {"stream_layout": "paper", "num_channels": str(PAPER_CHANNELS)}},
+        max_sessions=4,
+        max_context=1024,
+    ) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def paper_engine(default_model_dir):
+    """The paper server's checkpoint and engine settings, in this process (the reference)."""
+    from backend.engine import Engine, EngineConfig
+
+    engine = Engine.from_model_dir(default_model_dir, EngineConfig(max_sessions=2, max_context=1024))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
 def default_model_dir():
     """The converted default checkpoint (converted once into the cache, then reused)."""
     from backend.model_store import ensure_default_model

@@ -19,6 +19,8 @@ from launcher.serve import DEFAULT_REPOSITORY, ServerHandle, start_server
 TEST_MODEL_DIR = os.environ.get("MULTISTREAM_TEST_MODEL_DIR", "default")
 #: How long a test server may take to become ready (a first start converts the model).
 READY_TIMEOUT = float(os.environ.get("MULTISTREAM_TEST_READY_TIMEOUT", "600"))
+#: Channels of the paper-layout server the paper tests share (``paper_server`` in conftest.py).
+PAPER_CHANNELS = 4
 
 SMALL: dict[str, Any] = {
     "decode_instances": 1,

@@ -15,44 +15,25 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 import torch
 
-from backend.engine import Engine, EngineConfig
+from backend.engine import Engine
 from backend.engine.layout import StreamLayout, find_silence, seed_row, user_tokens
 from backend.serving.request import RequestConfig
 from client import MultiStreamClient, StreamDelta
-from tests.server_helpers import small_server
+from tests.server_helpers import PAPER_CHANNELS
 from tests.test_frontend import Front
 
 pytestmark = pytest.mark.server
 
-C = 4
+C = PAPER_CHANNELS
 K = 3
 PROMPT = "Tell me what two plus two is"
 ROWS = 16
 #: Greedy, no silence penalty: the reported distribution is the model's own (sampling.py).
 GREEDY = {"temperature": 0.0, "silence_penalty": 0.0, "reasoning_streams": 1}
-
-
-@pytest.fixture(scope="module")
-def paper_server(gil_check):
-    with small_server(
-        model_dir="default",
-        parameters={"*": {"stream_layout": "paper", "num_channels": str(C)}},
-        max_sessions=4,
-        max_context=1024,
-    ) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def local(default_model_dir) -> Iterator[Engine]:
-    engine = Engine.from_model_dir(default_model_dir, EngineConfig(max_sessions=2, max_context=1024))
-    yield engine
-    engine.shutdown()
 
 
 def reference(engine: Engine, session_id: str) -> list[tuple[int, list[float]]]:
@@ -112,9 +93,9 @@ def _served(url: str, session_id: str) -> tuple[list[StreamDelta], list]:
     return [e for e in events if isinstance(e, StreamDelta)], events
 
 
-def test_grid_logprobs_are_output_s_visible_tokens(paper_server, local) -> None:
+def test_grid_logprobs_are_output_s_visible_tokens(paper_server, paper_engine) -> None:
     deltas, _ = _served(paper_server.grpc_url, "paper-lp")
-    silence = find_silence(local.tokenizer)
+    silence = find_silence(paper_engine.tokenizer)
     out = [d for d in deltas if d.stream == "output"]
     ids = [t for d in out for t in d.token_ids]
     lps = [v for d in out for v in d.logprobs]
@@ -124,7 +105,7 @@ def test_grid_logprobs_are_output_s_visible_tokens(paper_server, local) -> None:
     for d in deltas:
         if d.stream != "output":
             assert not d.logprobs and not d.top_logprobs, d  # the thinking channels: none asked
-    ref = reference(local, "paper-lp")
+    ref = reference(paper_engine, "paper-lp")
     assert [t for t, _ in ref] == ids
     for tok, lp, alts, (_, row) in zip(ids, lps, tops, ref, strict=True):
         assert lp == pytest.approx(row[tok], abs=2e-3)
@@ -156,7 +137,7 @@ def test_grid_sampled_logprobs_rank_the_chosen_token(paper_server) -> None:
                 assert lp <= alts[-1].logprob
 
 
-def test_grid_non_streaming_logprobs(paper_server, local) -> None:
+def test_grid_non_streaming_logprobs(paper_server, paper_engine) -> None:
     """HTTP ``generate`` (one response): the whole answer's log probabilities and their sum."""
     body = {
         "text_input": PROMPT,
@@ -171,7 +152,7 @@ def test_grid_non_streaming_logprobs(paper_server, local) -> None:
     )
     with urllib.request.urlopen(req, timeout=120) as resp:
         out = json.loads(resp.read())
-    ref = reference(local, "paper-lp-nostream")
+    ref = reference(paper_engine, "paper-lp-nostream")
     ids = out["output_ids"]
     assert ids == [t for t, _ in ref] and len(out["output_log_probs"]) == len(ids)
     for lp, (tok, row) in zip(out["output_log_probs"], ref, strict=True):

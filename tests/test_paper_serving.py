@@ -16,35 +16,16 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from backend.engine import Engine, EngineConfig
+from backend.engine import Engine
 from backend.engine.layout import StreamLayout, find_silence, seed_row, user_tokens
 from backend.serving.request import RequestConfig
 from client import MultiStreamClient, MultiStreamError
-from tests.server_helpers import small_server
+from tests.server_helpers import PAPER_CHANNELS
 
 pytestmark = pytest.mark.server
 
-C = 4
+C = PAPER_CHANNELS
 PROMPT = "Tell me what two plus two is"
-
-
-@pytest.fixture(scope="module")
-def paper_server(gil_check):
-    with small_server(
-        model_dir="default",
-        parameters={"*": {"stream_layout": "paper", "num_channels": str(C)}},
-        max_sessions=4,
-        max_context=1024,
-    ) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def local(default_model_dir):
-    """The same checkpoint and engine settings, in this process."""
-    engine = Engine.from_model_dir(default_model_dir, EngineConfig(max_sessions=2, max_context=1024))
-    yield engine
-    engine.shutdown()
 
 
 def grid_in_process(engine: Engine, text: str, **options) -> dict[str, list[tuple[int, int]]]:
@@ -90,7 +71,7 @@ def served_tokens(events) -> dict[str, list[int]]:
     return out
 
 
-def test_the_served_grid_is_the_engine_grid(paper_server, local):
+def test_the_served_grid_is_the_engine_grid(paper_server, paper_engine):
     client = MultiStreamClient(paper_server.grpc_url)
     events = list(
         client.generate(
@@ -99,12 +80,12 @@ def test_the_served_grid_is_the_engine_grid(paper_server, local):
     )
     done = events[-1]
     served = served_tokens(events[:-1])
-    ref = grid_in_process(local, PROMPT, max_tokens=14, temperature=0.0, session_id="paper-greedy")
+    ref = grid_in_process(paper_engine, PROMPT, max_tokens=14, temperature=0.0, session_id="paper-greedy")
     assert set(served) == {"output", "reasoning/Analytical", "user"}
     for stream in ("output", "reasoning/Analytical"):
         assert served[stream] == [t for _, t in ref[stream]], stream
     # The User column is the prompt as the paper tokenizes it, one token per row from row 1.
-    tok = local.tokenizer
+    tok = paper_engine.tokenizer
     assert ref["user"] == [(1 + i, t) for i, t in enumerate(user_tokens(tok, PROMPT))]
     assert served["user"] == user_tokens(tok, PROMPT)
     silence = find_silence(tok)
@@ -115,19 +96,19 @@ def test_the_served_grid_is_the_engine_grid(paper_server, local):
     assert ref.get("reasoning/Skeptical") and "reasoning/Skeptical" not in served
 
 
-def test_paper_sampling_defaults_and_seeds_replay(paper_server, local):
+def test_paper_sampling_defaults_and_seeds_replay(paper_server, paper_engine):
     client = MultiStreamClient(paper_server.grpc_url)
     opts = dict(max_tokens=10, seed=1234, reasoning_streams=1)
     a = served_tokens(list(client.generate(PROMPT, session_id="paper-s1", **opts))[:-1])
     b = served_tokens(list(client.generate(PROMPT, session_id="paper-s2", **opts))[:-1])
     assert a == b, "a seed replays the whole grid"
     # Unset temperature / top_k / top_p are the paper's 0.8 / 20 / 0.95, seeded per channel.
-    ref = grid_in_process(local, PROMPT, max_tokens=10, seed=1234, session_id="paper-s1")
+    ref = grid_in_process(paper_engine, PROMPT, max_tokens=10, seed=1234, session_id="paper-s1")
     assert a["output"] == [t for _, t in ref["output"]]
     assert a["reasoning/Analytical"] == [t for _, t in ref["reasoning/Analytical"]]
 
 
-def test_non_streaming_http_generate_carries_answer_and_reasoning(paper_server, local):
+def test_non_streaming_http_generate_carries_answer_and_reasoning(paper_server, paper_engine):
     """A plain HTTP ``generate`` (one response): Output's text and the shown thinking text."""
     import json
     import urllib.request
@@ -138,8 +119,10 @@ def test_non_streaming_http_generate_carries_answer_and_reasoning(paper_server, 
     )
     with urllib.request.urlopen(req, timeout=120) as resp:
         out = json.loads(resp.read())
-    ref = grid_in_process(local, PROMPT, max_tokens=8, temperature=0.0, session_id=out["output_session_id"])
-    tok = local.tokenizer
+    ref = grid_in_process(
+        paper_engine, PROMPT, max_tokens=8, temperature=0.0, session_id=out["output_session_id"]
+    )
+    tok = paper_engine.tokenizer
     assert out["text_output"] == tok.decode([t for _, t in ref["output"]])
     assert out["reasoning_output"] == tok.decode([t for _, t in ref["reasoning/Analytical"]])
     assert out["finish_reason"] == "length"
@@ -201,9 +184,9 @@ def test_channel_stats_come_with_each_token(paper_server):
     assert checked >= 6
 
 
-def test_input_and_cancel_mid_grid(paper_server, local):
+def test_input_and_cancel_mid_grid(paper_server, paper_engine):
     client = MultiStreamClient(paper_server.grpc_url)
-    tok = local.tokenizer
+    tok = paper_engine.tokenizer
     gen = client.generate(
         PROMPT, max_tokens=200, temperature=0.0, stop_silent_rows=0, session_id="paper-live"
     )
@@ -258,7 +241,7 @@ def test_options_that_do_not_fit_the_layout_are_refused_by_name(paper_server, op
         list(client.generate(PROMPT, **opts))
 
 
-def test_a_grid_given_by_the_caller_starts_the_session(paper_server, local):
+def test_a_grid_given_by_the_caller_starts_the_session(paper_server, paper_engine):
     client = MultiStreamClient(paper_server.grpc_url)
     grid = '[["-", "-", " thinking", " checking"], ["-", "-", " about", " again"]]'
     events = list(
@@ -269,7 +252,7 @@ def test_a_grid_given_by_the_caller_starts_the_session(paper_server, local):
     served = served_tokens(events[:-1])
     # 6 rows sampled after the caller's 2 (rows 2..7); rows 2..6 were fed, each with the next
     # user token (row 7 ends the session before it is fed).
-    assert served["user"] == user_tokens(local.tokenizer, PROMPT)[:5]
+    assert served["user"] == user_tokens(paper_engine.tokenizer, PROMPT)[:5]
     assert events[-1].finish_reasons.get("output") == "length"
     seeded = served_tokens(
         list(client.generate(PROMPT, max_tokens=6, temperature=0.0, reasoning_streams=2))[:-1]
