@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backend.kernels.native import cpu_flags
 from backend.locks import exclusive_lock
 from backend.model_store import default_cache_dir
 
@@ -80,16 +81,6 @@ BUILD_OPTIONS = {
 def cache_root() -> Path:
     """``<multistream cache>/llama-server``: sdists and finished builds."""
     return default_cache_dir() / "llama-server"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cmake_options(flags: set[str] | None = None) -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -17,10 +16,7 @@ NO_ROW_LIMIT = 1 << 30
 def cpu_has_native_bf16() -> bool:
     """Whether torch's CPU bf16 matmuls run on bf16 instructions here (AVX512-BF16 or AMX)
     rather than emulated: on an AVX2 CPU a bf16 matmul of 128 rows is 4.4x slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
+    flags = native.cpu_flags()
     has_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     return has_bf16 and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
 

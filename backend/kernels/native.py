@@ -53,7 +53,8 @@ VARIANT_CPU_FLAGS = {
 LDFLAGS = ["-fopenmp"]
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -65,12 +66,12 @@ def _cpu_flags() -> set[str]:
 
 
 def cpu_has_avx512_bf16() -> bool:
-    return "avx512_bf16" in _cpu_flags()
+    return "avx512_bf16" in cpu_flags()
 
 
 def fitting_variants() -> list[str]:
     """The variants this CPU can run, best first (whatever the environment asks for)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return [v for v, need in VARIANT_CPU_FLAGS.items() if all(f in flags for f in need)]
 
 
