@@ -135,8 +135,11 @@ class ChatShape:
         }
 
     def delta(self, ev: StreamDelta) -> dict[str, Any] | None:
-        """The chunk of one stream delta; ``None`` for an empty one or the User echo."""
-        if not ev.text or ev.kind == "input":
+        """The chunk of one stream delta; ``None`` for the User echo and for an empty delta,
+        except an answer delta with log probabilities: its tokens have no text yet (a
+        character split across tokens), and it still goes out, with ``content: ""``, so the
+        streamed ``logprobs.content`` entries are exactly the answer's tokens."""
+        if ev.kind == "input" or not (ev.text or (ev.logprobs and ev.kind != "reasoning")):
             return None
         if ev.kind == "reasoning":
             delta = {"reasoning_content": ev.text, "reasoning": ev.text, "stream": ev.stream}

@@ -113,7 +113,9 @@ class CompletionShape:
         }
 
     def delta(self, ev: StreamDelta) -> dict[str, Any] | None:
-        if not ev.text or ev.kind == "input":
+        """As ``ChatShape.delta``: an answer delta with log probabilities but no text yet
+        still goes out (``text: ""``), so the streamed ``logprobs`` are every answer token."""
+        if ev.kind == "input" or not (ev.text or (ev.logprobs and ev.kind != "reasoning")):
             return None
         if ev.kind == "reasoning":
             return self._chunk(

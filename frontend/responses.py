@@ -48,11 +48,28 @@ RESPONSE_FIELDS = frozenset(
 #: The ``include`` value that asks for the answer's token log probabilities (OpenAI's name);
 #: the only one this server has data for.
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+#: The other values OpenAI documents for ``include``. None has anything to add here: this
+#: server runs no tools (file search, web search, code interpreter, computer use), takes no
+#: images, and returns reasoning as plain text, so ``reasoning.encrypted_content`` (what the
+#: Agents SDK and Codex send with ``store: false``) has nothing to carry: reasoning items
+#: sent back in ``input`` are skipped (``conversation``). Accepted, so those clients work;
+#: a value outside this list is a typo or a newer feature, and is refused by name.
+NO_OP_INCLUDES = frozenset(
+    {
+        "reasoning.encrypted_content",
+        "file_search_call.results",
+        "web_search_call.results",
+        "web_search_call.action.sources",
+        "code_interpreter_call.outputs",
+        "computer_call_output.output.image_url",
+        "message.input_image.image_url",
+    }
+)
 
 
 def wants_logprobs(body: Mapping[str, Any]) -> bool:
-    """``include``: a list of strings, of which only :data:`LOGPROBS_INCLUDE` means something
-    here; anything else (tool results, encrypted reasoning) is refused by name, not ignored."""
+    """``include``: a list of OpenAI's documented values, of which only
+    :data:`LOGPROBS_INCLUDE` changes the response here (:data:`NO_OP_INCLUDES`: nothing to add)."""
     include = body.get("include")
     if include is None:
         return False
@@ -61,13 +78,11 @@ def wants_logprobs(body: Mapping[str, Any]) -> bool:
             f'include must be a list of strings (e.g. ["{LOGPROBS_INCLUDE}"]), got {include!r}',
             param="include",
         )
-    other = [x for x in include if x != LOGPROBS_INCLUDE]
-    if other:
-        raise bad_request(
-            f"include: {other[0]!r} is not supported by this server (only {LOGPROBS_INCLUDE!r} is)",
-            param="include",
-        )
-    return bool(include)
+    unknown = [x for x in include if x != LOGPROBS_INCLUDE and x not in NO_OP_INCLUDES]
+    if unknown:
+        known = ", ".join(sorted(NO_OP_INCLUDES | {LOGPROBS_INCLUDE}))
+        raise bad_request(f"include: {unknown[0]!r} is not one of {known}", param="include")
+    return LOGPROBS_INCLUDE in include
 
 
 def conversation(body: Mapping[str, Any], store: ResponseStore) -> list[dict[str, str]]:
