@@ -44,6 +44,27 @@ def test_pump_groups_and_flushes_on_finish() -> None:
     assert sum(c[2] for c in m.calls if c[0] == "tokens") == 4
 
 
+def test_pump_hold_coalesces_until_due() -> None:
+    """``hold`` (the loop fell behind: more deltas already queued) keeps tokens back until
+    ``due``, which sends them as one group; an end goes out at once, with what was held."""
+    pump = StreamPump("output", _Metrics(), arrival=0.0, group_tokens=1)
+    assert pump.push("output", "a", [1], logprobs=[-0.5], hold=True) is None
+    assert pump.push("output", "b", [2], logprobs=[-0.25], hold=True) is None
+    g = pump.due("output")
+    assert g is not None and (g.text, g.ids, g.logprobs) == ("ab", [1, 2], ([-0.5, -0.25], -0.75))
+    assert pump.due("output") is None  # nothing left
+    assert pump.push("output", "c", [3], hold=True) is None
+    g = pump.push("output", "d", [4], "length", hold=True)
+    assert g is not None and (g.text, g.ids, g.finish_reason) == ("cd", [3, 4], "length")
+    assert pump.due("output") is None and pump.due("never-opened") is None
+    grouped = StreamPump("output", None, arrival=0.0, group_tokens=3)  # group size still holds
+    grouped.push("output", "x", [5], hold=True)
+    grouped.push("output", "y", [6], hold=True)
+    assert grouped.due("output") is None
+    grouped.push("output", "z", [7], hold=True)
+    assert grouped.due("output").ids == [5, 6, 7]
+
+
 def test_pump_timing_is_per_stream() -> None:
     pump = StreamPump("reasoning", None, arrival=time.time() - 2.0)  # arrived 2 s ago
     g0 = pump.push("reasoning/0", "x", [1])

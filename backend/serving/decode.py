@@ -34,7 +34,7 @@ from backend.serving import handoff
 from backend.serving.bls_wire import responder_for
 from backend.serving.engine_model import EngineModel
 from backend.serving.hop_trace import HopTrace
-from backend.serving.pump import POLL_S, CancelPoll, StreamPump
+from backend.serving.pump import POLL_S, CancelPoll, Group, StreamPump
 from backend.serving.reasoning_wire import DeferredRelease, ReasoningCall, ReasoningDelta
 from backend.serving.request import RequestConfig
 from backend.serving.session_control import Doorbell, Mailbox
@@ -186,9 +186,8 @@ class DecodeRequest:
                         self._poll_mailbox()
                     self._forward_reasoning(self.reasoning.check())
                 if kind == "engine":
-                    self.trace.dequeued(item.t)
-                    self._on_engine(item)
-                elif kind == "reasoning":
+                    kind, item = self._on_engine_batch(item)
+                if kind == "reasoning":
                     self._forward_reasoning(self.reasoning.receive(item))
                 elif kind == "mail" and not self.cancelled:
                     self._poll_mailbox()  # the doorbell rang: a cancel goes to the engine now
@@ -273,7 +272,45 @@ class DecodeRequest:
         index = answer_index(stream)
         return ("output", index) if index is not None else (stream, 0)
 
-    def _on_engine(self, ev: StreamEvent) -> None:
+    def _on_engine_batch(self, first: StreamEvent) -> tuple[str, Any]:
+        """``first`` and every engine event already queued behind it, as one response per
+        stream. Why: when this thread falls behind the engine (many sessions on few cores),
+        the tokens that piled up go out together instead of one IPC send each, which is what
+        made it fall behind; a loop that keeps up sends every token on its own, as before.
+        Returns the non-engine item that ended the drain (``("", None)`` if none), for the
+        loop to handle next."""
+        batch = [first]
+        follow: tuple[str, Any] = ("", None)
+        while True:
+            try:
+                kind, item = self.q.get_nowait()
+            except queue.Empty:
+                break
+            if kind != "engine":
+                follow = (kind, item)
+                break
+            batch.append(item)
+        if len(batch) == 1:
+            self.trace.dequeued(first.t)
+            self._on_engine(first)
+            return follow
+        touched: list[str] = []
+        for ev in batch:
+            self.trace.dequeued(ev.t)
+            self._on_engine(ev, hold=True)
+            if ev.stream not in touched:
+                touched.append(ev.stream)
+        for stream in touched:
+            self._flush(stream)
+        return follow
+
+    def _flush(self, stream: str) -> None:
+        """Sends what ``hold`` kept back of ``stream``, when it is due."""
+        group = self.pump.due(stream)
+        if not self.cancelled:
+            self._send_group(group)
+
+    def _on_engine(self, ev: StreamEvent, hold: bool = False) -> None:
         if ev.kind == "user":
             # Echo of the User channel: proves to the client which row read its input.
             if self.cfg.stream and not self.cancelled:
@@ -286,10 +323,18 @@ class DecodeRequest:
             self.trace.token(ev.t)
         if reason == "cancelled":
             self.trace.cancel("engine_ended", ev.t)
-        group = self.pump.push(ev.stream, ev.text, list(ev.token_ids), reason, ev.logprobs, ev.top_logprobs)
+        group = self.pump.push(
+            ev.stream, ev.text, list(ev.token_ids), reason, ev.logprobs, ev.top_logprobs, hold=hold
+        )
         if ev.finished and ev.finish_reason == "error":
             self.error = self.error or ev.error or f"stream {ev.stream} failed"
-        if group is None or not self.cfg.stream or self.cancelled and not ev.finished:
+        if self.cancelled and not ev.finished:
+            return
+        self._send_group(group)
+
+    def _send_group(self, group: Group | None) -> None:
+        """One response for a pump group (streaming requests only)."""
+        if group is None or not self.cfg.stream:
             return
         self._send(
             group.stream,
@@ -405,7 +450,7 @@ class GridRequest(DecodeRequest):
     def _input_ids(self, text: str) -> list[int]:
         return user_tokens(self.model.tokenizer, text)
 
-    def _on_engine(self, ev: StreamEvent) -> None:
+    def _on_engine(self, ev: StreamEvent, hold: bool = False) -> None:
         if ev.kind == "user":
             super()._on_engine(ev)
             return
@@ -417,15 +462,28 @@ class GridRequest(DecodeRequest):
         reason = ev.finish_reason if ev.finished else None
         # Log probabilities: Output's only (RequestConfig.grid_sampling), and only of the tokens
         # the client sees: the engine records none for a silence token (scheduler.update).
-        group = pump.push(ev.stream, ev.text, list(ev.token_ids), reason, ev.logprobs, ev.top_logprobs)
+        group = pump.push(
+            ev.stream, ev.text, list(ev.token_ids), reason, ev.logprobs, ev.top_logprobs, hold=hold
+        )
         if ev.stream != "output":
             self.reasoning_text[ev.stream] = self.reasoning_text.get(ev.stream, "") + ev.text
         if ev.finished and ev.finish_reason == "error":
             self.error = self.error or ev.error or f"stream {ev.stream} failed"
-        if group is None or not self.cfg.stream or self.cancelled and not ev.finished:
+        if self.cancelled and not ev.finished:
             return
-        stats = self.pending_stats.pop(ev.stream, []) if self.cfg.return_channel_stats else None
-        answer = ev.stream == "output"
+        self._send_grid_group(group)
+
+    def _flush(self, stream: str) -> None:
+        group = (self.pump if stream == "output" else self.think).due(stream)
+        if not self.cancelled:
+            self._send_grid_group(group)
+
+    def _send_grid_group(self, group: Group | None) -> None:
+        """One response for a group of Output (``text_output``) or of a shown thinking channel."""
+        if group is None or not self.cfg.stream:
+            return
+        stats = self.pending_stats.pop(group.stream, []) if self.cfg.return_channel_stats else None
+        answer = group.stream == "output"
         text, reasoning = (group.text, "") if answer else ("", group.text)
         self._send(
             group.stream,

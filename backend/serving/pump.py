@@ -88,8 +88,12 @@ class StreamPump:
         finish_reason: str | None = None,
         logprobs: list[float] | None = None,
         top: list[tuple[list[int], list[float]]] | None = None,
+        hold: bool = False,
     ) -> Group | None:
-        """Adds a delta; returns the group to send when it is due (full, or the stream ended)."""
+        """Adds a delta; returns the group to send when it is due (full, or the stream ended).
+
+        ``hold``: more deltas of this stream are already waiting (the loop fell behind the
+        engine), so nothing is due until :meth:`due` asks; an end is due at once."""
         st = self._streams.setdefault(stream, _Stream())
         if ids:
             now = time.time()
@@ -114,8 +118,18 @@ class StreamPump:
             st.pending_top += top
         if finish_reason:
             st.finish_reason = finish_reason
-        if not finish_reason and len(st.pending_ids) < self.group_tokens:
+        if not finish_reason and (hold or len(st.pending_ids) < self.group_tokens):
             return None
+        return self._take(stream, st)
+
+    def due(self, stream: str) -> Group | None:
+        """The group of what ``hold`` kept back, when it is due (as :meth:`push` decides)."""
+        st = self._streams.get(stream)
+        if st is None or st.finish_reason is not None or len(st.pending_ids) < self.group_tokens:
+            return None
+        return self._take(stream, st)
+
+    def _take(self, stream: str, st: _Stream) -> Group:
         group = Group(
             stream,
             st.pending_text,
