@@ -26,7 +26,7 @@ from client.events import Done, StreamDelta
 
 from .errors import bad_request
 from .options import Defaults, build_request, reasoning_effort, require
-from .runner import Run, TokenLogprob, token_logprobs
+from .runner import Run, TokenLogprob, has_chunk, token_logprobs
 from .streaming import chain
 from .usage import answer_text, chat_usage, finish_reason, joined_reasoning, reasoning_texts, sequences_of
 
@@ -135,11 +135,8 @@ class ChatShape:
         }
 
     def delta(self, ev: StreamDelta) -> dict[str, Any] | None:
-        """The chunk of one stream delta; ``None`` for the User echo and for an empty delta,
-        except an answer delta with log probabilities: its tokens have no text yet (a
-        character split across tokens), and it still goes out, with ``content: ""``, so the
-        streamed ``logprobs.content`` entries are exactly the answer's tokens."""
-        if ev.kind == "input" or not (ev.text or (ev.logprobs and ev.kind != "reasoning")):
+        """The chunk of one stream delta, ``None`` where it has none (``runner.has_chunk``)."""
+        if not has_chunk(ev):
             return None
         if ev.kind == "reasoning":
             delta = {"reasoning_content": ev.text, "reasoning": ev.text, "stream": ev.stream}

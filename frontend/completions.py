@@ -18,7 +18,7 @@ from client.request import PARAMS
 
 from .errors import bad_request
 from .options import Defaults, build_request, reasoning_effort, require
-from .runner import Run, TokenLogprob, token_logprobs
+from .runner import Run, TokenLogprob, has_chunk, token_logprobs
 from .streaming import chain
 from .usage import answer_text, chat_usage, finish_reason, joined_reasoning, sequences_of
 
@@ -113,9 +113,8 @@ class CompletionShape:
         }
 
     def delta(self, ev: StreamDelta) -> dict[str, Any] | None:
-        """As ``ChatShape.delta``: an answer delta with log probabilities but no text yet
-        still goes out (``text: ""``), so the streamed ``logprobs`` are every answer token."""
-        if ev.kind == "input" or not (ev.text or (ev.logprobs and ev.kind != "reasoning")):
+        """The chunk of one stream delta, ``None`` where it has none (``runner.has_chunk``)."""
+        if not has_chunk(ev):
             return None
         if ev.kind == "reasoning":
             return self._chunk(

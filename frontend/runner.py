@@ -46,6 +46,13 @@ def token_logprobs(ev: StreamDelta) -> list[TokenLogprob]:
     ]
 
 
+def has_chunk(ev: StreamDelta) -> bool:
+    """Whether a delta becomes a chunk of a streamed chat or completion: not the User echo,
+    and text, or an answer's log probabilities whose tokens have no text yet (a character
+    split across tokens), so the streamed ``logprobs`` are every answer token."""
+    return ev.kind != "input" and bool(ev.text or (ev.logprobs and ev.kind != "reasoning"))
+
+
 class Run:
     """A running generation: ``events()`` yields its ``StreamDelta`` s then its ``Done``."""
 

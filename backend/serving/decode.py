@@ -290,25 +290,21 @@ class DecodeRequest:
                 follow = (kind, item)
                 break
             batch.append(item)
-        if len(batch) == 1:
-            self.trace.dequeued(first.t)
-            self._on_engine(first)
-            return follow
         touched: list[str] = []
         for ev in batch:
             self.trace.dequeued(ev.t)
             self._on_engine(ev, hold=True)
             if ev.stream not in touched:
                 touched.append(ev.stream)
-        for stream in touched:
-            self._flush(stream)
+        for stream in touched:  # what hold kept back, one response per stream
+            group = self._pump_of(stream).due(stream)
+            if not self.cancelled:
+                self._send_group(group)
         return follow
 
-    def _flush(self, stream: str) -> None:
-        """Sends what ``hold`` kept back of ``stream``, when it is due."""
-        group = self.pump.due(stream)
-        if not self.cancelled:
-            self._send_group(group)
+    def _pump_of(self, stream: str) -> StreamPump:
+        """The pump that groups ``stream``'s deltas."""
+        return self.pump
 
     def _on_engine(self, ev: StreamEvent, hold: bool = False) -> None:
         if ev.kind == "user":
@@ -454,7 +450,7 @@ class GridRequest(DecodeRequest):
         if ev.kind == "user":
             super()._on_engine(ev)
             return
-        pump = self.pump if ev.stream == "output" else self.think
+        pump = self._pump_of(ev.stream)
         if ev.stream != "output" and ev.stream not in self.shown or pump.finished(ev.stream):
             return  # a thinking channel the client did not ask to see: computed, not sent
         if self.cfg.return_channel_stats:
@@ -471,14 +467,12 @@ class GridRequest(DecodeRequest):
             self.error = self.error or ev.error or f"stream {ev.stream} failed"
         if self.cancelled and not ev.finished:
             return
-        self._send_grid_group(group)
+        self._send_group(group)
 
-    def _flush(self, stream: str) -> None:
-        group = (self.pump if stream == "output" else self.think).due(stream)
-        if not self.cancelled:
-            self._send_grid_group(group)
+    def _pump_of(self, stream: str) -> StreamPump:
+        return self.pump if stream == "output" else self.think
 
-    def _send_grid_group(self, group: Group | None) -> None:
+    def _send_group(self, group: Group | None) -> None:
         """One response for a group of Output (``text_output``) or of a shown thinking channel."""
         if group is None or not self.cfg.stream:
             return
