@@ -80,7 +80,14 @@ class DecodeRequest:
         self.prefix: handoff.PrefixKV | None = handoff.from_request(request, model.vocab_size)
         self.sid = self.cfg.session_id
         self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self.pump = StreamPump("output", model.metrics, self.cfg.arrival, model.group_tokens)
+        # A token's log probability goes with that token's own text (OpenAI's
+        # ``logprobs.content[i].token``), so a request that asks for them gets one token per
+        # response: never grouped (``response_group_tokens``) nor coalesced when the loop
+        # falls behind (``_on_engine_batch``).
+        self.per_token = self.cfg.return_log_probs
+        self.pump = StreamPump(
+            "output", model.metrics, self.cfg.arrival, 1 if self.per_token else model.group_tokens
+        )
         self.trace = HopTrace(self.sid)  # bench.hops: per-response hop timestamps, off by default
         self.engine_sids: list[str] = []
         self.cancelled = False
@@ -293,7 +300,7 @@ class DecodeRequest:
         touched: list[str] = []
         for ev in batch:
             self.trace.dequeued(ev.t)
-            self._on_engine(ev, hold=True)
+            self._on_engine(ev, hold=not self.per_token)
             if ev.stream not in touched:
                 touched.append(ev.stream)
         for stream in touched:  # what hold kept back, one response per stream
