@@ -38,8 +38,10 @@ TokenLogprob = tuple[str, float, list[TopLogprob]]
 
 
 def token_logprobs(ev: StreamDelta) -> list[TokenLogprob]:
-    """``(text, logprob, alternatives)`` per token of a delta. A delta of several tokens
-    (response grouping) has one text: it goes with its first token, the others get ``""``."""
+    """``(text, logprob, alternatives)`` per token of a delta. A request that asks for log
+    probabilities gets one token per response (``backend/serving/decode.py``), so each token
+    has its own text; should a delta ever carry several, its one text goes with its first
+    token and the others get ``""``."""
     tops = ev.top_logprobs
     return [
         (ev.text if i == 0 else "", lp, tops[i] if i < len(tops) else []) for i, lp in enumerate(ev.logprobs)
