@@ -144,6 +144,93 @@ def test_keys_cover_the_attention_rules_of_the_prefix(default_model_dir) -> None
         eng.shutdown()
 
 
+@pytest.mark.parametrize(
+    ("threads", "text"),
+    [
+        # 49 tokens: a full hit computes the last token alone (a one-row matmul)
+        (1, "Name a colour, then say in two or three short sentences why so many people like it."),
+        (2, "Name a colour, then say in one sentence why people like it so much, and thank you."),
+    ],
+)
+def test_a_served_prompt_is_bitwise_the_same_cold_cached_chunked_or_batched(
+    default_model_dir, threads, text
+) -> None:
+    """The default model in bf16, as served: a prompt's KV and first logits must not depend
+    on how its tokens were grouped into steps: cold in one chunk, after a partial prefix-cache
+    hit (another prompt cached the system prompt's block), after a full hit, in chunks of one
+    block, cut by a step budget, or computed beside another prompt. Otherwise a seeded answer
+    changes with the cache's state (it did: torch's CPU attention and one-row matmuls sum in
+    an order that depends on what shares the call; ``LlamaModel._attention`` / ``_dense``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backend.serving.preprocessing import prompt_ids
+
+    def make(**kw) -> Engine:
+        cfg = dict(dtype="bfloat16", threads=threads, max_sessions=4, max_context=512, prefix_cache_mb=0)
+        return Engine.from_model_dir(default_model_dir, EngineConfig(**(cfg | kw)))
+
+    tok = Tokenizer.from_dir(default_model_dir)
+    prompt = prompt_ids(tok, text)
+    other = prompt_ids(tok, "The capital of France is")
+    assert len(prompt) > 48 and len(prompt) % 16 and prompt[:16] == other[:16]
+
+    def same(eng: Engine, label: str, *first: list[int]) -> None:
+        try:
+            for p in first:
+                eng.prefill_export(p, timeout=60)
+            got = eng.prefill_export(prompt, timeout=60)
+        finally:
+            eng.shutdown()
+        assert torch.equal(got.kv, ref.kv), f"{label}: KV differs by {(got.kv - ref.kv).abs().max():.3g}"
+        assert torch.equal(got.logits, ref.logits), label
+
+    cold = make()
+    try:
+        ref = cold.prefill_export(prompt, timeout=60)
+    finally:
+        cold.shutdown()
+    cached = make(prefix_cache_mb=64)
+    try:
+        cached.prefill_export(other, timeout=60)
+        part = cached.prefill_export(prompt, timeout=60)
+        hit = cached.stats()["prefix_cache_hit_tokens"]
+        full = cached.prefill_export(prompt, timeout=60)
+        assert hit >= 16 and cached.stats()["prefix_cache_hit_tokens"] - hit == len(prompt) // 16 * 16
+    finally:
+        cached.shutdown()
+    for label, got in (("partial hit", part), ("full hit", full)):
+        assert torch.equal(got.kv, ref.kv), f"{label}: KV differs by {(got.kv - ref.kv).abs().max():.3g}"
+        assert torch.equal(got.logits, ref.logits), label
+    same(make(prefill_chunk=16), "chunks of one block")
+    same(make(max_step_tokens=40), "chunks cut by the step budget")
+    batched = make()
+    try:
+        with ThreadPoolExecutor(2) as pool:  # queued together: one step computes both prompts
+            got, _ = pool.map(lambda p: batched.prefill_export(p, timeout=60), [prompt, other])
+    finally:
+        batched.shutdown()
+    assert torch.equal(got.kv, ref.kv) and torch.equal(got.logits, ref.logits), "beside another prompt"
+
+
+def test_a_dense_row_is_the_same_alone_or_with_others() -> None:
+    """``LlamaModel._dense``: torch's one-row CPU matmul sums in another order than its
+    many-row one (one thread, 576 x 1536 bf16: 27 of 300 rows differed), which a prompt's last
+    token computed alone after a prefix-cache hit would inherit."""
+    torch.manual_seed(0)
+    w = (torch.randn(576, 1536) * 0.05).to(torch.bfloat16)
+    x = torch.randn(300, 1536).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        together = LlamaModel._dense(x, w)
+        alone = [
+            r for r in range(300) if not torch.equal(LlamaModel._dense(x[r : r + 1], w), together[r : r + 1])
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    assert alone == []
+
+
 @pytest.mark.server
 def test_the_server_reuses_a_repeated_prefix_and_says_so_in_metrics(triton_server) -> None:
     """Through Triton: the prefill instance's cache is hit by a repeated system prompt, the

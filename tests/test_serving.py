@@ -293,11 +293,6 @@ def test_greedy_matches_engine_in_process(triton_server) -> None:
     from backend.serving.preprocessing import prompt_ids
 
     url = triton_server.grpc_url
-    # Twice: the second finds the prompt's blocks in prefill's prefix cache whatever ran
-    # before in this module, as the in-process engine's second answer below does. In bf16 a
-    # reused prefix need not round as a recomputed one (on AVX512-BF16 a near-tie at token 12
-    # flips), so cold is compared with cold nowhere and warm with warm everywhere.
-    stream(url, text_input=STORY, max_tokens=32)
     res = stream(url, text_input=STORY, max_tokens=32)
     assert res.error is None, res.error
     threads = torch.get_num_threads()
@@ -305,9 +300,9 @@ def test_greedy_matches_engine_in_process(triton_server) -> None:
         resolve_model_dir(triton_server.config.model_dir),
         EngineConfig(dtype=triton_server.config.dtype, threads=1, max_sessions=1, max_context=1024),
     )
-
-    def answer(prompt: list[int]) -> tuple[list[int], str]:
+    try:
         q: queue.Queue = queue.Queue()
+        prompt = prompt_ids(engine.tokenizer, STORY)
         engine.submit(prompt, [StreamSpec("output", "output", SamplingParams(max_tokens=32))], on_event=q.put)
         ids, text = [], ""
         while True:
@@ -315,12 +310,7 @@ def test_greedy_matches_engine_in_process(triton_server) -> None:
             ids += ev.token_ids
             text += ev.text
             if ev.finished:
-                return ids, text
-
-    try:
-        prompt = prompt_ids(engine.tokenizer, STORY)
-        answer(prompt)  # fills the in-process prefix cache
-        ids, text = answer(prompt)
+                break
         local = engine.prefill_export(prompt, timeout=60)
         forced_first = engine.tokenizer.encode(" Banana")[0]
     finally:

@@ -58,11 +58,14 @@ def pack(
     channel_embedding: bool,
     int4_rows: int | None,
     int4_prompts: bool = False,
+    block: int = 16,
 ) -> PackedBatch:
     """The plan's tokens as one packed batch: per-token slot/cache index for the KV writes,
     the padded ``[B, 1, Q, L]`` mask for attention, which tokens need logits, and (with int4
     weights, ``int4_rows`` not None) which tokens take the dense and which the int4 matmuls
-    (``int4_prompts``: all of them int4 in a step of at most ``int4_rows`` tokens)."""
+    (``int4_prompts``: all of them int4 in a step of at most ``int4_rows`` tokens). A step with
+    prompt tokens also carries each session's query span, for attention in ``block``-aligned
+    pieces (``LlamaModel._attention``)."""
     n = len(plan)
     slices = plan.slices
     b = len(slices)
@@ -123,6 +126,8 @@ def pack(
         mask=mask[:, None].to(device),
         logit_index=torch.tensor(plan.logit_index, dtype=torch.long, device=device),
         split=PackedSplit.from_flags(is_prompt, int4_rows, int4_prompts) if int4_rows is not None else None,
+        prompt_spans=[(sl.first, sl.count) for sl in slices] if any(is_prompt) else None,
+        attention_block=block,
     )
 
 

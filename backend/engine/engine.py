@@ -105,6 +105,7 @@ class Engine:
             self.pool,
             max_step_tokens=config.max_step_tokens,
             prefill_chunk=config.prefill_chunk,
+            block=config.prefix_cache_block,
             eos_ids=self.eos_ids,
             on_admit=self.prefix_cache.admit,
         )
@@ -386,6 +387,7 @@ class Engine:
             channel_embedding=self.model.channel_embedding is not None,
             int4_rows=self._int4_rows,
             int4_prompts=self._int4_prompts,
+            block=self.config.prefix_cache_block,
         )
         logits = self.model.forward(batch, self.pool.k, self.pool.v).cpu()
         for sl in plan.slices:  # prefixes completed in this step: keep their blocks

@@ -122,8 +122,13 @@ class Scheduler:
         prefill_chunk: int,
         eos_ids: set[int],
         on_admit: Callable[[Session], object] | None = None,
+        block: int = 1,
     ):
         self.pool = pool
+        #: Prompt chunks end on multiples of this (the prefix cache's block), where a cache hit
+        #: also ends, so a token is computed with the same neighbours whether its prompt was
+        #: cold, partly cached or cut by the step's budget (``LlamaModel._attention``).
+        self.block = max(1, block)
         #: Called when a session (not imported) gets its slot, before its prefill is planned:
         #: the prefix cache fills the slot and advances ``session.prefilled`` past what it had.
         self.on_admit = on_admit
@@ -277,10 +282,14 @@ class Scheduler:
 
     def _chunk(self, session: Session, budget: int) -> tuple[int, int]:
         """The next prompt chunk ``[lo, hi)``. The prefix's last row is never split: its
-        logits start the streams, and logits exist only for tokens of the current step."""
+        logits start the streams, and logits exist only for tokens of the current step. A
+        chunk that stops short of the prefix's end stops on a multiple of ``block`` when it
+        can (a budget smaller than one block takes what it gets rather than wait)."""
         p = session.prefix
         lo = session.prefilled
         hi = min(len(p), lo + self.prefill_chunk, lo + budget)
+        if hi < len(p) and hi - hi % self.block > lo:
+            hi -= hi % self.block
         last_start = p.last_row[0]
         if lo < last_start < hi < len(p):
             hi = last_start

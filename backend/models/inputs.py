@@ -28,6 +28,10 @@ class PackedBatch:
     mask: torch.Tensor  # [B, 1, max_q, key_len] bool, True = may attend
     logit_index: torch.Tensor  # [m] which packed tokens need logits
     split: PackedSplit | None = None  # which tokens are prompt (dense) and which decode (int4)
+    #: Steps with prompt tokens: per session, ``(first cache index, query count)``, and the
+    #: block that prompt attention is computed in (``LlamaModel._attention``); None otherwise.
+    prompt_spans: list[tuple[int, int]] | None = None
+    attention_block: int = 16
 
     @property
     def slot_range(self) -> tuple[int, int] | None:

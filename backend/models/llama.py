@@ -313,13 +313,27 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Dense for prefill tokens, int4 for decode tokens (when quantized)."""
         if q4 is None or split is None or split.all_dense:
-            return F.linear(x, dense)
+            return self._dense(x, dense)
         if split.all_q4:
             return q4.mm(x)
         out = x.new_empty(x.shape[0], dense.shape[0])
-        out[split.dense] = F.linear(x[split.dense], dense)
+        out[split.dense] = self._dense(x[split.dense], dense)
         out[split.q4] = q4.mm(x[split.q4])
         return out
+
+    @staticmethod
+    def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``F.linear`` whose every row is the same whatever else it is given with.
+
+        Why: on the CPU a one-row bf16 call takes a GEMV path that sums in another order than
+        the GEMM of two or more rows (measured with one thread: 27 of 300 rows of a 576 x 1536
+        weight differ), so a prompt's last token computed alone (a prefix-cache hit) rounded
+        otherwise than the same token computed with the rest of its prompt. One row goes in
+        as two; two or more rows were row-for-row equal at every size measured (1..513).
+        """
+        if x.shape[0] == 1 and x.device.type == "cpu":
+            return F.linear(x.repeat(2, 1), w)[:1]
+        return F.linear(x, w)
 
     # ------------------------------------------------------------------ forward pieces
     def _ensure_rope(self, n: int) -> None:
@@ -416,9 +430,7 @@ class LlamaModel:
             # Attention in fp32: CPU bf16 SDPA is up to 5x slower for one-token queries
             # (measured: 760 us vs 153 us for 16 sessions x 80 keys), and fp32 is exact-er.
             # On CPU the pool is fp32 already (``resolve_kv_dtype``), so these are no-ops.
-            att = F.scaled_dot_product_attention(
-                qp.float(), keys.float(), vals.float(), attn_mask=batch.mask, enable_gqa=nh != kvh
-            ).to(x.dtype)  # [B, nh, T, hd]
+            att = self._attention(qp.float(), keys.float(), vals.float(), batch).to(x.dtype)  # [B, nh, T, hd]
             if single:
                 att = att[0].transpose(0, 1).reshape(n, nh * hd)
             elif batch.max_q == 1:
@@ -434,4 +446,40 @@ class LlamaModel:
         x = self._rms(x, self.final_norm)
         if self.head_q8 is not None:
             return self.head_q8.mm(x)
-        return F.linear(x, self.lm_head).float()
+        return self._dense(x, self.lm_head).float()
+
+    @staticmethod
+    def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """Masked attention, ``[B, nh, max_q, hd]``; a step with prompt tokens in pieces.
+
+        Why pieces: torch's CPU attention splits the queries of a call into blocks and sums a
+        query's row in an order that depends on the block it lands in, so the same prompt token
+        rounded differently computed in one chunk (a cold prompt) or in a shorter one after a
+        prefix-cache hit: measured, the last token's KV differed by up to 0.19 and the first
+        answer token's logits by 0.32, and a seeded answer changed with the cache's state.
+        Here a session's queries go in pieces that end at multiples of ``attention_block``
+        (the prefix cache's block, where every hit and every chunk starts), each against
+        exactly the keys up to its last query, so a token's attention has the same inputs
+        and shapes whichever step computes it. On the CPU only: the fused C++ step has its own
+        per-token attention, and GPU kernels are another matter (docs/gpu.md).
+        """
+        gqa = q.shape[1] != k.shape[1]
+        spans = batch.prompt_spans
+        if spans is None or q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, enable_gqa=gqa)
+        out = q.new_zeros(q.shape)
+        block = batch.attention_block
+        for b, (first, count) in enumerate(spans):
+            i = 0
+            while i < count:
+                j = min(count, i + block - (first + i) % block)
+                keys = first + j  # the piece's last query sees at most the keys up to itself
+                out[b, :, i:j] = F.scaled_dot_product_attention(
+                    q[b : b + 1, :, i:j],
+                    k[b : b + 1, :, :keys],
+                    v[b : b + 1, :, :keys],
+                    attn_mask=batch.mask[b : b + 1, :, i:j, :keys],
+                    enable_gqa=gqa,
+                )[0]
+                i = j
+        return out
