@@ -513,9 +513,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--prefill-at",
         default=None,
-        choices=("prefill", "decode"),
-        help="where prompts are computed: the prefill instance (default) or inside decode's steps "
-        "(lower TTFT under load on a small CPU, lower throughput; docs/performance.md)",
+        choices=("auto", "prefill", "decode"),
+        help="where prompts are computed: inside decode's steps (auto on CPU) or by the prefill "
+        "instance, its KV handed to decode (auto on GPU); docs/performance.md",
     )
     p.add_argument("--config", default=None, help="TOML or JSON file with DeployConfig fields")
     p.add_argument("--run-dir", default=None, help="where to render the repository (default: a temp dir)")

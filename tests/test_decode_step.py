@@ -142,31 +142,32 @@ def test_steps_the_fused_path_does_not_take_use_the_torch_forward(models) -> Non
     assert not decode_step.eligible(LlamaModel.random(tiny, dtype=torch.bfloat16), torch.float32)
 
 
-def test_split_gives_prompt_tokens_int4_only_in_small_steps() -> None:
-    """``int4_prompts``: a step of at most the limit is all int4; a larger one keeps the split."""
+def test_split_gives_prompt_tokens_int4_in_every_step() -> None:
+    """``int4_prompts``: prompt tokens int4 whatever the step's size (a prompt token must
+    compute the same in any step); decode rows go dense only when there are more than the
+    limit; without it prompt tokens are dense."""
     mixed = [False] * 3 + [True] * 5
     assert PackedSplit.from_flags(mixed, 8, int4_prompts=True).all_q4
-    big = PackedSplit.from_flags(mixed + [True], 8, int4_prompts=True)
-    assert big.q4.tolist() == [0, 1, 2] and big.dense.tolist() == list(range(3, 9))
+    assert PackedSplit.from_flags(mixed + [True] * 20, 8, int4_prompts=True).all_q4
+    many_rows = PackedSplit.from_flags([False] * 9 + [True] * 2, 8, int4_prompts=True)
+    assert many_rows.dense.tolist() == list(range(9)) and many_rows.q4.tolist() == [9, 10]
     off = PackedSplit.from_flags(mixed, 8, int4_prompts=False)
-    assert off.q4.tolist() == [0, 1, 2] and not off.all_q4
+    assert off.q4.tolist() == [0, 1, 2] and off.dense.tolist() == list(range(3, 8))
     assert PackedSplit.from_flags([False] * 9, 8, int4_prompts=True).all_dense  # many decode rows
+    assert PackedSplit.from_flags([False] * 9 + [True], None, int4_prompts=False).q4.tolist() == list(range(9))
 
 
-def test_int4_prompts_auto_follows_whether_bf16_is_native(monkeypatch) -> None:
-    """auto: int4 prompts only where a dense bf16 prompt would be an emulated CPU matmul;
-    an explicit setting wins; the model parameter is auto / true / false and nothing else."""
+def test_int4_prompts_auto_follows_our_int4_kernel() -> None:
+    """auto: int4 prompts wherever decode rows take our kernel (``bf16dp``), not with torch's
+    or none; an explicit setting wins; the model parameter is auto / true / false only."""
     from backend.engine import config
     from backend.serving.parameters import parse_auto_bool
 
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    for native_bf16 in (True, False):
-        monkeypatch.setattr(config, "cpu_has_native_bf16", lambda v=native_bf16: v)
-        assert config.resolve_int4_prompts(None, cpu, torch.bfloat16) is (not native_bf16)
-        assert config.resolve_int4_prompts(None, cpu, torch.float32) is False
-        assert config.resolve_int4_prompts(None, gpu, torch.bfloat16) is False
-        assert config.resolve_int4_prompts(True, cpu, torch.float32) is True
-        assert config.resolve_int4_prompts(False, cpu, torch.bfloat16) is False
+    assert config.resolve_int4_prompts(None, "bf16dp") is True
+    assert config.resolve_int4_prompts(None, "torch") is False
+    assert config.resolve_int4_prompts(None, None) is False
+    assert config.resolve_int4_prompts(True, None) is True
+    assert config.resolve_int4_prompts(False, "bf16dp") is False
     assert [parse_auto_bool("int4_prompts", v) for v in ("auto", "", None, "TRUE", "0")] == [
         None, None, None, True, False
     ]  # fmt: skip

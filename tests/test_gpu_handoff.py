@@ -15,6 +15,7 @@ import pytest
 from backend.engine import resolve_dtype
 from client.sync import MultiStreamClient
 from launcher.deploy_config import DeployConfig
+from tests.reliability_helpers import gauge_sum, scrape, wait_for
 from tests.server_helpers import READY_TIMEOUT, TEST_MODEL_DIR, small_server
 
 pytestmark = pytest.mark.server
@@ -49,13 +50,25 @@ def test_bf16_wire_is_rendered(bf16_server):
 
 
 def test_bf16_wire_serves_answer_and_reasoning(bf16_server):
+    """The wire is used: with it, ``prefill_at`` auto keeps prompts in prefill (the hand-off)."""
     text, reasoning, finish = _answer(bf16_server.grpc_url)
     assert text.strip() and reasoning["reasoning/0"].strip()
     assert finish == {"output": "length", "reasoning/0": "length"}
+    assert "prompts computed by prefill" in bf16_server.log_path.read_text(errors="replace")
+    assert wait_for(
+        lambda: (
+            gauge_sum(
+                scrape(bf16_server.metrics_url), "multistream_prefix_cache_lookup_tokens", model="prefill"
+            )
+            > 0
+        ),
+        15,
+    ), "prefill computed no prompt: the hand-off was not exercised"
 
 
 def test_bf16_wire_equals_the_fp32_wire(bf16_server, triton_server):
-    """Same model, same bf16 engine, same seed: the wire must not change a token."""
+    """Same model, same bf16 engine, same seed: the wire must not change a token (the session
+    server computes prompts in decode, ``prefill_at`` auto: the hand-off must not either)."""
     if resolve_dtype(triton_server.config.dtype) != resolve_dtype("bfloat16"):
         pytest.skip("the session server's engine is not bf16 on this CPU: its answers are another model's")
     assert _answer(bf16_server.grpc_url) == _answer(triton_server.grpc_url)

@@ -1,9 +1,12 @@
-"""``prefill_at = decode``: prompts computed inside decode's (and reasoning's) own steps.
+"""``prefill_at = decode`` (the default on a CPU): prompts computed inside decode's (and
+reasoning's) own steps.
 
 The prefill model then hands over an empty ``prompt_kv`` / ``prompt_logits`` and the engine
 that serves the session computes the prompt with chunked prefill between the rows of its
 running sessions (docs/performance.md has the trade-off measured). The reference for the
-served answer is an in-process engine given the bare prompt, which takes the same path.
+served answer is an in-process engine given the bare prompt, which takes the same path. The
+other setting, ``prefill`` (the KV hand-off), is what the BF16-wire server of
+``tests/test_gpu_handoff.py`` runs.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ PROMPT = "Write two sentences about a lighthouse keeper and the sea."
 
 
 def test_the_setting_and_its_refusals_name_the_rule() -> None:
-    assert handoff.resolve_prefill_at("", device="cpu") == "prefill"  # the default
+    assert handoff.resolve_prefill_at("", device="cpu") == "decode"  # the default on a CPU
     assert handoff.resolve_prefill_at("auto", device="cuda:0") == "prefill"
+    assert handoff.resolve_prefill_at("auto", device="cpu", prefill_backend="trtllm") == "prefill"
+    assert handoff.resolve_prefill_at("auto", device="cpu", plain_wire=False) == "prefill"
+    assert handoff.resolve_prefill_at("prefill", device="cpu") == "prefill"
     assert handoff.resolve_prefill_at("decode", device="cpu") == "decode"
-    with pytest.raises(ValueError, match="prefill_at must be one of prefill, decode, got 'later'"):
+    with pytest.raises(ValueError, match="prefill_at must be one of auto, prefill, decode, got 'later'"):
         handoff.resolve_prefill_at("later", device="cpu")
     with pytest.raises(ValueError, match="prefill_backend=trtllm"):
         handoff.resolve_prefill_at("decode", device="cpu", prefill_backend="trtllm")
@@ -44,7 +50,6 @@ def decode_prefill_server(gil_check, triton_server):
         dtype=triton_server.config.dtype,
         max_sessions=4,
         max_context=1024,
-        parameters={"prefill": {"prefill_at": "decode"}},
         ready_timeout=READY_TIMEOUT,
     ) as handle:
         yield handle
@@ -52,8 +57,9 @@ def decode_prefill_server(gil_check, triton_server):
 
 @pytest.mark.server
 def test_decode_computes_the_prompt_and_answers_as_the_engine_does(decode_prefill_server) -> None:
-    """Greedy answer equal to an in-process engine's; decode's cache saw the prompt, prefill's
-    did not; a repeated prompt is served from decode's prefix cache; reasoning still runs."""
+    """With no setting (auto on a CPU): greedy answer equal to an in-process engine's; decode's
+    cache saw the prompt, prefill's did not; a repeated prompt is served from decode's prefix
+    cache; reasoning still runs."""
     import torch
 
     from backend.engine import Engine, EngineConfig, SamplingParams, StreamSpec

@@ -233,15 +233,18 @@ def test_a_dense_row_is_the_same_alone_or_with_others() -> None:
 
 @pytest.mark.server
 def test_the_server_reuses_a_repeated_prefix_and_says_so_in_metrics(triton_server) -> None:
-    """Through Triton: the prefill instance's cache is hit by a repeated system prompt, the
-    hit shows in /metrics, and the answer is the one the first request got."""
+    """Through Triton: the cache of the instances that compute prompts (decode, ``prefill_at``
+    auto on a CPU) is hit by a repeated system prompt, the hit shows in /metrics, and every
+    answer is the one the first request got. The session server has two decode instances,
+    each with its own cache: of three requests, two land on the same instance, so at least
+    one repeat is a hit."""
     from client import MultiStreamClient
 
     system = "You are a careful assistant for a river town's council. " * 12  # ~130 tokens
     url = triton_server.metrics_url
 
     def hit_tokens() -> float:
-        return gauge_sum(scrape(url), "multistream_prefix_cache_hit_tokens", model="prefill")
+        return gauge_sum(scrape(url), "multistream_prefix_cache_hit_tokens", model="decode")
 
     def settled() -> float:
         """The counter once the first request's own hits (its chat template's head) have been
@@ -257,9 +260,12 @@ def test_the_server_reuses_a_repeated_prefix_and_says_so_in_metrics(triton_serve
     with MultiStreamClient(triton_server.grpc_url, protocol="grpc") as c:
         first = c.generate(system + "What should the council discuss first?", max_tokens=8).result()
         before = settled()
-        again = c.generate(system + "What should the council discuss first?", max_tokens=8).result()
+        again = [
+            c.generate(system + "What should the council discuss first?", max_tokens=8).result()
+            for _ in (1, 2)
+        ]
     deadline = time.monotonic() + 15
     while hit_tokens() - before < 112 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert hit_tokens() - before >= 112, "the repeated ~130-token prefix should come from the cache"
-    assert again.output_text == first.output_text
+    assert [r.output_text for r in again] == [first.output_text] * 2

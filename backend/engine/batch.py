@@ -63,7 +63,7 @@ def pack(
     """The plan's tokens as one packed batch: per-token slot/cache index for the KV writes,
     the padded ``[B, 1, Q, L]`` mask for attention, which tokens need logits, and (with int4
     weights, ``int4_rows`` not None) which tokens take the dense and which the int4 matmuls
-    (``int4_prompts``: all of them int4 in a step of at most ``int4_rows`` tokens). A step with
+    (``int4_prompts``: prompt tokens int4 too, ``PackedSplit.from_flags``). A step with
     prompt tokens also carries each session's query span, for attention in ``block``-aligned
     pieces (``LlamaModel._attention``)."""
     n = len(plan)

@@ -21,18 +21,25 @@ def cpu_has_native_bf16() -> bool:
     return has_bf16 and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
 
 
-def resolve_int4_prompts(setting: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
-    """``None`` (auto): prompts take the int4 weights where the dense alternative is a bf16
-    CPU matmul without bf16 instructions.
+def resolve_int4_prompts(setting: bool | None, kernel: str | None) -> bool:
+    """``None`` (auto): prompts take the int4 weights wherever the decode rows take our int4
+    kernel (``kernel`` is the model's ``int4_kernel``: ``bf16dp``, on a bf16 CPU model).
 
-    Measured on a 2-core AVX2 EPYC, a 512-token prompt: 8.3–9.1 s with dense bf16 (emulated)
-    against 1.7 s through our int4 kernel (llama-server on the same machine: 3.3 s). Where
-    bf16 is native, dense prompts are fast and keep the prompt KV free of the 4-bit
-    rounding, so auto leaves them dense.
+    Why everywhere it runs, measured on 2 cores: on an AVX2 EPYC a 512-token prompt took
+    8.3–9.1 s dense (bf16 emulated) against 1.7 s int4 (llama-server: 3.3 s); on an AVX-512
+    CPU all 30 layers' matmuls at 16 / 32 / 64 rows took 12.6 / 21.4 / 40.3 ms int4 against
+    25.9 / 33.2 / 47.6 dense, and with prompts computed in decode's own steps (``prefill_at``
+    ``decode``) a step of decode rows and prompt chunks stays the one fused C++ call:
+    ``bench.compare`` gave 155.6 / 134.9 tok/s at 4 / 16 clients against 107.8 / 104.1 with
+    dense prompts. Beyond about 100 rows dense would be faster per row (a long prompt's
+    chunks), but then a prompt token's numerics would depend on the size of the step that
+    computed it, and a prefix-cache hit would no longer answer as a recomputation does. The
+    default model's 4-bit weights are its own (GGUF Q4_1): int4 prompts are also closer to
+    its fp32 reference than bf16 ones (KL 0.0015 against 0.0024, tests/test_decode_step.py).
     """
     if setting is not None:
         return setting
-    return device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16()
+    return kernel == "bf16dp"
 
 
 def resolve_dtype(name: str, device: str = "cpu", quantization: str = "auto") -> torch.dtype:
@@ -105,14 +112,14 @@ class EngineConfig:
     #: (Timing one layer alone keeps its weights in cache and favours dense from ~8 rows: that
     #: misled an earlier default.)
     int4_max_rows: int | None = None
-    #: Prompt tokens take the int4 weights too when the whole step has at most
-    #: ``int4_rows_limit`` tokens: such a step, prompt chunks and decode rows together, runs
-    #: as the one C++ call of ``backend.kernels.decode_step`` instead of the torch forward
-    #: with a dense/int4 split. llama.cpp computes prompts with its quantized weights as well.
+    #: Prompt tokens take the int4 weights too, in every step: a step of prompt chunks and
+    #: decode rows then runs as the one C++ call of ``backend.kernels.decode_step`` instead of
+    #: the torch forward with a dense/int4 split, and a prompt token computes the same in any
+    #: step (``PackedSplit.from_flags``). llama.cpp computes prompts with its quantized weights as well.
     #: The price: a prompt's KV then carries the 4-bit rounding (agreement with the fp32
     #: model is tested, ``tests/test_decode_step.py``), and greedy answers at near-ties may
-    #: differ from dense prompts'. ``None`` = auto (``resolve_int4_prompts``): on where dense
-    #: bf16 is emulated (AVX2 CPUs: 5x faster prompts), off where bf16 is native.
+    #: differ from dense prompts'. ``None`` = auto (``resolve_int4_prompts``): on wherever the
+    #: decode rows take our int4 kernel.
     int4_prompts: bool | None = None
     #: KV pool dtype: ``auto`` (fp32 on CPU, where attention runs in fp32; the model dtype
     #: elsewhere), or any dtype name ``resolve_dtype`` takes.

@@ -110,7 +110,7 @@ class Engine:
             on_admit=self.prefix_cache.admit,
         )
         self._int4_rows = config.int4_rows_limit(model.int4_kernel) if model.quantization != "none" else None
-        self._int4_prompts = resolve_int4_prompts(config.int4_prompts, model.device, model.dtype)
+        self._int4_prompts = resolve_int4_prompts(config.int4_prompts, model.int4_kernel)
         self._lock = threading.Condition()
         self._commands: collections.deque[tuple] = collections.deque()
         self._imported: dict[str, PrefixKV] = {}

@@ -63,20 +63,19 @@ class PackedSplit:
 
         An int4 kernel's cost grows with rows while dense bf16 stays memory-bound, so they
         cross: at about 20 rows with torch's kernel and about 100 with ours on 2 cores
-        (figures at ``EngineConfig.int4_max_rows``). So large steps go dense, as any serving
-        stack picks its GEMM kernel by batch size. The price: a decode token's numerics
-        depend on whether its step had more than that many rows (int4 and dense weights
-        differ by the 4-bit rounding).
+        (figures at ``EngineConfig.int4_max_rows``). So a step with more decode rows than that
+        runs them dense, as any serving stack picks its GEMM kernel by batch size. The price:
+        a decode token's numerics depend on whether its step had more than that many rows
+        (int4 and dense weights differ by the 4-bit rounding).
 
-        ``int4_prompts``: a step of at most ``int4_max_rows`` tokens takes the int4 weights
-        for its prompt tokens too (``EngineConfig.int4_prompts``), so the whole step can be
-        the fused C++ call; larger steps keep the split.
+        ``int4_prompts``: prompt tokens take the int4 weights, in every step whatever its size
+        (``EngineConfig.int4_prompts``): a step of int4 decode rows and prompt chunks is then
+        the one fused C++ call, and a prompt token's numerics never depend on the step it
+        landed in (the prefix cache relies on that: ``LlamaModel._attention``). Otherwise
+        prompt tokens are dense.
         """
-        if int4_max_rows is not None and int4_prompts and len(is_prompt) <= int4_max_rows:
-            is_prompt = [False] * len(is_prompt)  # a small step: everything int4 (``int4_prompts``)
-        elif int4_max_rows is not None and len(is_prompt) - sum(is_prompt) > int4_max_rows:
-            is_prompt = [True] * len(is_prompt)
-        flags = torch.tensor(is_prompt, dtype=torch.bool)
+        decode_dense = int4_max_rows is not None and len(is_prompt) - sum(is_prompt) > int4_max_rows
+        flags = torch.tensor([not int4_prompts if p else decode_dense for p in is_prompt], dtype=torch.bool)
         dense = flags.nonzero().flatten()
         q4 = (~flags).nonzero().flatten()
         return cls(dense, q4, all_dense=q4.numel() == 0, all_q4=dense.numel() == 0)

@@ -41,25 +41,32 @@ PREFILL_AT = ("prefill", "decode")
 def resolve_prefill_at(
     setting: str, *, device: str, prefill_backend: str = "auto", plain_wire: bool = True
 ) -> str:
-    """``prefill`` (the default: this instance computes the prompt and hands its KV over) or
-    ``decode`` (it hands over nothing; decode and reasoning compute the prompt in their own
-    steps, between the rows of running sessions, as llama-server's continuous batching does).
+    """``decode`` (the default on CPU deployments: this instance hands over nothing; decode
+    and reasoning compute the prompt in their own steps, between the rows of running
+    sessions, as llama-server's continuous batching does) or ``prefill`` (this instance
+    computes the prompt and hands its KV over: the default on GPU, where TensorRT-LLM or the
+    device hand-off needs the split).
 
-    Why both: on a few shared CPU cores a separate prefill process competes with decode's
-    thread team, and prompts queue behind it under load; computed inside decode they do not
-    queue, but every step that carries prompt rows is slower. Measured at 16 clients on 2
-    cores (docs/performance.md): answer TTFT p50 3.40 s -> 0.85 s, aggregate 185 -> 126
-    tok/s. So ``prefill`` stays the default and ``decode`` is for latency-bound CPU serving.
+    Why decode on a CPU: a separate prefill process competes with decode's thread team for a
+    few shared cores, prompts queue behind it under load, and every prompt's KV crosses a
+    process boundary. Measured with ``bench.compare`` on 2 cores (AVX-512, int4 prompts,
+    docs/benchmarks.md run 10): 101.8 / 155.6 / 134.9 tok/s at 1 / 4 / 16 clients against
+    70.7 / 102.1 / 122.9 with ``prefill``, answer TTFT p50 at 16 clients 0.76 s against 2.70 s,
+    a repeated 512-token prefix 0.070 s against 0.229 s, 1.2 GB less memory; on an AVX2-only
+    machine (run 9) it lost at 1 and 4 clients (1.09x / 1.13x llama-server against 1.22x /
+    1.37x) and won at 16, on TTFT and on the repeated prefix.
     """
-    setting = (setting or "prefill").lower()
+    setting = (setting or "auto").lower()
+    if setting not in (*PREFILL_AT, "auto"):
+        raise ValueError(f"prefill_at must be one of auto, {', '.join(PREFILL_AT)}, got {setting!r}")
+    gpu = str(device).startswith("cuda")
+    trtllm = (prefill_backend or "auto").lower() == "trtllm"
     if setting == "auto":
-        setting = "prefill"
-    if setting not in PREFILL_AT:
-        raise ValueError(f"prefill_at must be one of {', '.join(PREFILL_AT)}, got {setting!r}")
+        return "prefill" if gpu or trtllm or not plain_wire else "decode"
     if setting == "decode":
-        if (prefill_backend or "auto").lower() == "trtllm":
+        if trtllm:
             raise ValueError("prefill_at=decode leaves nothing for prefill_backend=trtllm to compute")
-        if not plain_wire or str(device).startswith("cuda"):
+        if not plain_wire or gpu:
             raise ValueError("prefill_at=decode is for CPU deployments (the FP32 host hand-off wire)")
     return setting
 

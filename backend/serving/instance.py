@@ -77,7 +77,7 @@ def engine_config(params: dict[str, str], device: str, **overrides: Any) -> Engi
         max_step_tokens=int(params.get("max_step_tokens", "0") or 0) or EngineConfig.max_step_tokens,
         prefill_chunk=int(params.get("prefill_chunk", "0") or 0) or EngineConfig.prefill_chunk,
         # "true": prompt tokens of a small step take the int4 weights (the fused C++ step);
-        # "auto" (default): where dense bf16 is emulated (EngineConfig.int4_prompts).
+        # "auto" (default): wherever decode rows take our int4 kernel (EngineConfig.int4_prompts).
         int4_prompts=parse_auto_bool("int4_prompts", params.get("int4_prompts", "auto")),
     )
     for key, value in overrides.items():

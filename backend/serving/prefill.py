@@ -34,7 +34,7 @@ class PrefillModel(EngineModel):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="prefill")
         # prefill_at=decode: this instance only hands the prompt on (handoff.resolve_prefill_at).
         self.prefill_at = handoff.resolve_prefill_at(
-            self.params.get("prefill_at", "prefill"),
+            self.params.get("prefill_at", "auto"),
             device=instance_device(args),
             prefill_backend=self.params.get("prefill_backend", "auto"),
             plain_wire=gpu_handoff.current().plain,
