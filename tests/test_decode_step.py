@@ -154,7 +154,9 @@ def test_split_gives_prompt_tokens_int4_in_every_step() -> None:
     off = PackedSplit.from_flags(mixed, 8, int4_prompts=False)
     assert off.q4.tolist() == [0, 1, 2] and off.dense.tolist() == list(range(3, 8))
     assert PackedSplit.from_flags([False] * 9, 8, int4_prompts=True).all_dense  # many decode rows
-    assert PackedSplit.from_flags([False] * 9 + [True], None, int4_prompts=False).q4.tolist() == list(range(9))
+    assert PackedSplit.from_flags([False] * 9 + [True], None, int4_prompts=False).q4.tolist() == list(
+        range(9)
+    )
 
 
 def test_int4_prompts_auto_follows_our_int4_kernel() -> None:

@@ -481,9 +481,9 @@ def test_api_key_and_busy(triton_server) -> None:
         stream = sdk.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": QUESTION}],
-            max_tokens=64,
+            max_tokens=400,
             stream=True,
-            extra_body={"ignore_eos": True},  # still in flight when the next request comes
+            extra_body={"ignore_eos": True},  # still in flight when the next request comes (closed below)
         )
         first = next(iter(stream))
         assert first.choices[0].delta.role == "assistant"

@@ -89,6 +89,9 @@ def small_server(gil_check: None, hop_trace_dir: Path) -> Iterator[ServerHandle]
         max_sessions=MAX_SESSIONS,
         max_context=512,
         parameters={
+            # Prompts computed by the prefill instance (not decode, the CPU default): the
+            # cancel-before-registration tests hold requests in prefill's queue (PrefillQueue).
+            "prefill": {"prefill_at": "prefill"},
             "decode": {
                 "max_queued": str(MAX_QUEUED),
                 "reasoning_timeout_s": str(REASONING_TIMEOUT_S),

@@ -282,64 +282,52 @@ def _decode_directly(url: str, handoff: dict[str, tuple[np.ndarray, str]]) -> li
 
 
 def test_greedy_matches_engine_in_process(triton_server) -> None:
-    """Same request, same dtype: the ensemble's answer is the in-process engine's, prefill's
-    ``prompt_kv`` / ``prompt_logits`` are the in-process export bit for bit, and ``decode``
-    takes the prompt from them instead of recomputing it: tampered hand-off tensors change
-    its answer (forced logits pick its first token, a zeroed KV changes the rest)."""
+    """Same request, same dtype: the ensemble's answer is the in-process engine's, and
+    preprocessing's prompt ids are the chat template's. (Prompts are computed in decode here,
+    ``prefill_at`` auto; the KV hand-off of ``prefill_at = prefill`` is checked bit for bit in
+    tests/test_prefill_at.py.)"""
+    url = triton_server.grpc_url
+    res = stream(url, text_input=STORY, max_tokens=32)
+    assert res.error is None, res.error
+    prompt, ids, text = in_process_answer(triton_server.config, STORY, 32)
+    assert res.ids() == ids
+    assert res.text() == text
+    values = _tensors({"text_input": STORY, "max_tokens": 32, "stream": True})
+    pre = _infer(
+        url, "preprocessing", {n: (a, DTYPES[n][0]) for n, a in values.items()}, ["input_ids", "request_json"]
+    )
+    assert pre["input_ids"].reshape(-1).tolist() == prompt
+
+
+def in_process_answer(config: Any, text_input: str, max_tokens: int) -> tuple[list[int], list[int], str]:
+    """``(prompt ids, answer ids, answer text)`` of a greedy in-process engine set up as the
+    server's (``config``: its ``ServerHandle.config``), one thread."""
     import torch
 
     from backend.engine import Engine, EngineConfig, SamplingParams, StreamSpec
     from backend.model_store import resolve_model_dir
     from backend.serving.preprocessing import prompt_ids
 
-    url = triton_server.grpc_url
-    res = stream(url, text_input=STORY, max_tokens=32)
-    assert res.error is None, res.error
     threads = torch.get_num_threads()
     engine = Engine.from_model_dir(
-        resolve_model_dir(triton_server.config.model_dir),
-        EngineConfig(dtype=triton_server.config.dtype, threads=1, max_sessions=1, max_context=1024),
+        resolve_model_dir(config.model_dir),
+        EngineConfig(dtype=config.dtype, threads=1, max_sessions=1, max_context=1024),
     )
     try:
         q: queue.Queue = queue.Queue()
-        prompt = prompt_ids(engine.tokenizer, STORY)
-        engine.submit(prompt, [StreamSpec("output", "output", SamplingParams(max_tokens=32))], on_event=q.put)
+        prompt = prompt_ids(engine.tokenizer, text_input)
+        spec = StreamSpec("output", "output", SamplingParams(max_tokens=max_tokens))
+        engine.submit(prompt, [spec], on_event=q.put)
         ids, text = [], ""
         while True:
             ev = q.get(timeout=60)
             ids += ev.token_ids
             text += ev.text
             if ev.finished:
-                break
-        local = engine.prefill_export(prompt, timeout=60)
-        forced_first = engine.tokenizer.encode(" Banana")[0]
+                return prompt, ids, text
     finally:
         engine.shutdown()
         torch.set_num_threads(threads)
-    assert res.ids() == ids
-    assert res.text() == text
-
-    # The ensemble's steps one by one: preprocessing -> prefill -> decode.
-    values = _tensors({"text_input": STORY, "max_tokens": 32, "stream": True})
-    pre = _infer(
-        url, "preprocessing", {n: (a, DTYPES[n][0]) for n, a in values.items()}, ["input_ids", "request_json"]
-    )
-    assert pre["input_ids"].reshape(-1).tolist() == prompt
-    request = {"input_ids": (pre["input_ids"], "INT32"), "request_json": (pre["request_json"], "BYTES")}
-    kv_logits = _infer(url, "prefill", request, ["prompt_kv", "prompt_logits"])
-    kv, logits = kv_logits["prompt_kv"], kv_logits["prompt_logits"]
-    assert torch.equal(torch.from_numpy(kv[0]), local.kv.float()), "prefill's prompt_kv != in-process export"
-    assert torch.equal(torch.from_numpy(logits).reshape(local.logits.shape), local.logits.float())
-    genuine = _decode_directly(url, {**request, "prompt_kv": (kv, "FP32"), "prompt_logits": (logits, "FP32")})
-    assert genuine == ids
-    forced = logits.copy()
-    forced[0, forced_first] = forced.max() + 10.0
-    first = _decode_directly(url, {**request, "prompt_kv": (kv, "FP32"), "prompt_logits": (forced, "FP32")})
-    assert first[0] == forced_first != ids[0], "decode did not sample its first token from prompt_logits"
-    blank = _decode_directly(
-        url, {**request, "prompt_kv": (np.zeros_like(kv), "FP32"), "prompt_logits": (logits, "FP32")}
-    )
-    assert blank[0] == ids[0] and blank != ids, "decode ignored prompt_kv (recomputed the prompt?)"
 
 
 def test_tensorrt_llm_style_client(triton_server) -> None:
