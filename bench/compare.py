@@ -509,12 +509,13 @@ class _maybe_rss:  # noqa: N801 - used like a function in ``with``
 
 
 def _parse_threads(spec: str | None, default: int) -> dict[str, int]:
-    """``decode=2,prefill=2,reasoning=1``; unspecified heavy models get sensible defaults.
+    """``decode=2,prefill=2,reasoning=1``; unspecified heavy models get the deployment's
+    default for ``default`` cores (``DeployConfig.threads_for``), so that the server measured
+    here is the one ``scripts/run.sh`` starts."""
+    from launcher.deploy_config import HEAVY_MODELS, DeployConfig
 
-    Defaults: decode and prefill get all ``default`` threads (they take turns on a
-    request's critical path); reasoning gets half, since it runs *alongside* decode.
-    """
-    threads = {"decode": default, "prefill": default, "reasoning": max(1, default // 2)}
+    cfg = DeployConfig(cores=default)
+    threads = {m: cfg.threads_for(m) for m in HEAVY_MODELS}
     for item in (spec or "").split(","):
         if item.strip():
             name, _, n = item.partition("=")

@@ -128,19 +128,20 @@ def test_render_pbtxt_replaces_instance_group_and_merges_parameters() -> None:
         'input [ { name: "x" data_type: TYPE_INT32 dims: [ 1 ] } ]  # parameters { } in a comment\n'
     )
     cfg = DeployConfig(cores=4).merged({"instances": {"decode": 2, "reasoning": 1, "prefill": 1}})
-    assert cfg.threads_for("decode") == 1 and cfg.threads_for("preprocessing") == 1
-    assert DeployConfig(cores=8).threads_for("decode") == 2
-    # More torch threads than cores: OpenMP workers must not spin (they steal other stubs' cores).
+    assert cfg.threads_for("decode") == 2 and cfg.threads_for("preprocessing") == 1  # 4 cores / 2 instances
+    assert cfg.threads_for("prefill") == 4 and cfg.threads_for("reasoning") == 2  # reasoning: half
     two_cores = DeployConfig(cores=2)
-    assert two_cores.openmp_env() == {}  # 1 thread each: no parallel regions
-    assert two_cores.merged({"threads": {"decode": 2, "prefill": 2}}).openmp_env() == {
-        "OMP_WAIT_POLICY": "PASSIVE"
-    }
-    assert DeployConfig(cores=8).openmp_env() == {}  # 2 threads x 3 instances fit in 8 cores
+    assert [two_cores.threads_for(m) for m in ("decode", "prefill", "reasoning")] == [2, 2, 1]
+    # More torch threads than cores: OpenMP workers must not spin (they steal other stubs' cores).
+    assert two_cores.openmp_env() == {"OMP_WAIT_POLICY": "PASSIVE"}
+    one_each = two_cores.merged({"threads": {"decode": 1, "prefill": 1, "reasoning": 1}})
+    assert one_each.openmp_env() == {}  # 1 thread each: no parallel regions
+    fits = DeployConfig(cores=8).merged({"threads": {"decode": 4, "prefill": 2, "reasoning": 2}})
+    assert fits.openmp_env() == {}  # 4 + 2 + 2 threads on 8 cores
     out = render_pbtxt(src, 2, "KIND_CPU", cfg.model_params("decode"))
     assert "count: 4" not in out and "instance_group [ { count: 2 kind: KIND_CPU } ]" in out
     assert 'key: "keep" value: { string_value: "a\\"b" }' in out
-    assert 'key: "threads" value: { string_value: "1" }' in out and '"9"' not in out
+    assert 'key: "threads" value: { string_value: "2" }' in out and '"9"' not in out
     assert 'input [ { name: "x"' in out
 
 
