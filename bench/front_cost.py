@@ -1,16 +1,27 @@
 """What the OpenAI front costs: the same requests through it and straight to Triton's gRPC.
 
-One load driver for both paths, so the difference is the front's alone: ``concurrency``
-asyncio workers, each sending the same greedy prompts; through the front with the official
-``openai`` SDK (``AsyncOpenAI``, streaming chat), straight with the project's
-``AsyncMultiStreamClient``. The two paths alternate level by level in one run (same machine,
-same minute), and each reports TTFT (first answer token), inter-token latency and answer
-tokens per second over the whole level. Used by ``bench.aiperf``.
+One load driver for every path, so the difference is the front's alone: ``concurrency``
+asyncio workers, each sending the same greedy prompts, through
+
+- ``grpc``: straight to Triton with the project's ``AsyncMultiStreamClient`` (the client the
+  front itself uses upstream);
+- ``front``: the front with a minimal streaming HTTP client (``aiohttp``, which the project's
+  HTTP client uses too; each server-sent event parsed as JSON): the front's own cost is this path's TTFT minus ``grpc``'s;
+- ``front_sdk``: the front with the official ``openai`` SDK (``AsyncOpenAI``, streaming chat),
+  what most users run: its TTFT minus ``front``'s is the SDK's own client-side cost (request
+  models, typed chunk objects), paid in the client's process whatever server it talks to.
+
+Every path first sends each prompt once (not measured), so all of them find the server's
+prefix cache in the same state; an earlier version measured the front cold and gRPC warm. The
+paths take turns in interleaved rounds at each level (``_level``); each reports TTFT (first
+answer token), inter-token latency and answer tokens per second over its rounds. Used by
+``bench.aiperf``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -69,6 +80,32 @@ async def _via_front(client: Any, prompt: str, max_tokens: int, extra: dict[str,
     )
 
 
+async def _via_front_raw(client: Any, prompt: str, max_tokens: int, extra: dict[str, Any]) -> Sample:
+    """The same chat request as ``_via_front``, read as plain server-sent events."""
+    t0 = time.perf_counter()
+    times: list[float] = []
+    body = {
+        "model": "multistream",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        **extra,
+    }
+    async with client.post("/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for raw in response.content:
+            if not raw.startswith(b"data: {"):
+                continue
+            choices = json.loads(raw[6:]).get("choices")
+            if choices and choices[0]["delta"].get("content"):
+                times.append(time.perf_counter())
+    return Sample(
+        times[0] - t0 if times else float("nan"),
+        [b - a for a, b in zip(times, times[1:], strict=False)],
+        len(times),
+    )
+
+
 async def _direct(client: Any, prompt: str, max_tokens: int, extra: dict[str, Any]) -> Sample:
     from client import StreamDelta
 
@@ -84,25 +121,50 @@ async def _direct(client: Any, prompt: str, max_tokens: int, extra: dict[str, An
     )
 
 
-async def _level(call: Any, make: Any, concurrency: int, requests: int, max_tokens: int, extra: dict) -> dict:
-    """One level: ``make()`` builds the client once (as a real caller keeps one); the
-    ``concurrency`` workers share it."""
-    client = make()
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(PROMPTS[i % len(PROMPTS)])
-    samples: list[Sample] = []
+PATHS = ("grpc", "front", "front_sdk")
 
-    async def worker() -> None:
-        while not queue.empty():
-            prompt = queue.get_nowait()
-            samples.append(await call(client, prompt, max_tokens, extra))
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    await client.close()
-    return _summary(samples, wall)
+async def _level(urls: dict[str, str], concurrency: int, requests: int, max_tokens: int, extra: dict) -> dict:
+    """One concurrency level of every path, in ``ROUNDS`` interleaved rounds (grpc, front,
+    front_sdk, grpc, ...) so that a machine whose speed drifts over a minute (a shared VM)
+    weighs on each path alike; per path, the samples and wall times of its rounds summed.
+    Each client is built once (as a real caller keeps one) and shared by the ``concurrency``
+    workers; each prompt goes once through each path first, unmeasured (see above)."""
+    calls = {"grpc": (_direct, _grpc), "front": (_via_front_raw, _http), "front_sdk": (_via_front, _openai)}
+    clients = {p: calls[p][1](urls[p]) for p in PATHS}
+    for p in PATHS:
+        for prompt in PROMPTS:
+            await calls[p][0](clients[p], prompt, 2, extra)
+    samples: dict[str, list[Sample]] = {p: [] for p in PATHS}
+    walls = dict.fromkeys(PATHS, 0.0)
+    per_round = max(concurrency, -(-requests // ROUNDS))
+    for r in range(ROUNDS):
+        for p in PATHS:
+            queue: asyncio.Queue[str] = asyncio.Queue()
+            for i in range(per_round):
+                queue.put_nowait(PROMPTS[(r * per_round + i) % len(PROMPTS)])
+
+            async def worker(p: str = p, queue: asyncio.Queue[str] = queue) -> None:
+                while not queue.empty():
+                    prompt = queue.get_nowait()
+                    samples[p].append(await calls[p][0](clients[p], prompt, max_tokens, extra))
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            walls[p] += time.perf_counter() - t0
+    for client in clients.values():
+        await client.close()
+    return {p: _summary(samples[p], walls[p]) for p in PATHS}
+
+
+#: Interleaved rounds per level (``_level``).
+ROUNDS = 4
+
+
+def _http(front_url: str) -> Any:
+    import aiohttp
+
+    return aiohttp.ClientSession(base_url=front_url, timeout=aiohttp.ClientTimeout(total=600))
 
 
 def _openai(front_url: str) -> Any:
@@ -125,16 +187,20 @@ def compare(
     max_tokens: int,
     extra: dict | None = None,
 ) -> dict[str, Any]:
-    """``{concurrency: {"front": ..., "grpc": ..., "ttft_added_ms_p50", "throughput_ratio"}}``."""
+    """``{concurrency: {"grpc", "front", "front_sdk": summaries, "ttft_added_ms_p50",
+    "throughput_ratio", "sdk_client_ttft_ms_p50", "sdk_throughput_ratio"}}``: the first two
+    ratios are the front's own cost (minimal HTTP client against direct gRPC), the last two
+    what the ``openai`` SDK adds on top in its own process."""
+    urls = {"grpc": grpc_url, "front": front_url, "front_sdk": front_url}
     out: dict[str, Any] = {}
     for c in levels:
-        n = max(requests, c)
-        front = asyncio.run(_level(_via_front, lambda: _openai(front_url), c, n, max_tokens, extra or {}))
-        direct = asyncio.run(_level(_direct, lambda: _grpc(grpc_url), c, n, max_tokens, extra or {}))
+        level = asyncio.run(_level(urls, c, max(requests, c), max_tokens, extra or {}))
+        direct, raw, sdk = level["grpc"], level["front"], level["front_sdk"]
         out[str(c)] = {
-            "front": front,
-            "grpc": direct,
-            "ttft_added_ms_p50": front["ttft_ms_p50"] - direct["ttft_ms_p50"],
-            "throughput_ratio": front["output_tokens_per_s"] / direct["output_tokens_per_s"],
+            **level,
+            "ttft_added_ms_p50": raw["ttft_ms_p50"] - direct["ttft_ms_p50"],
+            "throughput_ratio": raw["output_tokens_per_s"] / direct["output_tokens_per_s"],
+            "sdk_client_ttft_ms_p50": sdk["ttft_ms_p50"] - raw["ttft_ms_p50"],
+            "sdk_throughput_ratio": sdk["output_tokens_per_s"] / direct["output_tokens_per_s"],
         }
     return out

@@ -79,8 +79,11 @@ def fields_from_arrays(get: Any) -> dict[str, Any]:
 
 
 def fields_from_result(result: Any) -> dict[str, Any]:
-    """Fields of a ``tritonclient.grpc.InferResult``."""
-    return fields_from_arrays(result.as_numpy)
+    """Fields of a ``tritonclient.grpc.InferResult``: each output the response carries is
+    read once. (``as_numpy`` per known name searched the response's outputs every time, for
+    some 15 names per token: a tenth of the OpenAI front's CPU.)"""
+    present = {out.name: result.as_numpy(out.name) for out in result.get_response().outputs}
+    return fields_from_arrays(present.get)
 
 
 def is_final_grpc(result: Any) -> bool:

@@ -165,7 +165,7 @@ class Front:
         async with watch_disconnect(request, run):
             first, rest = await first_event(run)
         chunks = chat.chat_chunks(shape, first, rest, include_usage)
-        return sse_response(run, _as_sse(chunks), on_error=self._count_stream_error("chat"))
+        return sse_response(run, _as_sse(chunks, run.sequences), on_error=self._count_stream_error("chat"))
 
     async def text_completions(self, request: Request) -> Response:
         body = await self._body(request)
@@ -300,9 +300,20 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-async def _as_sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def _as_sse(chunks: AsyncIterator[dict[str, Any]], opening: int = 0) -> AsyncIterator[bytes]:
+    """The chunks as server-sent events; the first ``opening`` (a chat's role chunk per
+    choice, no text yet) go out in one write with the chunk after them: one send through
+    the HTTP stack less before the first token (measured: part of the front's 2.2-2.5 ms)."""
+    held = b""
     async for chunk in chunks:
-        yield sse(chunk)
+        if opening > 0:
+            held += sse(chunk)
+            opening -= 1
+            continue
+        yield held + sse(chunk)
+        held = b""
+    if held:
+        yield held
 
 
 def create_app(

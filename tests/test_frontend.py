@@ -538,3 +538,18 @@ def test_launcher_starts_the_front_beside_triton(triton_server) -> None:
     finally:
         stop_front(child)
     assert child.poll() is not None
+
+
+def test_bench_front_cost_runs_every_path(front: Front, triton_server) -> None:
+    """``bench.front_cost`` (``python -m bench.aiperf --skip-aiperf``): every path answers,
+    and the ratios are computed from the same requests (figures live in docs/openai.md)."""
+    from bench import front_cost
+
+    got = front_cost.compare(front.url, triton_server.grpc_url, [2], 4, 4, extra={"ignore_eos": True})["2"]
+    per_round = max(2, -(-4 // front_cost.ROUNDS))  # at least one request per worker and round
+    for path in front_cost.PATHS:
+        assert (
+            got[path]["requests"] == per_round * front_cost.ROUNDS and got[path]["output_tokens_per_s"] > 0
+        ), got
+    assert got["ttft_added_ms_p50"] == got["front"]["ttft_ms_p50"] - got["grpc"]["ttft_ms_p50"]
+    assert got["throughput_ratio"] > 0 and got["sdk_throughput_ratio"] > 0
