@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import MinNewTokensLengthLogitsProcessor, NoBadWordsLogitsProcessor
 
-from backend.engine.sampling import SamplingParams, StreamSampler
+from backend.engine.sampling import StreamSampler
+from backend.engine.sampling_params import SamplingParams
 
 VOCAB = 50
 EOS = 7

@@ -100,3 +100,20 @@ def test_call_watchdog_and_cancel() -> None:
 def test_call_without_streams_is_never_live() -> None:
     call, _ = _call(0)
     assert not call.live and call.fail("x") == []
+
+
+def test_packet_is_read_without_consuming_the_capsule() -> None:
+    """``packet.decode`` reads a DLPack capsule in place (ctypes, no torch in the reader): the
+    capsule keeps its name, so its producer's deleter still runs when it is dropped."""
+    delta = ReasoningDelta("reasoning/1", "ünïcode " * 30, [7, 8], "stop")
+    capsule = torch.utils.dlpack.to_dlpack(delta.to_packet())
+    assert ReasoningDelta.from_packet(capsule) == delta
+    assert torch.from_dlpack(capsule).dtype == torch.bfloat16  # still "dltensor": not consumed
+
+
+def test_packet_refuses_a_strided_tensor() -> None:
+    from backend.serving.packet import decode, encode
+
+    wide = torch.cat([encode({"a": 1}), encode({"b": 2})]).t()  # [n, 2], not C-contiguous
+    with pytest.raises(ValueError, match="contiguous"):
+        decode(wide)

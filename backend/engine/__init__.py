@@ -10,11 +10,36 @@ model that runs one packed forward per step, and a thin thread-safe front).
 - ``engine``: the thread-safe front and the step loop.
 """
 
-from backend.engine.config import EngineConfig, resolve_dtype
-from backend.engine.engine import Engine, PrefixKV
-from backend.engine.errors import CacheFullError, ContextLengthError, EngineBusyError, EngineError
-from backend.engine.sampling import SamplingParams
-from backend.engine.session import GridRules, Prefix, StreamEvent, StreamSpec
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from backend.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from backend.engine.config import EngineConfig, resolve_dtype
+    from backend.engine.engine import Engine, PrefixKV
+    from backend.engine.errors import CacheFullError, ContextLengthError, EngineBusyError, EngineError
+    from backend.engine.sampling_params import SamplingParams
+    from backend.engine.session import GridRules, Prefix, StreamEvent, StreamSpec
+
+_HOMES = {
+    "EngineConfig": "config",
+    "resolve_dtype": "config",
+    "Engine": "engine",
+    "PrefixKV": "engine",
+    "CacheFullError": "errors",
+    "ContextLengthError": "errors",
+    "EngineBusyError": "errors",
+    "EngineError": "errors",
+    "SamplingParams": "sampling_params",
+    "GridRules": "session",
+    "Prefix": "session",
+    "StreamEvent": "session",
+    "StreamSpec": "session",
+}
+__getattr__ = lazy_exports(__name__, _HOMES)  # torch only when an engine name is used
+
 
 __all__ = [
     "CacheFullError",

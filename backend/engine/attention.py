@@ -28,8 +28,10 @@ The paper's own layout (``GridRules``) numbers channels as its checkpoints were 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a matrix is built: the constants serve torch-free processes
+    import torch
 
 PROMPT_CHANNEL = 0
 USER_CHANNEL = 1
@@ -53,6 +55,8 @@ def visibility(
     channel q see channel k. ``stream_modes[i]`` overrides the policy of stream ``i``;
     ``kinds[i]`` (``output`` / ``reasoning``; None: no answers marked) marks the
     answers, which never see each other (the module's "several answers")."""
+    import torch
+
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention!r}")
     n = FIRST_STREAM_CHANNEL + len(stream_modes)
@@ -86,6 +90,8 @@ def grid_visibility(num_channels: int) -> torch.Tensor:
     """The paper's layout: every channel sees every channel's earlier rows (block-causal)."""
     if not 1 <= num_channels <= MAX_CHANNELS:
         raise ValueError(f"num_channels must be in 1..{MAX_CHANNELS}, got {num_channels}")
+    import torch
+
     vis = torch.zeros((MAX_CHANNELS, MAX_CHANNELS), dtype=torch.bool)
     vis[:num_channels, :num_channels] = True
     return vis

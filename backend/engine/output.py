@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backend.engine.sampling import SamplingParams
+from backend.engine.sampling_params import SamplingParams
 from backend.tokenizer import IncrementalDetokenizer, Tokenizer
 
 

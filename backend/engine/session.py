@@ -15,8 +15,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from backend.engine.attention import (
     ATTENTION_MODES,
@@ -29,8 +28,11 @@ from backend.engine.attention import (
     visibility,
 )
 from backend.engine.output import StreamOutput
-from backend.engine.sampling import SamplingParams, StreamSampler
+from backend.engine.sampling_params import SamplingParams
 from backend.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch-free at import: preprocessing and the BLS model read GridRules, Prefix
+    import torch
 
 STREAM_KINDS = ("output", "reasoning")
 
@@ -228,6 +230,8 @@ class Stream:
         self.channel = channel
         self.embed_row = embed_row
         self.forced: collections.deque[int] = collections.deque(spec.preamble_ids)
+        from backend.engine.sampling import StreamSampler  # torch: engine processes only
+
         self.sampler = None if spec.external else StreamSampler(spec.sampling, history, output.eos_ids)
         self.output = output
         self.next_input: int | None = None  # the token this stream feeds into the next row

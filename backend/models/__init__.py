@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from backend.lazy import lazy_exports
 from backend.models.config import CheckpointError, ModelConfig
-from backend.models.inputs import PackedBatch, PackedSplit
-from backend.models.llama import LlamaModel
+
+if TYPE_CHECKING:
+    import torch
+
+    from backend.models.inputs import PackedBatch, PackedSplit
+    from backend.models.llama import LlamaModel
+
+__getattr__ = lazy_exports(
+    __name__, {"PackedBatch": "inputs", "PackedSplit": "inputs", "LlamaModel": "llama"}
+)
 
 __all__ = ["CheckpointError", "LlamaModel", "ModelConfig", "PackedBatch", "PackedSplit", "load_model"]
 
@@ -29,6 +37,10 @@ def load_model(
     folder that cannot be written, or ``bench.memory``'s comparison), the checkpoint is read
     into this process.
     """
+    import torch
+
+    from backend.models.llama import LlamaModel
+
     packed_ok = os.environ.get("MULTISTREAM_PACKED_WEIGHTS", "1") != "0"
     if quantization is not None and packed_ok and torch.device(device).type == "cpu":
         from backend.models import packed

@@ -10,9 +10,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
+
+if TYPE_CHECKING:  # imported where tensors are made: the config is read by torch-free processes too
+    import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 #: Families whose attention normalises q and k per head (RMSNorm) before RoPE.
@@ -131,6 +134,8 @@ def family_of(cfg: dict, arch: str, source: str = "config.json") -> str:
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies with the checkpoint's theta and scaling (HF ``rope_type`` semantics)."""
+    import torch
+
     dim = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = cfg.rope_scaling or {}
@@ -179,7 +184,7 @@ def channel_embedding_rows(path: Path | str) -> int | None:
     :data:`CHANNEL_EMBEDDING_KEYS`), or None for an ordinary checkpoint. Reads only the
     safetensors headers, so it is cheap enough for a process that never loads the weights."""
     for f in safetensors_files(Path(path)):
-        with safe_open(str(f), framework="pt") as fh:
+        with safe_open(str(f), framework="numpy") as fh:  # "pt" would import torch
             keys = set(fh.keys())
             for key in CHANNEL_EMBEDDING_KEYS:
                 if key in keys:

@@ -12,38 +12,23 @@ response that carries the final flag (a BLS response in r24.10 has no flags or p
 caller could read).
 
 Both ends are here: :class:`PacketResponder` (decode's side, chosen by :func:`responder_for`)
-and :func:`unpack` (the caller's side).
+and :func:`backend.serving.packet.decode` (the caller's side).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
-import torch
 
-from backend.serving.reasoning_wire import PACKET, wants_packet
+from backend.serving import packet
+from backend.serving.packet import wants_packet
 from backend.serving.tensors import Responder
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover
     pb_utils = None
-
-
-def pack(obj: dict[str, Any]) -> torch.Tensor:
-    """``obj`` as JSON bytes viewed as a ``[1, n]`` BF16 tensor (space-padded to even length)."""
-    raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    if len(raw) % 2:
-        raw += b" "  # JSON ignores trailing whitespace
-    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(torch.bfloat16).reshape(1, -1)
-
-
-def unpack(packet: torch.Tensor) -> dict[str, Any]:
-    """Inverse of :func:`pack` (read on the caller's own thread, through DLPack)."""
-    raw = packet.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return json.loads(raw.decode("utf-8"))
 
 
 def _value(arr: np.ndarray) -> Any:
@@ -61,7 +46,7 @@ class PacketResponder(Responder):
     """A :class:`Responder` whose every response is one ``delta_packet``."""
 
     def _packet(self, obj: dict[str, Any]) -> list[Any]:
-        return [pb_utils.Tensor.from_dlpack(PACKET, pack(obj))]
+        return [packet.output(obj)]
 
     def send(self, tensors: list[Any]) -> bool:
         return super().send(self._packet(tensors_to_dict(tensors)))

@@ -19,8 +19,9 @@ import traceback
 from typing import Any
 
 from backend.engine import EngineBusyError
-from backend.serving.instance import StatsPoller, build_engine, enable_crash_traces, instance_parameters
+from backend.serving.instance import StatsPoller, build_engine, enable_crash_traces
 from backend.serving.metrics import ServingMetrics
+from backend.serving.parameters import instance_parameters
 from backend.serving.tensors import Responder
 
 #: How long ``finalize`` waits for in-flight request threads before tearing down (s).

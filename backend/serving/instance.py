@@ -22,7 +22,7 @@ import torch
 
 from backend.engine import Engine, EngineConfig, cuda_graphs, shared_weights
 from backend.serving import gpu_handoff, trtllm_prefill
-from backend.serving.parameters import model_parameters, parse_auto_bool
+from backend.serving.parameters import instance_parameters, parse_auto_bool
 
 
 def enable_crash_traces() -> None:
@@ -39,11 +39,6 @@ def enable_crash_traces() -> None:
     check = os.environ.get("MULTISTREAM_GIL_CHECK")
     if check:
         ctypes.PyDLL(check).install()  # PyDLL: called with the GIL held
-
-
-def instance_parameters(args: dict[str, Any]) -> dict[str, str]:
-    """The string ``parameters`` of this model's config (``args`` of ``initialize``)."""
-    return model_parameters(json.loads(args["model_config"]))
 
 
 def instance_device(args: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ parameters; this only reads them). Inside ``model.py``::
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -20,6 +21,11 @@ def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     ``parameters`` section gets an empty dict rather than an error.
     """
     return {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
+
+
+def instance_parameters(args: dict[str, Any]) -> dict[str, str]:
+    """The string ``parameters`` of this model's config (``args`` of ``initialize``)."""
+    return model_parameters(json.loads(args["model_config"]))
 
 
 def parse_auto_bool(name: str, value: str | None) -> bool | None:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from backend.engine.layout import LayoutError, StreamLayout, parse_grid, resolve_layout, user_tokens
-from backend.serving.instance import instance_parameters
+from backend.serving.parameters import instance_parameters
 from backend.serving.request import Limits, RequestConfig, RequestError
 from backend.serving.tensors import input_array
 from backend.tokenizer import Tokenizer

@@ -8,7 +8,7 @@ project touches the BLS call, its packet, or its response iterator.
 
 Every Triton 2.51 (python backend r24.10) workaround of the project, and where it lives:
 
-1. **BF16 packet** (here: :class:`ReasoningDelta`, :func:`wants_packet`). Ordinary output
+1. **BF16 packet** (``backend/serving/packet.py``; here :class:`ReasoningDelta`). Ordinary output
    tensors of a decoupled BLS response become numpy arrays on a C++ thread without the
    GIL (``ParentToStubMQMonitor`` -> ``PbTensor`` constructor / ``deserialize_bytes_tensor``)
    while decode's Python threads allocate: SIGSEGV in ``pymalloc_alloc`` under load (CI's
@@ -45,26 +45,23 @@ Every Triton 2.51 (python backend r24.10) workaround of the project, and where i
 from __future__ import annotations
 
 import collections
-import json
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-import torch.utils.dlpack
-
+from backend.serving import packet
+from backend.serving.packet import PACKET, wants_packet
 from backend.serving.tensors import REASONING_OUTPUTS, Responder, delta_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover
     pb_utils = None
-
-#: The output decode requests from ``reasoning`` (config.pbtxt: TYPE_BF16, dims [-1]).
-PACKET = "delta_packet"
 
 
 @dataclass(frozen=True)
@@ -76,37 +73,21 @@ class ReasoningDelta:
     ids: list[int]
     finish_reason: str
 
+    def packet_object(self) -> dict[str, Any]:
+        """What the packet carries (short keys: a packet is sent per token)."""
+        return {"s": self.stream, "t": self.text, "i": list(self.ids), "f": self.finish_reason}
+
     def to_packet(self) -> torch.Tensor:
-        """``[1, n]`` BF16 tensor holding the JSON bytes (the leading 1 is the batch dim)."""
-        raw = json.dumps(
-            {"s": self.stream, "t": self.text, "i": list(self.ids), "f": self.finish_reason},
-            ensure_ascii=False,
-        ).encode("utf-8")
-        if len(raw) % 2:
-            raw += b" "  # JSON ignores trailing whitespace
-        data = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy())
-        return data.view(torch.bfloat16).reshape(1, -1)
+        """``[1, n]`` BF16 tensor holding the JSON (``backend.serving.packet``)."""
+        return packet.encode(self.packet_object())
 
     @classmethod
-    def from_packet(cls, packet: torch.Tensor) -> ReasoningDelta:
-        """Inverse of :meth:`to_packet`."""
-        raw = packet.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        d = json.loads(raw.decode("utf-8"))
+    def from_packet(cls, tensor: Any) -> ReasoningDelta:
+        """Inverse of :meth:`to_packet`; ``tensor`` is anything :func:`packet.decode` reads."""
+        d = packet.decode(tensor)
         return cls(
             stream=str(d["s"]), text=str(d["t"]), ids=[int(i) for i in d["i"]], finish_reason=str(d["f"])
         )
-
-
-def wants_packet(request: Any) -> bool:
-    """Whether this ``reasoning`` request is decode's BLS call: it asks for the packet alone.
-
-    Exactly alone: a client that names no output is given every output of the config by
-    Triton, the packet included, and must get the tensors of CONTRACTS §4.
-    """
-    try:
-        return set(request.requested_output_names()) == {PACKET}
-    except AttributeError:  # pragma: no cover - a request object without the method
-        return False
 
 
 class DeferredRelease:
@@ -209,11 +190,9 @@ class ReasoningCall:
                     if resp.has_error():
                         self._post(("reasoning", CallEnded(resp.error().message())))
                         continue
-                    packet = pb_utils.get_output_tensor_by_name(resp, PACKET)
-                    if packet is not None:  # None: the flags-only final response
-                        self._post(
-                            ("reasoning", ReasoningDelta.from_packet(torch.from_dlpack(packet.to_dlpack())))
-                        )
+                    packet_tensor = pb_utils.get_output_tensor_by_name(resp, PACKET)
+                    if packet_tensor is not None:  # None: the flags-only final response
+                        self._post(("reasoning", ReasoningDelta.from_packet(packet_tensor)))
             except Exception as e:  # noqa: BLE001 - reported to the client, never a hang
                 self._post(("reasoning", CallEnded(f"reasoning failed: {e}")))
             finally:
@@ -277,8 +256,7 @@ class ReasoningReply:
         if delta.finish_reason:
             self.finished.add(delta.stream)
         if self.as_packet:
-            packet = torch.utils.dlpack.to_dlpack(delta.to_packet())
-            self.out.send([pb_utils.Tensor.from_dlpack(PACKET, packet)])
+            self.out.send([packet.output(delta.packet_object())])
             return
         self.out.send(
             delta_tensors(

@@ -26,7 +26,7 @@ import numpy as np
 
 from backend.engine.attention import ATTENTION_MODES, FIRST_STREAM_CHANNEL, MAX_CHANNELS
 from backend.engine.layout import START_MODES
-from backend.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from backend.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from backend.engine.session import GridRules
 from backend.serving.session_ids import mint_session_id
 

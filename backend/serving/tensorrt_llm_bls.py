@@ -36,11 +36,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
 
-from backend.serving.bls_wire import PACKET, unpack
+from backend.serving import packet
 from backend.serving.hop_trace import cancel_hop
-from backend.serving.instance import instance_parameters
+from backend.serving.packet import PACKET
+from backend.serving.parameters import instance_parameters
 from backend.serving.reasoning_wire import DeferredRelease
 from backend.serving.request import INPUTS, RequestError
 from backend.serving.session_control import Mailbox, SessionNotFound
@@ -185,10 +185,10 @@ class TensorrtLlmBlsModel:
                 if resp.has_error():
                     yield {"error": resp.error().message()}
                     continue
-                packet = pb_utils.get_output_tensor_by_name(resp, PACKET)
-                if packet is None:
+                tensor = pb_utils.get_output_tensor_by_name(resp, PACKET)
+                if tensor is None:
                     continue  # a flags-only response
-                yield unpack(torch.from_dlpack(packet.to_dlpack()))
+                yield packet.decode(tensor)
         finally:
             self.release_later.keep(responses)  # reasoning_wire workaround 2
 
