@@ -553,3 +553,10 @@ def test_bench_front_cost_runs_every_path(front: Front, triton_server) -> None:
         ), got
     assert got["ttft_added_ms_p50"] == got["front"]["ttft_ms_p50"] - got["grpc"]["ttft_ms_p50"]
     assert got["throughput_ratio"] > 0 and got["sdk_throughput_ratio"] > 0
+    # the side-by-side phase: one worker per path, the 4 requests split between them
+    same = got["same_time"]
+    assert (
+        same["grpc"]["requests"] + same["front"]["requests"] == 4
+        and min(same["grpc"]["requests"], same["front"]["requests"]) >= 1
+    ), same
+    assert got["ttft_added_ms_p50_same_time"] == same["front"]["ttft_ms_p50"] - same["grpc"]["ttft_ms_p50"]
