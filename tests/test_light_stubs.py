@@ -1,9 +1,10 @@
 """The models that only validate and route requests load without torch.
 
-Why: preprocessing, ``tensorrt_llm_bls`` and ``session_control`` are Triton stubs of their
-own; torch costs each ~130 MiB of private memory (``bench.memory``), a fifth of the default
-server's. An eager ``import torch`` anywhere on their import path brings it back silently,
-so each entry point is imported in a fresh interpreter and torch must be absent.
+Why: preprocessing, ``tensorrt_llm_bls``, ``session_control`` and, where prompts are
+computed in decode (the CPU default), ``prefill`` are Triton stubs of their own; torch costs
+each ~145 MiB of private memory (``bench.memory``), a fifth of the default server's. An eager
+``import torch`` anywhere on their import path brings it back silently, so each entry point
+is imported in a fresh interpreter, and the running default server's stubs are checked.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("model", ["preprocessing", "tensorrt_llm_bls", "session_control"])
+LIGHT = ("preprocessing", "tensorrt_llm_bls", "session_control", "prefill")
+
+
+@pytest.mark.parametrize("model", LIGHT)
 def test_a_light_model_imports_no_torch(model: str) -> None:
     entry = ROOT / "model_repository" / model / "1" / "model.py"
     code = (
@@ -30,3 +34,13 @@ def test_a_light_model_imports_no_torch(model: str) -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.split()[-1] == "0", f"{model} imports torch"
+
+
+def test_the_default_server_runs_its_light_stubs_without_torch(triton_server) -> None:
+    """On the default (CPU) server prefill passes prompts on, so no light stub maps libtorch;
+    decode, which computes, does (the check can fail)."""
+    stubs = triton_server.stubs()
+    mapped = {name: "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text() for name, pid in stubs.items()}
+    light = {name: m for name, m in mapped.items() if name.startswith(LIGHT)}
+    assert light and not any(light.values()), mapped
+    assert all(m for name, m in mapped.items() if name.startswith("decode")), mapped

@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
-from backend.serving.instance import engine_config, instance_device
-from backend.serving.parameters import instance_parameters
+from backend.serving.instance import engine_config
+from backend.serving.parameters import instance_device, instance_parameters
 
 
 def _args(kind: str = "CPU", device_id: str = "0", **params: str) -> dict:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from backend.engine import PrefixKV
+from backend.serving import handoff
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
@@ -62,16 +63,12 @@ def declared_wire(model_config: dict[str, Any], device: str | torch.device = "cp
     declares neither (preprocessing, session_control) gets the FP32 default.
     """
     found: dict[str, torch.dtype] = {}
-    for section in ("output", "input"):
-        for entry in model_config.get(section, []) or []:
-            name = entry.get("name")
-            if name in ("prompt_kv", "prompt_logits") and name not in found:
-                data_type = str(entry.get("data_type", "TYPE_FP32"))
-                if data_type not in WIRE_DTYPES:
-                    raise ValueError(
-                        f"{name}: data_type {data_type} is not a hand-off type; use one of {sorted(WIRE_DTYPES)}"
-                    )
-                found[name] = WIRE_DTYPES[data_type]
+    for name, data_type in handoff.declared_types(model_config).items():
+        if data_type not in WIRE_DTYPES:
+            raise ValueError(
+                f"{name}: data_type {data_type} is not a hand-off type; use one of {sorted(WIRE_DTYPES)}"
+            )
+        found[name] = WIRE_DTYPES[data_type]
     return Wire(
         kv=found.get("prompt_kv", torch.float32),
         logits=found.get("prompt_logits", torch.float32),

@@ -16,15 +16,16 @@ Triton tensors:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from backend.engine import Prefix, PrefixKV
-from backend.serving import gpu_handoff
+from backend.engine.session import Prefix
 from backend.serving.request import RequestConfig
 from backend.serving.tensors import input_array
+
+if TYPE_CHECKING:  # torch where tensors are made: a prefill that passes prompts on has none
+    from backend.engine import PrefixKV
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
@@ -71,6 +72,23 @@ def resolve_prefill_at(
     return setting
 
 
+def declared_types(model_config: dict[str, Any]) -> dict[str, str]:
+    """The Triton ``data_type`` this model's config declares for each hand-off tensor
+    (prefill as outputs, decode and reasoning as inputs; the first declaration wins)."""
+    found: dict[str, str] = {}
+    for section in ("output", "input"):
+        for entry in model_config.get(section, []) or []:
+            name = entry.get("name")
+            if name in HANDOFF_INPUTS and name not in found:
+                found[name] = str(entry.get("data_type", "TYPE_FP32"))
+    return found
+
+
+def plain_wire(model_config: dict[str, Any]) -> bool:
+    """FP32 on both hand-off tensors: the host numpy path (``gpu_handoff.Wire.plain``)."""
+    return all(t == "TYPE_FP32" for t in declared_types(model_config).values())
+
+
 def empty_arrays() -> dict[str, np.ndarray]:
     """The hand-off of ``prefill_at=decode``: no KV, no logits (decode computes the prompt)."""
     return {
@@ -101,6 +119,8 @@ def to_arrays(prefix: PrefixKV) -> dict[str, np.ndarray]:
 
 def to_tensors(prefix: PrefixKV) -> list[Any]:
     """The hand-off as ``pb_utils.Tensor`` outputs of ``prefill`` (GPU / BF16: ``gpu_handoff``)."""
+    from backend.serving import gpu_handoff
+
     if gpu_handoff.uses_dlpack(prefix):
         return gpu_handoff.to_tensors(prefix)
     return [pb_utils.Tensor(name, arr) for name, arr in to_arrays(prefix).items()]
@@ -116,6 +136,10 @@ def from_arrays(kv: np.ndarray | None, logits: np.ndarray | None, vocab_size: in
         raise ValueError("prompt_kv / prompt_logits are missing (the prefill -> decode hand-off)")
     if kv.size == 0 and logits.size == 0:
         return None  # prefill_at=decode: the receiving engine computes the prompt itself
+    import torch
+
+    from backend.engine import PrefixKV
+
     kv_t = torch.from_numpy(np.ascontiguousarray(kv.reshape(kv.shape[-5:]), dtype=np.float32).copy())
     flat = np.ascontiguousarray(logits.reshape(-1), dtype=np.float32).copy()
     if flat.size == 0 or flat.size % vocab_size:
@@ -128,6 +152,8 @@ def from_arrays(kv: np.ndarray | None, logits: np.ndarray | None, vocab_size: in
 def from_request(request: Any, vocab_size: int) -> PrefixKV | None:
     """The :class:`PrefixKV` that ``prefill`` sent, read from a decode / reasoning request;
     None when prefill handed the prompt over to be computed here (``prefill_at=decode``)."""
+    from backend.serving import gpu_handoff
+
     prefix = gpu_handoff.from_request(request, vocab_size)  # GPU / BF16 tensors, else None
     if prefix is not None:
         return prefix

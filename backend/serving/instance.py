@@ -22,7 +22,7 @@ import torch
 
 from backend.engine import Engine, EngineConfig, cuda_graphs, shared_weights
 from backend.serving import gpu_handoff, trtllm_prefill
-from backend.serving.parameters import instance_parameters, parse_auto_bool
+from backend.serving.parameters import instance_device, instance_parameters, parse_auto_bool
 
 
 def enable_crash_traces() -> None:
@@ -39,14 +39,6 @@ def enable_crash_traces() -> None:
     check = os.environ.get("MULTISTREAM_GIL_CHECK")
     if check:
         ctypes.PyDLL(check).install()  # PyDLL: called with the GIL held
-
-
-def instance_device(args: dict[str, Any]) -> str:
-    """``cuda:N`` for a ``KIND_GPU`` instance when CUDA is usable, else ``cpu``."""
-    kind = str(args.get("model_instance_kind", "CPU")).upper()
-    if kind == "GPU" and torch.cuda.is_available():
-        return f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}"
-    return "cpu"
 
 
 def engine_config(params: dict[str, str], device: str, **overrides: Any) -> EngineConfig:

@@ -28,6 +28,19 @@ def instance_parameters(args: dict[str, Any]) -> dict[str, str]:
     return model_parameters(json.loads(args["model_config"]))
 
 
+def instance_device(args: dict[str, Any]) -> str:
+    """``cuda:N`` for a ``KIND_GPU`` instance when CUDA is usable, else ``cpu`` (torch is
+    imported only for a GPU instance: a CPU ``prefill`` that passes prompts on has none)."""
+    kind = str(args.get("model_instance_kind", "CPU")).upper()
+    if kind != "GPU":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}"
+    return "cpu"
+
+
 def parse_auto_bool(name: str, value: str | None) -> bool | None:
     """A tri-state parameter: ``auto`` (or empty) -> None, ``true`` / ``false`` -> bool.
 

@@ -1,21 +1,20 @@
-"""Triton model ``prefill``: prompt rows -> KV cache + last-row logits, for ``decode``.
+"""Triton model ``prefill``: where a prompt is computed is decided here, once, at load.
 
-Why a model of its own: prefill is compute-bound and decode is latency-bound; separate
-instances let a long prompt run without stalling the decode loop of running sessions,
-and on GPU this step is where a TensorRT-LLM engine plugs in (a later issue). The engine
-side is :meth:`Engine.prefill_export`; what crosses to decode is ``backend.serving.handoff``.
+- ``prefill_at = prefill`` (GPU deployments, TensorRT-LLM, a non-FP32 wire): this instance
+  computes the prompt's KV and hands it to decode (``backend.serving.prefill_engine``);
+- ``prefill_at = decode`` (the CPU default, ``handoff.resolve_prefill_at``): decode and
+  reasoning compute prompts in their own steps and this instance only passes the request on
+  with an empty hand-off. Then it builds no engine and imports no torch: it would otherwise
+  hold ~200 MiB (an interpreter with torch, an engine, a share of the weights) for nothing.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import json
 from typing import Any
 
-from backend.serving import gpu_handoff, handoff
-from backend.serving.engine_model import EngineModel, error_message
-from backend.serving.instance import instance_device
-from backend.serving.request import RequestConfig
-from backend.serving.tensors import input_ids, request_json
+from backend.serving import handoff
+from backend.serving.parameters import instance_device, instance_parameters
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
@@ -23,46 +22,33 @@ except ImportError:  # pragma: no cover
     pb_utils = None
 
 
-class PrefillModel(EngineModel):
-    """Not decoupled: answers in ``execute``; the requests of one call prefill together."""
+class PrefillModel:
+    """Decides ``prefill_at`` from this instance's config, then computes or passes on."""
 
-    role = "prefill"
-    stats_period = 1.0
-
-    def setup(self, args: dict[str, Any]) -> None:
-        # Requests of one execute() are submitted together so the engine batches them.
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="prefill")
-        # prefill_at=decode: this instance only hands the prompt on (handoff.resolve_prefill_at).
+    def initialize(self, args: dict[str, Any]) -> None:
+        params = instance_parameters(args)
         self.prefill_at = handoff.resolve_prefill_at(
-            self.params.get("prefill_at", "auto"),
+            params.get("prefill_at", "auto"),
             device=instance_device(args),
-            prefill_backend=self.params.get("prefill_backend", "auto"),
-            plain_wire=gpu_handoff.current().plain,
+            prefill_backend=params.get("prefill_backend", "auto"),
+            plain_wire=handoff.plain_wire(json.loads(args["model_config"])),
         )
         print(f"[prefill] prompts computed by {self.prefill_at}", flush=True)
+        self.engine_model = None
+        if self.prefill_at == "prefill":
+            from backend.serving.prefill_engine import PrefillEngineModel
 
-    def _one(self, request: Any) -> Any:
-        if self.prefill_at == "decode":
-            return pb_utils.InferenceResponse(
-                [pb_utils.Tensor(n, a) for n, a in handoff.empty_arrays().items()]
-            )
-        cfg = RequestConfig.from_json(request_json(request))
-        rules = cfg.grid_rules() if cfg.layout == "paper" else None
-        prefix = self.engine.prefill_export(handoff.prefix_of(input_ids(request), cfg), rules=rules)
-        return pb_utils.InferenceResponse(handoff.to_tensors(prefix))
+            self.engine_model = PrefillEngineModel()
+            self.engine_model.initialize(args)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        futures = [self.pool.submit(self._one, r) for r in requests]
-        responses = []
-        for fut in futures:
-            try:
-                responses.append(fut.result())
-            except Exception as e:  # noqa: BLE001 - any failure becomes this request's error
-                message = error_message(self.role, e)
-                responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"prefill failed: {message}"))
-                )
-        return responses
+        if self.engine_model is not None:
+            return self.engine_model.execute(requests)
+        empty = handoff.empty_arrays()
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in empty.items()]) for _ in requests
+        ]
 
-    def teardown(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+    def finalize(self) -> None:
+        if self.engine_model is not None:
+            self.engine_model.finalize()
