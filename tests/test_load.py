@@ -57,7 +57,9 @@ def test_engine_stubs_run_the_off_gil_check(triton_server):
     if not so:
         pytest.skip("no C compiler here: the stubs run without the off-GIL check")
     stubs = {
-        n: p for n, p in triton_server.stubs().items() if n.startswith(("decode", "reasoning", "prefill"))
+        n: p
+        for n, p in triton_server.stubs().items()
+        if n.startswith(("decode", "reasoning", "prefill", "tensorrt_llm_bls"))
     }
     assert stubs
     for name, pid in stubs.items():

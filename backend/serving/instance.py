@@ -10,10 +10,7 @@ instances then overlap on one GPU instead of serialising on the default stream.
 
 from __future__ import annotations
 
-import ctypes
-import faulthandler
 import json
-import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -23,22 +20,6 @@ import torch
 from backend.engine import Engine, EngineConfig, cuda_graphs, shared_weights
 from backend.serving import gpu_handoff, trtllm_prefill
 from backend.serving.parameters import instance_device, instance_parameters, parse_auto_bool
-
-
-def enable_crash_traces() -> None:
-    """On SIGSEGV / SIGABRT, print every Python thread's stack into the server log.
-
-    Why in code: a dying stub is otherwise silent (tritonserver only sees it gone), and
-    ``PYTHONFAULTHANDLER`` does nothing here: the stub embeds an *isolated* interpreter
-    that ignores every ``PYTHON*`` variable (checked with gdb on a live stub).
-    """
-    if not faulthandler.is_enabled():
-        faulthandler.enable(all_threads=True)
-    # Debugging aid (the test suite sets it): abort at the first Python allocation made off
-    # the GIL, with its C stack in the server log. See tests/support/gil_check.c.
-    check = os.environ.get("MULTISTREAM_GIL_CHECK")
-    if check:
-        ctypes.PyDLL(check).install()  # PyDLL: called with the GIL held
 
 
 def engine_config(params: dict[str, str], device: str, **overrides: Any) -> EngineConfig:

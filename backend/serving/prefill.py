@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from backend.serving import handoff
+from backend.serving.crash_traces import enable_crash_traces
 from backend.serving.parameters import instance_device, instance_parameters
 
 try:  # only inside the Triton python stub
@@ -26,6 +27,7 @@ class PrefillModel:
     """Decides ``prefill_at`` from this instance's config, then computes or passes on."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        enable_crash_traces()
         params = instance_parameters(args)
         self.prefill_at = handoff.resolve_prefill_at(
             params.get("prefill_at", "auto"),

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from backend.serving import packet
+from backend.serving.crash_traces import enable_crash_traces
 from backend.serving.hop_trace import cancel_hop
 from backend.serving.packet import PACKET
 from backend.serving.parameters import instance_parameters
@@ -91,6 +92,7 @@ class TensorrtLlmBlsModel:
     """The decoupled client-facing model; one thread per request, no engine of its own."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        enable_crash_traces()  # it reads decoupled BLS responses: reasoning_wire's workaround 1
         params = instance_parameters(args)
         self.models = {
             step: params.get(f"{step}_model", step) for step in ("preprocessing", "prefill", "decode")
