@@ -2,7 +2,7 @@
 
 Why: preprocessing, ``tensorrt_llm_bls``, ``session_control`` and, where prompts are
 computed in decode (the CPU default), ``prefill`` are Triton stubs of their own; torch costs
-each ~145 MiB of private memory (``bench.memory``), a fifth of the default server's. An eager
+each ~135 MiB (``bench.memory``, PSS), a fifth of the default server's. An eager
 ``import torch`` anywhere on their import path brings it back silently, so each entry point
 is imported in a fresh interpreter, and the running default server's stubs are checked.
 """

@@ -2,7 +2,7 @@
 sampling (``sampling.py`` holds the torch-side :class:`~backend.engine.sampling.StreamSampler`).
 
 A file of its own without torch, because the processes that only validate and route
-requests (preprocessing, the BLS model) import it: torch costs each of them ~130 MiB.
+requests (preprocessing, the BLS model) import it: torch costs each of them ~135 MiB (PSS, bench.memory).
 """
 
 from __future__ import annotations

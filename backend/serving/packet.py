@@ -7,7 +7,7 @@ the bytes on its own thread, through DLPack. Decode reads reasoning's deltas thi
 the ``tensorrt_llm_bls`` model reads decode's responses this way.
 
 Reading needs no torch (:func:`decode` walks the DLPack struct with ctypes), because the BLS
-model is otherwise a light process: torch would cost it ~130 MiB. Writing (:func:`encode`)
+model is otherwise a light process: torch would cost it ~135 MiB. Writing (:func:`encode`)
 is done by decode and reasoning, which have torch loaded anyway.
 """
 
