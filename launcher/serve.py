@@ -32,11 +32,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backend.serving import heartbeat
 from launcher import gpu
 from launcher.deploy_config import HEAVY_MODELS, DeployConfig, is_ensemble, render_pbtxt
 from launcher.triton_env import build_backend_dir, check_numpy, find_triton, server_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: A stub whose heartbeat is older than this is hung (``ServerHandle.hung_stubs``): 30 beats
+#: missed; a stub starved of CPU on a loaded machine still beats within seconds.
+HUNG_STUB_S = 30.0
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 
 _LOG_FLAGS = {
@@ -179,6 +183,25 @@ class ServerHandle:
     def stubs(self) -> dict[str, int]:
         """``{instance name: pid}`` of this server's live Python stubs (e.g. ``decode_0_0``)."""
         return python_stubs(self.process.pid)
+
+    def hung_stubs(self, stale_s: float = HUNG_STUB_S) -> list[str]:
+        """Live stubs whose heartbeat (``backend.serving.heartbeat``) is older than ``stale_s``.
+
+        Why: a stub that deadlocks in Triton 2.51's python backend (the heartbeat module says
+        how) is alive and its model ready, but it never answers again. Only stubs that beat
+        (the engine models and the BLS model) are judged.
+        """
+        folder = self.run_dir / "heartbeats"
+        now = time.time()
+        hung = []
+        for name in self.stubs():
+            try:
+                age = now - (folder / name).stat().st_mtime
+            except OSError:
+                continue  # never beat (a light stub), or not yet
+            if age > stale_s:
+                hung.append(name)
+        return sorted(hung)
 
     def dead_stubs(self) -> list[str]:
         """Instances whose stub died since start-up.
@@ -457,6 +480,7 @@ def start_server(
     env = server_env(install)
     for key, value in cfg.openmp_env().items():
         env.setdefault(key, value)  # an explicit setting in the caller's environment wins
+    env[heartbeat.DIR_ENV] = str(base / "heartbeats")  # stubs' signs of life (hung_stubs)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             cmd,
@@ -736,6 +760,16 @@ def main(argv: list[str] | None = None) -> int:
                 # (Kubernetes, systemd, docker --restart) starts a healthy server.
                 print(
                     f"error: Python stub(s) {', '.join(dead)} died; tritonserver cannot restart them. "
+                    "Stopping (exit code 1) so the server gets restarted.",
+                    file=sys.stderr,
+                )
+                handle.stop(timeout=10)
+                return 1
+            hung = handle.hung_stubs()
+            if hung:
+                print(
+                    f"error: Python stub(s) {', '.join(hung)} gave no sign of life for {HUNG_STUB_S:.0f} s "
+                    "(a deadlock in Triton's python backend: backend/serving/heartbeat.py). "
                     "Stopping (exit code 1) so the server gets restarted.",
                     file=sys.stderr,
                 )

@@ -611,6 +611,26 @@ def test_bls_cancel_during_prefill_frees_the_session(small_server, hop_trace_dir
     _idle(srv)
 
 
+def test_a_frozen_stub_is_reported_hung_and_recovers(small_server) -> None:
+    """A stub that stops running Python (as in the python backend's BLS deadlock that
+    ``backend/serving/heartbeat.py`` describes; here SIGSTOP) stops renewing its heartbeat:
+    ``ServerHandle.hung_stubs`` names it (``python -m launcher`` exits on that, as for a dead
+    stub), and only it; once it runs again it is no longer reported and the server answers."""
+    srv = small_server
+    assert wait_for(lambda: (srv.run_dir / "heartbeats" / "decode_0_0").exists(), 10)
+    assert srv.hung_stubs(stale_s=3.0) == []
+    decode_pid = srv.stubs()["decode_0_0"]
+    os.kill(decode_pid, signal.SIGSTOP)
+    try:
+        assert wait_for(lambda: "decode_0_0" in srv.hung_stubs(stale_s=3.0), 15), srv.hung_stubs(3.0)
+        assert srv.hung_stubs(stale_s=3.0) == ["decode_0_0"], "a running stub was reported hung"
+    finally:
+        os.kill(decode_pid, signal.SIGCONT)
+    assert wait_for(lambda: srv.hung_stubs(stale_s=3.0) == [], 10), srv.hung_stubs(3.0)
+    with MultiStreamClient(srv.grpc_url, idle_timeout_s=60) as client:
+        assert client.generate("Say hi.", max_tokens=4).result().output_text
+
+
 def test_killed_decode_stub_errors_clients_and_is_detected(small_server) -> None:
     """SIGKILL the decode stub while two requests stream (sync and asyncio client).
 

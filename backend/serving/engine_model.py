@@ -20,6 +20,7 @@ import traceback
 from typing import Any
 
 from backend.engine import EngineBusyError
+from backend.serving import heartbeat
 from backend.serving.crash_traces import enable_crash_traces
 from backend.serving.instance import StatsPoller, build_engine
 from backend.serving.metrics import ServingMetrics
@@ -65,6 +66,7 @@ class EngineModel:
     def initialize(self, args: dict[str, Any]) -> None:
         enable_crash_traces()
         sys.setswitchinterval(GIL_SWITCH_S)
+        heartbeat.start(args.get("model_instance_name", self.role))
         self.params = instance_parameters(args)
         self.engine = build_engine(args, role=self.role)
         self.tokenizer = self.engine.tokenizer

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.serving import packet
+from backend.serving import heartbeat, packet
 from backend.serving.crash_traces import enable_crash_traces
 from backend.serving.hop_trace import cancel_hop
 from backend.serving.packet import PACKET
@@ -93,6 +93,7 @@ class TensorrtLlmBlsModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         enable_crash_traces()  # it reads decoupled BLS responses: reasoning_wire's workaround 1
+        heartbeat.start(args.get("model_instance_name", "tensorrt_llm_bls"))  # and can deadlock on them
         params = instance_parameters(args)
         self.models = {
             step: params.get(f"{step}_model", step) for step in ("preprocessing", "prefill", "decode")
