@@ -64,3 +64,22 @@ def test_engine_stubs_run_the_off_gil_check(triton_server):
     assert stubs
     for name, pid in stubs.items():
         assert so in Path(f"/proc/{pid}/maps").read_text(), f"{name} has not loaded {so}"
+
+
+def test_bench_reasoning_burst_runs(triton_server, capsys):
+    """``bench.reasoning_burst`` (the deadlock's reproduction, docs/reliability.md) completes
+    requests with reasoning streams and reads the server's heartbeats: a short, light run
+    must finish with no error, no stall and no stale heartbeat."""
+    import json
+
+    from bench import reasoning_burst
+
+    reasoning_burst.main(
+        [
+            "--grpc", triton_server.grpc_url, "--clients", "2", "--seconds", "3",
+            "--max-tokens", "8", "--run-dir", str(triton_server.run_dir), "--json",
+        ]
+    )  # fmt: skip
+    got = json.loads(capsys.readouterr().out)
+    assert got["completed"] >= 2 and got["errors"] == 0 and got["stalls"] == 0, got
+    assert got["stale_heartbeats"] == [] and got["hung"] is False, got
