@@ -13,7 +13,6 @@ so no request is left without its final flag.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import traceback
@@ -26,13 +25,6 @@ from backend.serving.instance import StatsPoller, build_engine
 from backend.serving.metrics import ServingMetrics
 from backend.serving.parameters import instance_parameters
 from backend.serving.tensors import Responder
-
-#: How long a thread that wants the GIL waits for one that keeps it (Python's default is 5 ms).
-#: A decode process runs its engine loop, a thread per session and a doorbell thread: with the
-#: default, a cancel read or a token hand-off that found another thread busy in Python waited
-#: up to 5 ms, half a step of a small batch (the reliability test's cancel pickups: 0.41-0.52
-#: of a step for the second of two sessions).
-GIL_SWITCH_S = 0.001
 
 #: How long ``finalize`` waits for in-flight request threads before tearing down (s).
 FINALIZE_WAIT_S = 5.0
@@ -65,7 +57,6 @@ class EngineModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         enable_crash_traces()
-        sys.setswitchinterval(GIL_SWITCH_S)
         heartbeat.start(args.get("model_instance_name", self.role))
         self.params = instance_parameters(args)
         self.engine = build_engine(args, role=self.role)
