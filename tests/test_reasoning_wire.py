@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from backend.serving.packet import encode
 from backend.serving.reasoning_wire import PACKET, CallEnded, ReasoningCall, ReasoningDelta, wants_packet
 
 
@@ -22,7 +23,7 @@ from backend.serving.reasoning_wire import PACKET, CallEnded, ReasoningCall, Rea
 @pytest.mark.parametrize("finish", ["", "stop", "length", "cancelled", "error"])
 def test_packet_round_trip(text: str, finish: str) -> None:
     delta = ReasoningDelta("reasoning/3", text, [0, 1, 49151, 2**31 - 1], finish)
-    packet = delta.to_packet()
+    packet = encode(delta.packet_object())
     assert packet.dtype == torch.bfloat16 and packet.dim() == 2 and packet.shape[0] == 1
     assert ReasoningDelta.from_packet(packet) == delta
 
@@ -30,7 +31,7 @@ def test_packet_round_trip(text: str, finish: str) -> None:
 def test_packet_survives_dlpack() -> None:
     """Triton hands the tensor over through DLPack on both ends."""
     delta = ReasoningDelta("reasoning/0", "x" * 1001, list(range(50)), "")
-    packet = delta.to_packet()
+    packet = encode(delta.packet_object())
     again = torch.from_dlpack(torch.utils.dlpack.to_dlpack(packet))
     assert ReasoningDelta.from_packet(again) == delta
 
@@ -106,13 +107,13 @@ def test_packet_is_read_without_consuming_the_capsule() -> None:
     """``packet.decode`` reads a DLPack capsule in place (ctypes, no torch in the reader): the
     capsule keeps its name, so its producer's deleter still runs when it is dropped."""
     delta = ReasoningDelta("reasoning/1", "ünïcode " * 30, [7, 8], "stop")
-    capsule = torch.utils.dlpack.to_dlpack(delta.to_packet())
+    capsule = torch.utils.dlpack.to_dlpack(encode(delta.packet_object()))
     assert ReasoningDelta.from_packet(capsule) == delta
     assert torch.from_dlpack(capsule).dtype == torch.bfloat16  # still "dltensor": not consumed
 
 
 def test_packet_refuses_a_strided_tensor() -> None:
-    from backend.serving.packet import decode, encode
+    from backend.serving.packet import decode
 
     wide = torch.cat([encode({"a": 1}), encode({"b": 2})]).t()  # [n, 2], not C-contiguous
     with pytest.raises(ValueError, match="contiguous"):

@@ -49,14 +49,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from backend.serving import packet
 from backend.serving.packet import PACKET, wants_packet
 from backend.serving.tensors import REASONING_OUTPUTS, Responder, delta_tensors
-
-if TYPE_CHECKING:
-    import torch
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
@@ -77,13 +74,10 @@ class ReasoningDelta:
         """What the packet carries (short keys: a packet is sent per token)."""
         return {"s": self.stream, "t": self.text, "i": list(self.ids), "f": self.finish_reason}
 
-    def to_packet(self) -> torch.Tensor:
-        """``[1, n]`` BF16 tensor holding the JSON (``backend.serving.packet``)."""
-        return packet.encode(self.packet_object())
-
     @classmethod
     def from_packet(cls, tensor: Any) -> ReasoningDelta:
-        """Inverse of :meth:`to_packet`; ``tensor`` is anything :func:`packet.decode` reads."""
+        """The delta a packet of :meth:`packet_object` carries; ``tensor`` is anything
+        :func:`packet.decode` reads."""
         d = packet.decode(tensor)
         return cls(
             stream=str(d["s"]), text=str(d["t"]), ids=[int(i) for i in d["i"]], finish_reason=str(d["f"])
