@@ -31,11 +31,11 @@ from backend.engine import StreamEvent, StreamSpec
 from backend.engine.layout import StreamLayout, user_tokens
 from backend.engine.session import answer_index, answer_specs, answer_stream
 from backend.serving import handoff
-from backend.serving.bls_wire import responder_for
 from backend.serving.engine_model import EngineModel
 from backend.serving.hop_trace import HopTrace
 from backend.serving.pump import POLL_S, CancelPoll, Group, StreamPump
-from backend.serving.reasoning_wire import DeferredRelease, ReasoningCall, ReasoningDelta
+from backend.serving.reasoning_wire import ReasoningCall, ReasoningDelta
+from backend.serving.reply_channel import DeferredRelease
 from backend.serving.request import RequestConfig
 from backend.serving.session_control import Doorbell, Mailbox
 from backend.serving.tensors import Responder, delta_tensors, input_ids, request_json
@@ -516,10 +516,6 @@ class DecodeModel(EngineModel):
         cfg = RequestConfig.from_json(request_json(request))
         kind = GridRequest if cfg.layout == "paper" else DecodeRequest
         kind(self, request, out, cfg).run()
-
-    def responder(self, request: Any) -> Responder:
-        """Packets for ``tensorrt_llm_bls``, which reaches decode through BLS (bls_wire)."""
-        return responder_for(request)
 
     def teardown(self) -> None:
         self.release_later.clear()

@@ -20,6 +20,7 @@ from typing import Any
 
 from backend.engine import EngineBusyError
 from backend.serving import heartbeat
+from backend.serving.bls_wire import responder_for
 from backend.serving.crash_traces import enable_crash_traces
 from backend.serving.instance import StatsPoller, build_engine
 from backend.serving.metrics import ServingMetrics
@@ -85,8 +86,9 @@ class EngineModel:
         return None
 
     def responder(self, request: Any) -> Responder:
-        """How this request's responses go out (decode answers a BLS caller in packets)."""
-        return Responder(request)
+        """How this request's responses go out: to a BLS caller (decode calling reasoning,
+        tensorrt_llm_bls calling decode) as objects over the reply channel (``bls_wire``)."""
+        return responder_for(request)
 
     def _serve(self, request: Any) -> None:
         out = self.responder(request)

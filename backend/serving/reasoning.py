@@ -75,7 +75,7 @@ class ReasoningModel(EngineModel):
         ]
 
     def serve(self, request: Any, out: Responder) -> None:
-        reply = ReasoningReply(request, out)
+        reply = ReasoningReply(out)
         try:
             self._run(request, reply)
         except Exception as e:  # noqa: BLE001 - the caller gets error deltas (reasoning_wire, 3.)

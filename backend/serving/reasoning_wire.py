@@ -3,8 +3,9 @@
 Decode's side is :class:`ReasoningCall` (starts the decoupled BLS call, yields
 :class:`ReasoningDelta` s, and turns every way the call can go wrong into error deltas of
 the streams still open); reasoning's side is :class:`ReasoningReply` (sends deltas in the
-form the caller asked for, and fails open streams with deltas). Nothing else in the
-project touches the BLS call, its packet, or its response iterator.
+form the caller asked for, and fails open streams with deltas). The BLS call's mechanics
+(the reply channel that carries the deltas, the iterator read to its one final response)
+are ``backend/serving/reply_channel.py``, shared with ``tensorrt_llm_bls``.
 
 Every Triton 2.51 (python backend r24.10) workaround of the project, and where it lives:
 
@@ -13,11 +14,12 @@ Every Triton 2.51 (python backend r24.10) workaround of the project, and where i
    GIL (``ParentToStubMQMonitor`` -> ``PbTensor`` constructor / ``deserialize_bytes_tensor``)
    while decode's Python threads allocate: SIGSEGV in ``pymalloc_alloc`` under load (CI's
    load test on 2026-11-24, and the earlier unexplained soak crash). BF16 is the one CPU
-   dtype for which no Python object is built ("no numpy representation"), so decode asks
-   for the single output ``delta_packet``: the delta as UTF-8 JSON, space-padded to an
-   even length and viewed as BF16, read back through DLPack on decode's own thread. (A
-   BLS response in r24.10 has no ``parameters()``, the natural carrier.) A client calling
-   ``reasoning`` directly still gets the tensors of CONTRACTS §4.
+   dtype for which no Python object is built ("no numpy representation"), so a BLS caller
+   that asks for the single output ``delta_packet`` gets the delta as UTF-8 JSON,
+   space-padded to an even length and viewed as BF16, read back through DLPack on its own
+   thread. Decode now reads its deltas over the reply channel (9.) instead, and asks for
+   ``delta_packet`` alone so that its one Triton response carries no tensor. A client
+   calling ``reasoning`` directly still gets the tensors of CONTRACTS §4.
 2. **Deferred release** (here: :class:`DeferredRelease`, used by :class:`ReasoningCall`).
    Once the final response is read, the stub's ``ServiceStubToParentRequests`` thread
    erases the response iterator from its map (``Stub::SendCleanupId``); if Python had
@@ -40,20 +42,27 @@ Every Triton 2.51 (python backend r24.10) workaround of the project, and where i
    threads crash the server even under a lock: one flusher thread per process.
 8. **NumPy < 2** (``launcher/triton_env.py``, ``check_numpy``): the stub misreads tensors
    with NumPy 2.
+9. **Reply channel** (``backend/serving/reply_channel.py``; here :meth:`ReasoningCall.start`
+   and ``bls_wire.ChannelResponder``). A stub whose threads read several decoupled BLS
+   iterators while another call starts can deadlock (three locks in a cycle: docs/
+   reliability.md, "A stub that deadlocks"). The deltas travel as datagrams to the caller's
+   process; Triton carries only each call's flags-only final response.
 """
 
 from __future__ import annotations
 
-import collections
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from backend.serving import packet
+from backend.serving.bls_wire import PacketResponder
 from backend.serving.packet import PACKET, wants_packet
+from backend.serving.reply_channel import CallEnded, ChannelCall, DeferredRelease
 from backend.serving.tensors import REASONING_OUTPUTS, Responder, delta_tensors
+
+__all__ = ["PACKET", "CallEnded", "ReasoningCall", "ReasoningDelta", "ReasoningReply", "wants_packet"]
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
@@ -78,59 +87,14 @@ class ReasoningDelta:
     def from_packet(cls, tensor: Any) -> ReasoningDelta:
         """The delta a packet of :meth:`packet_object` carries; ``tensor`` is anything
         :func:`packet.decode` reads."""
-        d = packet.decode(tensor)
+        return cls.from_object(packet.decode(tensor))
+
+    @classmethod
+    def from_object(cls, d: dict[str, Any]) -> ReasoningDelta:
+        """The delta of a :meth:`packet_object` (from a packet or the reply channel)."""
         return cls(
             stream=str(d["s"]), text=str(d["t"]), ids=[int(i) for i in d["i"]], finish_reason=str(d["f"])
         )
-
-
-class DeferredRelease:
-    """Holds objects for ``delay_s`` seconds, then drops them on a thread that has the GIL.
-
-    Why: see the module docstring (2.). The stub's cleanup thread drops its reference to a
-    finished BLS response iterator within milliseconds of the final response; holding ours
-    for ``delay_s`` (default 30 s, far beyond that) makes ours the last, released here by
-    whichever Python thread calls :meth:`keep` or :meth:`sweep` next. Memory is bounded
-    by what finishes in ``delay_s``: an iterator holds its own small packets.
-    """
-
-    def __init__(self, delay_s: float = 30.0):
-        self.delay_s = delay_s
-        self._lock = threading.Lock()
-        self._held: collections.deque[tuple[float, Any]] = collections.deque()
-
-    def keep(self, obj: Any) -> None:
-        with self._lock:
-            self._held.append((time.monotonic() + self.delay_s, obj))
-        self.sweep()
-
-    def sweep(self, now: float | None = None) -> int:
-        """Drops what is due; returns how many objects are still held."""
-        now = time.monotonic() if now is None else now
-        due = []
-        with self._lock:
-            while self._held and self._held[0][0] <= now:
-                due.append(self._held.popleft())
-            left = len(self._held)
-        due.clear()  # the references go here, in a Python thread, outside the lock
-        return left
-
-    def clear(self) -> None:
-        """Drops everything (model finalize: the stub's threads are done by then)."""
-        with self._lock:
-            held, self._held = self._held, collections.deque()
-        held.clear()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._held)
-
-
-@dataclass(frozen=True)
-class CallEnded:
-    """What the BLS thread posts when the call fails or its iterator ends."""
-
-    message: str
 
 
 class ReasoningCall:
@@ -167,41 +131,33 @@ class ReasoningCall:
         return not self.ended
 
     def start(self, request: Any, model_name: str, release: DeferredRelease) -> None:
-        """Starts the BLS call with this request's inputs; returns at once."""
+        """Starts the BLS call with this request's inputs; returns at once. Its deltas come
+        over the reply channel (workaround 9) and are posted as they arrive."""
         inputs = [
             pb_utils.get_input_tensor_by_name(request, n)
             for n in ("input_ids", "request_json", "prompt_kv", "prompt_logits")
         ]
+        ChannelCall(self._on_item).start(model_name, inputs, release, name="bls-reasoning")
 
-        def consume() -> None:
-            responses = None
-            try:
-                bls = pb_utils.InferenceRequest(
-                    model_name=model_name, requested_output_names=[PACKET], inputs=inputs
-                )
-                responses = bls.exec(decoupled=True)
-                for resp in responses:
-                    if resp.has_error():
-                        self._post(("reasoning", CallEnded(resp.error().message())))
-                        continue
-                    packet_tensor = pb_utils.get_output_tensor_by_name(resp, PACKET)
-                    if packet_tensor is not None:  # None: the flags-only final response
-                        self._post(("reasoning", ReasoningDelta.from_packet(packet_tensor)))
-            except Exception as e:  # noqa: BLE001 - reported to the client, never a hang
-                self._post(("reasoning", CallEnded(f"reasoning failed: {e}")))
-            finally:
-                if responses is not None:
-                    release.keep(responses)  # workaround 2: Python drops it last, with the GIL
-                    responses = None
-                self._post(("reasoning", CallEnded("reasoning ended without a final delta")))
-
-        threading.Thread(target=consume, name="bls-reasoning", daemon=True).start()
+    def _on_item(self, obj: Any) -> None:
+        """One object from reasoning (on the inbox's thread) -> decode's queue."""
+        if isinstance(obj, CallEnded):
+            item: ReasoningDelta | CallEnded = obj
+        elif "error" in obj:  # reasoning could not even start the streams
+            item = CallEnded(str(obj["error"]))
+        elif "s" in obj:
+            item = ReasoningDelta.from_object(obj)
+        else:
+            return  # a final object without data
+        self._post(("reasoning", item))
 
     def receive(self, item: ReasoningDelta | CallEnded) -> list[ReasoningDelta]:
         """The deltas to forward for one posted item."""
         self._seen = time.monotonic()
         if isinstance(item, CallEnded):
-            return self.fail("cancelled", "cancelled") if self.cancelled else self.fail(item.message)
+            if self.cancelled:
+                return self.fail("cancelled", "cancelled")
+            return self.fail(item.message or "reasoning ended without a final delta")
         if item.stream not in self.open:
             return []  # already ended here (failed, timed out): a late delta is dropped
         if item.finish_reason:
@@ -240,17 +196,18 @@ class ReasoningCall:
 class ReasoningReply:
     """Reasoning's side: sends deltas to its caller, in the form the caller asked for."""
 
-    def __init__(self, request: Any, out: Responder):
+    def __init__(self, out: Responder):
+        #: Decode's BLS call gets objects (the reply channel: workaround 9; or packets alone:
+        #: workaround 1): ``out`` is then a ``bls_wire.PacketResponder``, chosen by
+        #: ``responder_for``; anyone else gets tensors.
         self.out = out
-        #: Decode's BLS call asks for the packet alone (workaround 1); anyone else gets tensors.
-        self.as_packet = wants_packet(request)
         self.finished: set[str] = set()
 
     def send(self, delta: ReasoningDelta, timing: tuple[float, float] = (0.0, 0.0)) -> None:
         if delta.finish_reason:
             self.finished.add(delta.stream)
-        if self.as_packet:
-            self.out.send([packet.output(delta.packet_object())])
+        if isinstance(self.out, PacketResponder):
+            self.out.send_object(delta.packet_object())
             return
         self.out.send(
             delta_tensors(
@@ -275,7 +232,11 @@ class ReasoningReply:
         for name in streams:
             if name not in self.finished:
                 self.send(ReasoningDelta(name, f"[{message}]", [], "error"))
-        self.out.finish()
+        self.finish()
 
     def finish(self) -> None:
-        self.out.finish()
+        """The final flag alone (on the reply channel: the end mark first)."""
+        if isinstance(self.out, PacketResponder):
+            self.out.finish_object(None)
+        else:
+            self.out.finish()

@@ -10,9 +10,10 @@ such a model beside its ensemble, under this name, and its clients accept it by 
 (``end_to_end_grpc_client.py --model-name tensorrt_llm_bls``).
 
 Per request, on its own thread: ``preprocessing`` and ``prefill`` through BLS (``exec``),
-then ``decode`` through decoupled BLS, its responses asked for as one BF16 packet each
-(``backend/serving/bls_wire.py``: ordinary tensors of a decoupled BLS response crash the
-caller on 2.51) and re-sent to the client with the ensemble's outputs and shapes
+then ``decode`` through decoupled BLS, its responses sent back as objects over the reply
+channel (``backend/serving/reply_channel.py``: ordinary tensors of a decoupled BLS response
+crash the caller on 2.51, and many responses through Triton's iterators can deadlock it) and
+re-sent to the client with the ensemble's outputs and shapes
 (``text_output`` one-dimensional, as TensorRT-LLM's). A watcher polls ``is_cancelled()``
 every ``cancel_poll_ms`` and, on a cancel, posts ``cancel`` to the session's mailbox (a BLS
 caller cannot cancel its decoupled callee on 2.51: reasoning_wire workaround 5). Posting rings
@@ -29,6 +30,7 @@ id stops all k, since they are one session.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import traceback
@@ -37,12 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from backend.serving import heartbeat, packet
+from backend.serving import heartbeat
 from backend.serving.crash_traces import enable_crash_traces
 from backend.serving.hop_trace import cancel_hop
-from backend.serving.packet import PACKET
 from backend.serving.parameters import instance_parameters
-from backend.serving.reasoning_wire import DeferredRelease
+from backend.serving.reply_channel import CallEnded, ChannelCall, DeferredRelease
 from backend.serving.request import INPUTS, RequestError
 from backend.serving.session_control import Mailbox, SessionNotFound
 from backend.serving.session_ids import mint_session_id
@@ -179,21 +180,20 @@ class TensorrtLlmBlsModel:
         return resp
 
     def _packets(self, inputs: list[Any]) -> Iterator[dict[str, Any]]:
-        """One decode call's packets, decoded; a failed response as ``{"error": message}``."""
-        responses = pb_utils.InferenceRequest(
-            model_name=self.models["decode"], requested_output_names=[PACKET], inputs=inputs
-        ).exec(decoupled=True)
-        try:
-            for resp in responses:
-                if resp.has_error():
-                    yield {"error": resp.error().message()}
-                    continue
-                tensor = pb_utils.get_output_tensor_by_name(resp, PACKET)
-                if tensor is None:
-                    continue  # a flags-only response
-                yield packet.decode(tensor)
-        finally:
-            self.release_later.keep(responses)  # reasoning_wire workaround 2
+        """One decode call's response objects, in order; a failure as ``{"error": message}``.
+
+        They come over the reply channel (``reply_channel``): Triton carries only the call's
+        flags-only final response, so this stub cannot deadlock on its response iterators.
+        """
+        q: queue.Queue[Any] = queue.Queue()
+        ChannelCall(q.put).start(self.models["decode"], inputs, self.release_later, name="bls-decode")
+        while True:
+            item = q.get()
+            if isinstance(item, CallEnded):
+                if item.message:
+                    yield {"error": item.message}
+                return
+            yield item
 
     def _relay(self, out: Responder, inputs: list[Any]) -> None:
         """decode's packets -> the client's responses, the final flag on the last one."""
