@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from backend.serving.parameters import DEFAULT_MAX_QUEUED
+
 # Models that run the torch engine: they get the cores and, with a GPU, KIND_GPU.
 HEAVY_MODELS = ("prefill", "decode", "reasoning")
 
@@ -147,6 +149,30 @@ class DeployConfig:
         if max(threads.values()) > 1 and heavy > (self.cores or cpu_count()):
             return {"OMP_WAIT_POLICY": "PASSIVE"}
         return {}
+
+    def python_thread_pool(self) -> int:
+        """Threads of each python model instance's pool in tritonserver (``thread-pool-size``).
+
+        Why: Triton 2.51's python backend runs each BLS call of a model instance on a thread of
+        that instance's pool for the call's whole life (``ExecuteBLSRequest``), and every
+        response a decoupled stub sends needs a thread of the same pool. With the default 32,
+        32 live calls (decode calling reasoning for each session, tensorrt_llm_bls calling
+        decode for each request) leave none: every response of that instance then waits for a
+        call to end. Measured: 32 clients with reasoning streams heard nothing for 20 s. So the
+        pool holds every session decode may keep (running and queued, on every decode
+        instance: tensorrt_llm_bls may call all of them) plus the default's 32 for the sends.
+        """
+        decode = self.model_params("decode")
+        queued = int(decode.get("max_queued", DEFAULT_MAX_QUEUED))
+        return self.instances.get("decode", 1) * (int(decode["max_sessions"]) + queued) + 32
+
+    def backend_configs(self) -> list[str]:
+        """``--backend-config`` values: ``backend_config``, plus the python thread pool's size
+        (:meth:`python_thread_pool`) unless ``backend_config`` sets one."""
+        configs = list(self.backend_config)
+        if not any(c.startswith("python,thread-pool-size=") for c in configs):
+            configs.append(f"python,thread-pool-size={self.python_thread_pool()}")
+        return configs
 
     def model_params(self, model: str) -> dict[str, str]:
         """The ``parameters`` written into ``model``'s config.pbtxt (all strings, as Triton wants)."""

@@ -473,7 +473,7 @@ def start_server(
     if kind_resolved == "KIND_CPU":
         # No GPU: skip the pinned pool, whose CUDA allocation fails noisily at start-up.
         cmd += ["--pinned-memory-pool-byte-size", "0"]
-    for bc in cfg.backend_config:
+    for bc in cfg.backend_configs():
         cmd += ["--backend-config", bc]
     cmd += extra_args or []
     log_path = base / "server.log"

@@ -145,6 +145,26 @@ def test_render_pbtxt_replaces_instance_group_and_merges_parameters() -> None:
     assert 'input [ { name: "x"' in out
 
 
+def test_python_thread_pool_holds_every_live_bls_call(smoke_server: ServerHandle) -> None:
+    """Triton's python backend pins a pool thread per live BLS call, and a decoupled stub's
+    every response needs one too (DeployConfig.python_thread_pool): the pool must hold every
+    session decode may keep, on every decode instance, plus the default's 32."""
+    from launcher.deploy_config import DeployConfig
+
+    assert DeployConfig().python_thread_pool() == 1 * (32 + 16) + 32  # default: 32 sessions + 16 queued
+    two = DeployConfig(max_sessions=8).merged(
+        {"instances": {"decode": 2}, "parameters": {"decode": {"max_queued": "4"}}}
+    )
+    assert two.python_thread_pool() == 2 * (8 + 4) + 32
+    assert "python,thread-pool-size=56" in two.backend_configs()
+    mine = DeployConfig(backend_config=["python,thread-pool-size=200"])
+    assert [c for c in mine.backend_configs() if "thread-pool-size" in c] == ["python,thread-pool-size=200"]
+    # The running server got it.
+    cmdline = Path(f"/proc/{smoke_server.process.pid}/cmdline").read_bytes().split(b"\0")
+    want = f"python,thread-pool-size={smoke_server.config.python_thread_pool()}".encode()
+    assert want in cmdline, cmdline
+
+
 def test_cli_serves_and_stops_on_sigterm() -> None:
     """`python -m launcher` prints the endpoints, and SIGTERM stops tritonserver and its stubs."""
     import signal

@@ -19,7 +19,12 @@ import torch
 
 from backend.engine import Engine, EngineConfig, cuda_graphs, shared_weights
 from backend.serving import gpu_handoff, trtllm_prefill
-from backend.serving.parameters import instance_device, instance_parameters, parse_auto_bool
+from backend.serving.parameters import (
+    DEFAULT_MAX_QUEUED,
+    instance_device,
+    instance_parameters,
+    parse_auto_bool,
+)
 
 
 def engine_config(params: dict[str, str], device: str, **overrides: Any) -> EngineConfig:
@@ -32,7 +37,7 @@ def engine_config(params: dict[str, str], device: str, **overrides: Any) -> Engi
         max_context=int(params.get("max_context", "2048")),
         # Sessions an instance lets wait for a KV slot before answering "server busy": this
         # bounds the memory of queued requests (each holds its prompt KV). README, Reliability.
-        max_queued=int(params.get("max_queued", "16")),
+        max_queued=int(params.get("max_queued", str(DEFAULT_MAX_QUEUED))),
         # auto = int4 decode weights where the kernel exists (CPU + bf16), dense otherwise.
         quantization=params.get("quantization", "auto") or "auto",
         # auto = fp32 on CPU (attention runs in fp32 there), the model dtype on GPU.

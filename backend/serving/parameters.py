@@ -13,6 +13,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+#: Default of the ``max_queued`` parameter: sessions an engine instance lets wait for a KV slot
+#: before it answers "server busy" (read by ``instance.engine_config``; the launcher sizes
+#: Triton's python thread pool with it).
+DEFAULT_MAX_QUEUED = 16
+
 
 def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     """``{key: string_value}`` from a parsed Triton model config (``json.loads(args["model_config"])``).
