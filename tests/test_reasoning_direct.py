@@ -1,4 +1,5 @@
-"""``reasoning`` called directly: CONTRACTS §4 tensors for clients, the BF16 packet for decode.
+"""``reasoning`` called directly: CONTRACTS §4 tensors for clients, the BF16 packet for a BLS
+caller that asks for it, the reply channel for decode.
 
 Why: decode asks reasoning for the single output ``delta_packet`` (any other tensor in a
 decoupled BLS response crashes the decode stub in Triton 2.51, backend/serving/
@@ -9,6 +10,7 @@ tensors, and both forms must carry the same greedy tokens.
 from __future__ import annotations
 
 import queue
+import threading
 import uuid
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from backend.serving.reasoning_wire import PACKET, ReasoningDelta
+from backend.serving.reply_channel import REPLY_TO, Inbox
 from tests.reliability_helpers import tensor
 
 pytestmark = pytest.mark.server
@@ -94,6 +97,43 @@ def _stream(url: str, inputs: list[grpcclient.InferInput], outputs: list[str] | 
         client.close()
 
 
+def _channel(url: str, inputs: list[grpcclient.InferInput]) -> tuple[list[ReasoningDelta], int]:
+    """reasoning called as decode calls it: the reply channel's parameter, the packet output
+    alone. Returns the deltas the inbox got and how many responses came through Triton."""
+    box = Inbox()
+    objects: queue.Queue = queue.Queue()
+    ended = threading.Event()
+    call = box.open(objects.put, ended.set)
+    got: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        client.async_stream_infer(
+            "reasoning",
+            inputs,
+            outputs=[grpcclient.InferRequestedOutput(PACKET)],
+            request_id=uuid.uuid4().hex,
+            enable_empty_final_response=True,
+            parameters={REPLY_TO: f"{box.address} {call}"},
+        )
+        through_triton = 0
+        while True:
+            result, error = got.get(timeout=120)
+            assert error is None, error
+            through_triton += 1
+            resp = result.get_response()
+            if resp.parameters["triton_final_response"].bool_param:
+                assert not resp.outputs  # the final response carries nothing
+                break
+        assert ended.wait(10), "no end mark"
+        deltas = [ReasoningDelta.from_object(objects.get_nowait()) for _ in range(objects.qsize())]
+        return deltas, through_triton
+    finally:
+        client.stop_stream()
+        client.close()
+        box.close()
+
+
 def _bf16(resp, result) -> torch.Tensor:
     """The packet's raw bytes as a BF16 tensor (tritonclient has no numpy type for BF16)."""
     idx = [o.name for o in resp.outputs].index(PACKET)
@@ -118,8 +158,15 @@ def test_reasoning_tensors_for_clients_packet_for_decode(triton_server) -> None:
         packets = _by_stream(
             _stream(triton_server.grpc_url, _prompt_state(client, f"rd-{uuid.uuid4().hex}"), [PACKET])
         )
+        channel, through_triton = _channel(
+            triton_server.grpc_url, _prompt_state(client, f"rd-{uuid.uuid4().hex}")
+        )
     finally:
         client.close()
+    # The deadlock fix (reply_channel.py): one response through Triton, the flags-only final,
+    # however many deltas the call carried.
+    assert through_triton == 1 and len(channel) >= 2 * 2, (through_triton, len(channel))
+    assert _by_stream(channel) == packets
     assert set(tensors) == set(packets) == {"reasoning/0", "reasoning/1"}
     for name in tensors:
         text, ids, finish = tensors[name]

@@ -20,11 +20,12 @@ Every Triton 2.51 (python backend r24.10) workaround of the project, and where i
    thread. Decode now reads its deltas over the reply channel (9.) instead, and asks for
    ``delta_packet`` alone so that its one Triton response carries no tensor. A client
    calling ``reasoning`` directly still gets the tensors of CONTRACTS §4.
-2. **Deferred release** (here: :class:`DeferredRelease`, used by :class:`ReasoningCall`).
+2. **Deferred release** (``backend/serving/reply_channel.py``: ``DeferredRelease``, used by
+   every BLS call of the project).
    Once the final response is read, the stub's ``ServiceStubToParentRequests`` thread
    erases the response iterator from its map (``Stub::SendCleanupId``); if Python had
    already dropped it, that erase frees the iterator and its tensors off the GIL (caught
-   by a checking allocator hook, ``tests/support/gil_check.c``). Decode keeps each
+   by a checking allocator hook, ``tests/support/gil_check.c``). The caller keeps each
    finished iterator for 30 s so that Python's reference is the last one.
 3. **Error deltas, not error responses** (here: :meth:`ReasoningReply.fail`). The error
    response of a decoupled model called through BLS did not reach the caller's iterator;
@@ -100,9 +101,9 @@ class ReasoningDelta:
 class ReasoningCall:
     """Decode's side: one BLS call to ``reasoning``, read as a sequence of deltas.
 
-    The call runs on a daemon thread that posts ``("reasoning", item)`` into decode's
-    queue; decode passes each item back through :meth:`receive`, which returns the deltas
-    to forward. Every stream the client was promised gets exactly one final delta: a late
+    Each delta arrives over the reply channel and is posted as ``("reasoning", item)`` into
+    decode's queue (the call's end as a ``CallEnded``, after the last delta); decode passes
+    each item back through :meth:`receive`, which returns the deltas to forward. Every stream the client was promised gets exactly one final delta: a late
     delta of a stream already ended here is dropped, and an error response, an iterator
     that ends early, silence past ``timeout_s`` (:meth:`check`) or a cancel that is never
     confirmed (:meth:`fail` with ``"cancelled"``) all end the open streams with deltas.
