@@ -12,7 +12,8 @@ front's own cost against the project's gRPC client on the same requests.
    interleaved rounds at each level: what the front adds to TTFT (target: <= 2 ms at p50) and
    its share of throughput at 16 (target: >= 95%), and what the SDK adds in its own process.
 
-Needs a running Triton (``--grpc``); starts its own front on a free port unless ``--front``.
+Needs a running Triton (``--grpc``, ``--http``); starts its own front on a free port, as the
+launcher does (``launcher.serve.front_argv``), unless ``--front``.
 """
 
 from __future__ import annotations
@@ -64,26 +65,17 @@ def aiperf_bin(cache: Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def running_front(grpc_url: str, front: str | None) -> Iterator[str]:
-    """``host:port`` of the front: the given one, or one started here for the run."""
+def running_front(grpc_url: str, http_url: str, front: str | None) -> Iterator[str]:
+    """``host:port`` of the front: the given one, or one started here for the run, as the
+    launcher starts it (``launcher.serve.front_argv``)."""
     if front:
         yield front
         return
-    from launcher.serve import free_port
+    from launcher.serve import free_port, front_argv
 
     port = free_port()
     child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "frontend",
-            "--triton",
-            grpc_url,
-            "--port",
-            str(port),
-            "--max-concurrent",
-            "256",
-        ],
+        [*front_argv(grpc_url, http_url, port), "--max-concurrent", "256"],
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -175,6 +167,7 @@ def summarise(export: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.aiperf", description=__doc__.split("\n\n")[0])
     p.add_argument("--grpc", default="localhost:8001", help="Triton's gRPC address")
+    p.add_argument("--http", default="localhost:8000", help="Triton's HTTP address (the front's upstream)")
     p.add_argument("--front", default=None, help="host:port of a running front (default: start one)")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=32, help="requests per level (at least the concurrency)")
@@ -185,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     result: dict[str, Any] = {"max_tokens": args.max_tokens, "levels": levels}
-    with running_front(args.grpc, args.front) as front:
+    with running_front(args.grpc, args.http, args.front) as front:
         if not args.skip_aiperf:
             exe = aiperf_bin()
             tok = resolve_model_dir(args.model_dir)

@@ -303,6 +303,18 @@ class AsyncMultiStreamClient(ClientCore):
         except MultiStreamError as exc:
             raise_if_lost(exc)
 
+    async def warm_up(self) -> None:
+        """Opens the unary connection and reads ``session_control``'s config now, so that the
+        first cancel is as quick as any later one. Why: a long-lived caller (the OpenAI front)
+        cancels when a client hangs up, and a cold first call measured 77 ms over gRPC and
+        192 ms over HTTP against ~1 ms warm. Raises like any call if Triton is not there."""
+        try:
+            c = self._unary_client()
+            if self._control_batched is None:
+                self._control_batched = control_batched(await c.get_model_config(self.control_model))
+        except Exception as exc:
+            raise from_exception(exc, self.url) from exc
+
     async def is_ready(self) -> bool:
         """True when the server is live and the ensemble is ready."""
         try:

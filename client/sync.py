@@ -291,6 +291,16 @@ class MultiStreamClient(ClientCore):
         except MultiStreamError as exc:
             raise_if_lost(exc)
 
+    def warm_up(self) -> None:
+        """Opens the unary connection and reads ``session_control``'s config now, so that the
+        first cancel is as quick as any later one (``AsyncMultiStreamClient.warm_up``)."""
+        try:
+            c = self._unary_client()
+            if self._control_batched is None:
+                self._control_batched = control_batched(c.get_model_config(self.control_model))
+        except Exception as exc:
+            raise from_exception(exc, self.url) from exc
+
     def is_ready(self) -> bool:
         """True when the server is live and the ensemble is ready."""
         try:

@@ -324,6 +324,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The cancel path warm before the first hang-up (AsyncMultiStreamClient.warm_up); a
+        # Triton that is not up yet only leaves it cold (the first call then opens it).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(front.client.warm_up(), 10.0)
         yield
         await front.shutdown()
 

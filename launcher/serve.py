@@ -636,6 +636,29 @@ def run_demo(handle: ServerHandle, prompt: str, paper: bool = False, options: li
     return code if code >= 0 else 128 - code
 
 
+#: How the front reaches Triton: its HTTP ``generate_stream``. Measured on 2 cores at 16 clients
+#: (docs/openai.md): the front over HTTP kept 98.6-105.7% of direct gRPC's tokens/s in 4 runs,
+#: over gRPC 94.5-96.3% in 4; gRPC's poller thread competes with the front's event loop.
+FRONT_PROTOCOL = "http"
+
+
+def front_argv(grpc_url: str, http_url: str, port: int) -> list[str]:
+    """The command of the front beside a Triton at these addresses (the launcher's, and
+    ``bench.aiperf``'s)."""
+    triton = http_url if FRONT_PROTOCOL == "http" else grpc_url
+    return [
+        sys.executable,
+        "-m",
+        "frontend",
+        "--triton",
+        triton,
+        "--protocol",
+        FRONT_PROTOCOL,
+        "--port",
+        str(port),
+    ]
+
+
 def start_front(handle: ServerHandle, port: int, host: str | None) -> subprocess.Popen[bytes] | None:
     """The OpenAI front (``python -m frontend``) beside tritonserver, once it answers ``/health``.
 
@@ -644,7 +667,7 @@ def start_front(handle: ServerHandle, port: int, host: str | None) -> subprocess
     ``$MULTISTREAM_API_KEY``. A front that cannot start (port taken) is reported, and Triton
     keeps serving. Returns ``None`` then.
     """
-    argv = [sys.executable, "-m", "frontend", "--triton", handle.grpc_url, "--port", str(port)]
+    argv = front_argv(handle.grpc_url, handle.http_url, port)
     if host:
         argv += ["--host", host]
     child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)

@@ -110,7 +110,10 @@ def _metrics_text(text: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def front(triton_server) -> Iterator[Front]:
-    f = Front(triton_server.grpc_url, "--max-concurrent", "8")
+    # Over Triton's HTTP endpoint, as the launcher runs it (launcher.serve.FRONT_PROTOCOL);
+    # the gRPC upstream is the front's own default, tested by test_api_key_and_busy and the
+    # logprobs / n modules.
+    f = Front(triton_server.http_url, "--protocol", "http", "--max-concurrent", "8")
     yield f
     f.stop()
 
@@ -527,12 +530,13 @@ def test_front_cli_defaults_to_loopback_without_key() -> None:
 
 def test_launcher_starts_the_front_beside_triton(triton_server) -> None:
     """What ``scripts/run.sh`` (``python -m launcher``) does once tritonserver is ready."""
-    from launcher.serve import start_front, stop_front
+    from launcher.serve import FRONT_PROTOCOL, start_front, stop_front
 
     port = free_port()
     child = start_front(triton_server, port, None)
     try:
         assert child is not None
+        assert ["--protocol", FRONT_PROTOCOL] == child.args[child.args.index("--protocol") :][:2]
         assert _get(f"http://127.0.0.1:{port}/health/ready")[0] == 200
         assert json.loads(_get(f"http://127.0.0.1:{port}/v1/models")[1])["data"][0]["id"] == MODEL
     finally:

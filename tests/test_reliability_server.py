@@ -168,7 +168,9 @@ def test_hung_up_clients_are_freed_within_one_engine_step(small_server, hop_trac
     """
     srv = small_server
     urls = {"grpc": srv.grpc_url, "http": srv.http_url}
-    front = Front(srv.grpc_url) if entry == "openai-disconnect" else None
+    # The front as the launcher runs it (over Triton's HTTP); test_front_cancel_and_disconnect_
+    # before_the_first_response covers a front over gRPC.
+    front = Front(srv.http_url, "--protocol", "http") if entry == "openai-disconnect" else None
     try:
         if front is not None:
             urls["openai"] = f"127.0.0.1:{front.port}"
