@@ -90,8 +90,8 @@ class ChannelResponder(PacketResponder):
 
     def send_object(self, obj: dict[str, Any]) -> bool:
         with self.lock:
-            if self.closed or self.lost:
-                return False
+            if self.closed or self.ending or self.lost:
+                return False  # nothing after the end mark: the caller has closed the call
             self.lost = not reply_channel.deliver(self.target, obj)
             return not self.lost
 
