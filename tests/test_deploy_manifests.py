@@ -21,6 +21,7 @@ import yaml
 
 from backend.serving import session_ids
 from deploy.router import ROUTING_TEMPLATE, Replica, find_nginx, render_config, render_pool, substitute
+from launcher.serve import FRONT_PROTOCOL
 from tests.deploy_helpers import K8S, MONITORING, promql_operands, rules_file
 
 #: The Kubernetes version the manifests are checked against (autoscaling/v2, StatefulSet
@@ -103,13 +104,15 @@ def test_base_wires_replicas_router_and_autoscaler_together():
     )
     assert needed <= provided, f"router templates need {needed - provided} from the env"
     assert cm["data"]["routing.conf.template"] == ROUTING_TEMPLATE.read_text()
-    # The OpenAI front talks to the router's gRPC port, so its session requests are routed too.
+    # The OpenAI front talks to the router (its HTTP port, the launcher's protocol), so its
+    # session requests are routed too.
     front = next(d for d in kinds["Deployment"] if d["metadata"]["name"] == "multistream-openai")
     (fc,) = front["spec"]["template"]["spec"]["containers"]
     router_svc = services["multistream"]
     assert router_svc["spec"]["selector"].items() <= router["spec"]["template"]["metadata"]["labels"].items()
     triton_arg = fc["args"][fc["args"].index("--triton") + 1]
-    assert triton_arg == f"{router_svc['metadata']['name']}:8001"
+    assert triton_arg == f"{router_svc['metadata']['name']}:8000"
+    assert fc["args"][fc["args"].index("--protocol") + 1] == FRONT_PROTOCOL
     assert {p["port"] for p in router_svc["spec"]["ports"]} == {8000, 8001}
     # The autoscaler scales the StatefulSet.
     (hpa,) = kinds["HorizontalPodAutoscaler"]
