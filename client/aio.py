@@ -309,9 +309,7 @@ class AsyncMultiStreamClient(ClientCore):
         cancels when a client hangs up, and a cold first call measured 77 ms over gRPC and
         192 ms over HTTP against ~1 ms warm. Raises like any call if Triton is not there."""
         try:
-            c = self._unary_client()
-            if self._control_batched is None:
-                self._control_batched = control_batched(await c.get_model_config(self.control_model))
+            await self._control_client()
         except Exception as exc:
             raise from_exception(exc, self.url) from exc
 
@@ -352,11 +350,16 @@ class AsyncMultiStreamClient(ClientCore):
             self._unary = aio.InferenceServerClient(self.url, verbose=self.verbose)
         return self._unary
 
+    async def _control_client(self) -> Any:
+        """The unary client, once ``session_control``'s config (batched or not) is known."""
+        c = self._unary_client()
+        if self._control_batched is None:
+            self._control_batched = control_batched(await c.get_model_config(self.control_model))
+        return c
+
     async def _control(self, session_id: str, action: str, text: str | None) -> bool:
         try:
-            c = self._unary_client()
-            if self._control_batched is None:
-                self._control_batched = control_batched(await c.get_model_config(self.control_model))
+            c = await self._control_client()
             inputs, outputs = self._control_args(session_id, action, text)
             return control_accepted(
                 await c.infer(

@@ -295,9 +295,7 @@ class MultiStreamClient(ClientCore):
         """Opens the unary connection and reads ``session_control``'s config now, so that the
         first cancel is as quick as any later one (``AsyncMultiStreamClient.warm_up``)."""
         try:
-            c = self._unary_client()
-            if self._control_batched is None:
-                self._control_batched = control_batched(c.get_model_config(self.control_model))
+            self._control_client()
         except Exception as exc:
             raise from_exception(exc, self.url) from exc
 
@@ -363,11 +361,16 @@ class MultiStreamClient(ClientCore):
                     )
             return self._unary
 
+    def _control_client(self) -> Any:
+        """The unary client, once ``session_control``'s config (batched or not) is known."""
+        c = self._unary_client()
+        if self._control_batched is None:
+            self._control_batched = control_batched(c.get_model_config(self.control_model))
+        return c
+
     def _control(self, session_id: str, action: str, text: str | None) -> bool:
         try:
-            c = self._unary_client()
-            if self._control_batched is None:
-                self._control_batched = control_batched(c.get_model_config(self.control_model))
+            c = self._control_client()
             inputs, outputs = self._control_args(session_id, action, text)
             return control_accepted(
                 c.infer(self.control_model, inputs, outputs=outputs, headers=routing_headers(session_id))

@@ -637,8 +637,8 @@ def run_demo(handle: ServerHandle, prompt: str, paper: bool = False, options: li
 
 
 #: How the front reaches Triton: its HTTP ``generate_stream``. Measured on 2 cores at 16 clients
-#: (docs/openai.md): the front over HTTP kept 98.6-105.7% of direct gRPC's tokens/s in 4 runs,
-#: over gRPC 94.5-96.3% in 4; gRPC's poller thread competes with the front's event loop.
+#: (docs/openai.md): the front over HTTP kept 98.6-105.7% of direct gRPC's tokens/s in 6 runs,
+#: over gRPC 91.7-96.3% in 6; gRPC's poller thread competes with the front's event loop.
 FRONT_PROTOCOL = "http"
 
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from backend.serving.reasoning_wire import PACKET, ReasoningDelta
+from backend.serving.packet import PACKET
+from backend.serving.reasoning_wire import ReasoningDelta
 from backend.serving.reply_channel import REPLY_TO, Inbox
 from tests.reliability_helpers import tensor
 

@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from backend.serving.packet import encode
-from backend.serving.reasoning_wire import PACKET, CallEnded, ReasoningCall, ReasoningDelta, wants_packet
+from backend.serving.packet import PACKET, encode, wants_packet
+from backend.serving.reasoning_wire import ReasoningCall, ReasoningDelta
+from backend.serving.reply_channel import CallEnded
 
 
 @pytest.mark.parametrize(

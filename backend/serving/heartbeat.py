@@ -1,13 +1,15 @@
 """A stub's sign of life: a file touched every second by a Python thread.
 
-Why: Triton 2.51's python backend can deadlock a stub that makes decoupled BLS calls. In
-``ResponseIterator::Next`` a thread woken with a response re-takes the GIL while still
-holding the iterator's mutex; the stub's ``ParentToStubMQMonitor`` holds the iterator map's
-mutex while it waits for that iterator's mutex; and a thread starting another decoupled call
-holds the GIL while it waits for the map's mutex (``Stub::GetResponseIterator``). Seen with
-16 concurrent requests with reasoning streams (decode calls reasoning through BLS), within
-a minute, with Python's default switch interval too. Then every thread of the stub waits
-forever: Triton still reports the model ready and clients wait for their stall timeout.
+Why: Triton 2.51's python backend can deadlock a stub that reads many responses of decoupled
+BLS calls through its iterators. In ``ResponseIterator::Next`` a thread woken with a response
+re-takes the GIL while still holding the iterator's mutex; the stub's
+``ParentToStubMQMonitor`` holds the iterator map's mutex while it waits for that iterator's
+mutex; and a thread starting another decoupled call holds the GIL while it waits for the
+map's mutex (``Stub::GetResponseIterator``). Seen with 16 concurrent requests with reasoning
+streams, within a minute. Then every thread of the stub waits forever: Triton still reports
+the model ready and clients wait for their stall timeout. The project's BLS calls no longer
+read data through those iterators (``backend/serving/reply_channel.py``); the heartbeat stays
+as the guard against that or any other hang.
 
 Nothing inside the process can act (its Python threads all need the GIL), so the proof of
 life is outside: a file under ``MULTISTREAM_HEARTBEAT_DIR`` (set by the launcher) named after

@@ -59,11 +59,8 @@ from typing import Any
 
 from backend.serving import packet
 from backend.serving.bls_wire import PacketResponder
-from backend.serving.packet import PACKET, wants_packet
 from backend.serving.reply_channel import CallEnded, ChannelCall, DeferredRelease
 from backend.serving.tensors import REASONING_OUTPUTS, Responder, delta_tensors
-
-__all__ = ["PACKET", "CallEnded", "ReasoningCall", "ReasoningDelta", "ReasoningReply", "wants_packet"]
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.serving.packet import PACKET
+from backend.serving.session_control import ring, sockaddr
 
 try:  # only inside the Triton python stub
     import triton_python_backend_utils as pb_utils
@@ -119,10 +120,6 @@ class DeferredRelease:
 
 
 # ----------------------------------------------------------------------------- wire
-def _sockaddr(address: str) -> bytes:
-    return b"\0" + address[1:].encode()
-
-
 def frames(call: str, obj: Any) -> list[bytes]:
     """The datagrams that carry ``obj`` for ``call``: one, or fragments of a long one."""
     raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -171,11 +168,11 @@ class _Sender:
     def send(self, address: str, datagrams: list[bytes]) -> bool:
         try:
             if len(datagrams) == 1:
-                self.sock.sendto(datagrams[0], _sockaddr(address))
+                self.sock.sendto(datagrams[0], sockaddr(address))
                 return True
             with self.lock:
                 for d in datagrams:
-                    self.sock.sendto(d, _sockaddr(address))
+                    self.sock.sendto(d, sockaddr(address))
             return True
         except OSError:  # the caller's socket is gone (ECONNREFUSED) or stuck past the timeout
             return False
@@ -188,9 +185,10 @@ _sender_lock = threading.Lock()
 def deliver(target: tuple[str, str], obj: Any | None) -> bool:
     """Sends ``obj`` (or, for None, the end mark) to ``target``; False once the caller is gone."""
     global _sender
-    with _sender_lock:
-        if _sender is None:
-            _sender = _Sender()
+    if _sender is None:  # once per process: no lock on the per-token path after that
+        with _sender_lock:
+            if _sender is None:
+                _sender = _Sender()
     address, call = target
     return _sender.send(address, [end_frame(call)] if obj is None else frames(call, obj))
 
@@ -209,10 +207,10 @@ class Inbox:
     def __init__(self) -> None:
         self.address = f"{ADDRESS_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(_sockaddr(self.address))
+        self._sock.bind(sockaddr(self.address))
         self._lock = threading.Lock()
-        self._handlers: dict[str, Callable[[Any], None]] = {}
-        self._ends: dict[str, Callable[[], None]] = {}
+        #: call id -> (its objects' handler, its end mark's handler)
+        self._calls: dict[str, tuple[Callable[[Any], None], Callable[[], None]]] = {}
         self._partial: dict[str, list[bytes]] = {}
         self._thread = threading.Thread(target=self._run, name="reply-inbox", daemon=True)
         self._thread.start()
@@ -231,19 +229,17 @@ class Inbox:
         """A new call id: its data go to ``on_item``, its end mark to ``on_end``."""
         call = uuid.uuid4().hex[:16]
         with self._lock:
-            self._handlers[call] = on_item
-            self._ends[call] = on_end
+            self._calls[call] = (on_item, on_end)
         return call
 
     def close_call(self, call: str) -> None:
         with self._lock:
-            self._handlers.pop(call, None)
-            self._ends.pop(call, None)
+            self._calls.pop(call, None)
             self._partial.pop(call, None)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._handlers)
+            return len(self._calls)
 
     def _run(self) -> None:
         while True:
@@ -262,24 +258,22 @@ class Inbox:
         call_b, _, rest = data.partition(b" ")
         call, kind, payload = call_b.decode("ascii", "replace"), rest[:1], rest[1:]
         with self._lock:
-            handler = self._handlers.get(call)
-            on_end = self._ends.get(call)
-            if kind in (_MORE, _LAST) and handler is not None:
+            handlers = self._calls.get(call)
+            if handlers is None:
+                return  # the call has ended: a late datagram is dropped
+            if kind in (_MORE, _LAST):
                 self._partial.setdefault(call, []).append(payload)
                 if kind == _MORE:
                     return
                 payload = b"".join(self._partial.pop(call))
+        on_item, on_end = handlers
         if kind == _END:
-            if on_end is not None:
-                on_end()
-        elif handler is not None:
-            handler(json.loads(payload))
+            on_end()
+        else:
+            on_item(json.loads(payload))
 
     def close(self) -> None:
-        try:
-            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"", _sockaddr(self.address))
-        except OSError:
-            pass
+        ring(self.address, "")  # an empty datagram ends the thread's recv (as the doorbell's)
         self._thread.join(timeout=1.0)
         self._sock.close()
 

@@ -93,7 +93,7 @@ class Doorbell:
     def __init__(self) -> None:
         self.address = f"@multistream-bell-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(_sockaddr(self.address))
+        self._sock.bind(sockaddr(self.address))
         self._waiters: dict[str, Callable[[], None]] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="mailbox-doorbell", daemon=True)
@@ -140,7 +140,7 @@ class Doorbell:
 _RINGER = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if hasattr(socket, "AF_UNIX") else None
 
 
-def _sockaddr(address: str) -> str | bytes:
+def sockaddr(address: str) -> str | bytes:
     """``@name`` (how ``.owner`` spells it, JSON-safe) -> the abstract address ``\\0name``."""
     return b"\0" + address[1:].encode() if address.startswith("@") else address
 
@@ -150,7 +150,7 @@ def ring(address: str, session_id: str) -> bool:
     if _RINGER is None:
         return False
     try:
-        _RINGER.sendto(session_id.encode("utf-8"), socket.MSG_DONTWAIT, _sockaddr(address))
+        _RINGER.sendto(session_id.encode("utf-8"), socket.MSG_DONTWAIT, sockaddr(address))
         return True
     except OSError:
         return False
