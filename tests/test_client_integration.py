@@ -110,6 +110,53 @@ def test_async_client(triton_server, protocol):
     _check_events(asyncio.run(go()), reasoning_streams=1)
 
 
+def test_async_http_generations_share_a_connection_and_a_cancel_drops_it(triton_server):
+    """Over HTTP the asyncio client keeps one connection pool for every generation (one
+    per generation cost each request a TCP handshake and a new session on the path to its
+    first token); a cancelled generation closes its connection, so Triton sees the hang-up,
+    and the next one opens another."""
+    import psutil
+
+    port = int(triton_server.http_url.rsplit(":", 1)[1])
+    me = psutil.Process()
+
+    def ports() -> set[int]:
+        return {
+            c.laddr.port
+            for c in me.net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        }
+
+    async def go() -> tuple[list[set[int]], set[int], set[int]]:
+        async with AsyncMultiStreamClient(triton_server.http_url, "http") as c:
+            seen = []
+            for _ in range(3):
+                during: set[int] = set()
+                async for _ev in c.generate(PROMPT, max_tokens=4):
+                    during |= ports()
+                seen.append(during)
+            gen = c.generate(STORY, max_tokens=800, ignore_eos=True)
+            cancelled: set[int] = set()
+            with pytest.raises(MultiStreamCancelled):
+                async for _ev in gen:
+                    if not cancelled:
+                        cancelled = ports()
+                        gen.cancel()
+            for _ in range(50):  # the socket closes on a later turn of the loop
+                if not cancelled & ports():
+                    break
+                await asyncio.sleep(0.02)
+            after: set[int] = set()
+            async for _ev in c.generate(PROMPT, max_tokens=2):
+                after |= ports()
+            return seen, cancelled, after
+
+    seen, cancelled, after = asyncio.run(go())
+    assert len(seen[0]) == 1 and seen[0] == seen[1] == seen[2], seen
+    assert cancelled == seen[0], (seen, cancelled)
+    assert after and not cancelled & after, (cancelled, after)
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_server_error_surfaces_with_message(triton_server, protocol, greedy):
     with MultiStreamClient(_url(triton_server, protocol), protocol, idle_timeout_s=60) as c:
