@@ -45,15 +45,33 @@ class Sample:
     ttft_s: float
     itl_s: list[float]
     tokens: int
+    #: The server's own time from the request's arrival to that first token (its
+    #: ``timing_ms``; the front passes it on with ``stream_options.include_server_timing``):
+    #: ``ttft_s`` minus it is what the path outside the model cost the request.
+    server_ttft_s: float = float("nan")
+
+
+def _sample(t0: float, times: list[float], server_ms: float | None) -> Sample:
+    """A request sent at ``t0`` whose answer tokens arrived at ``times``."""
+    return Sample(
+        times[0] - t0 if times else float("nan"),
+        [b - a for a, b in zip(times, times[1:], strict=False)],
+        len(times),
+        server_ms / 1000 if server_ms is not None else float("nan"),
+    )
 
 
 def _summary(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     ttft = sorted(s.ttft_s * 1000 for s in samples)
     itl = sorted(g * 1000 for s in samples for g in s.itl_s)
     tokens = sum(s.tokens for s in samples)
+    outside = [(s.ttft_s - s.server_ttft_s) * 1000 for s in samples if s.server_ttft_s == s.server_ttft_s]
     return {
         "requests": len(samples),
         "ttft_ms_p50": statistics.median(ttft) if ttft else None,
+        # TTFT outside the server's arrival-to-first-token (network, Triton's front end, and
+        # the OpenAI front on its path): what a path adds, without the engine's queueing.
+        "outside_server_ms_p50": statistics.median(outside) if outside else None,
         "ttft_ms_p90": ttft[int(0.9 * (len(ttft) - 1))] if ttft else None,
         "itl_ms_p50": statistics.median(itl) if itl else None,
         "output_tokens_per_s": tokens / wall_s if wall_s > 0 else None,
@@ -74,11 +92,7 @@ async def _via_front(client: Any, prompt: str, max_tokens: int, extra: dict[str,
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             times.append(time.perf_counter())
-    return Sample(
-        times[0] - t0 if times else float("nan"),
-        [b - a for a, b in zip(times, times[1:], strict=False)],
-        len(times),
-    )
+    return _sample(t0, times, None)
 
 
 async def _via_front_raw(client: Any, prompt: str, max_tokens: int, extra: dict[str, Any]) -> Sample:
@@ -90,21 +104,22 @@ async def _via_front_raw(client: Any, prompt: str, max_tokens: int, extra: dict[
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "stream": True,
+        "stream_options": {"include_server_timing": True},
         **extra,
     }
+    server_ms = None
     async with client.post("/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for raw in response.content:
             if not raw.startswith(b"data: {"):
                 continue
-            choices = json.loads(raw[6:]).get("choices")
+            chunk = json.loads(raw[6:])
+            choices = chunk.get("choices")
             if choices and choices[0]["delta"].get("content"):
                 times.append(time.perf_counter())
-    return Sample(
-        times[0] - t0 if times else float("nan"),
-        [b - a for a, b in zip(times, times[1:], strict=False)],
-        len(times),
-    )
+                if server_ms is None:
+                    server_ms = chunk["server_timing_ms"][0]
+    return _sample(t0, times, server_ms)
 
 
 async def _direct(client: Any, prompt: str, max_tokens: int, extra: dict[str, Any]) -> Sample:
@@ -112,14 +127,13 @@ async def _direct(client: Any, prompt: str, max_tokens: int, extra: dict[str, An
 
     t0 = time.perf_counter()
     times: list[float] = []
+    server_ms = None
     async for ev in client.generate(prompt, max_tokens=max_tokens, **extra):
         if isinstance(ev, StreamDelta) and ev.kind == "output" and ev.text:
             times.append(time.perf_counter())
-    return Sample(
-        times[0] - t0 if times else float("nan"),
-        [b - a for a, b in zip(times, times[1:], strict=False)],
-        len(times),
-    )
+            if server_ms is None:
+                server_ms = ev.timing_ms[0]
+    return _sample(t0, times, server_ms)
 
 
 PATHS = ("grpc", "front", "front_sdk")
@@ -242,6 +256,8 @@ def compare(
             "ttft_added_ms_p50_same_time": (
                 same["front"]["ttft_ms_p50"] - same["grpc"]["ttft_ms_p50"] if same else None
             ),
+            "ttft_added_ms_p50_outside_server": raw["outside_server_ms_p50"]
+            - direct["outside_server_ms_p50"],
             "throughput_ratio": raw["output_tokens_per_s"] / direct["output_tokens_per_s"],
             "sdk_client_ttft_ms_p50": sdk["ttft_ms_p50"] - raw["ttft_ms_p50"],
             "sdk_throughput_ratio": sdk["output_tokens_per_s"] / direct["output_tokens_per_s"],

@@ -33,7 +33,7 @@ from .metrics import FrontMetrics
 from .options import Defaults, body_names
 from .runner import Runs
 from .settings import FrontSettings
-from .streaming import chain, collect, first_event, sse, sse_response, watch_disconnect
+from .streaming import chain, collect, first_event, sse, sse_response, stream_flags, watch_disconnect
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -105,16 +105,6 @@ class Front:
             )
         return body
 
-    @staticmethod
-    def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-        stream = body.get("stream") or False
-        if not isinstance(stream, bool):
-            raise bad_request("stream must be true or false", param="stream")
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise bad_request("stream_options must be an object", param="stream_options")
-        return stream, bool(opts.get("include_usage"))
-
     def _count_stream_error(self, name: str) -> Callable[[APIError], None]:
         return lambda err: self.metrics.errors.labels(name, str(err.status)).inc()
 
@@ -155,38 +145,42 @@ class Front:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._body(request)
-        stream, include_usage = self._stream_flags(body)
+        flags = stream_flags(body)
         run = self.runs.start(chat.request_for(body, self.defaults), "chat", body_names(body))
-        shape = chat.ChatShape(run, self.settings.served_model_name)
-        if not stream:
+        shape = chat.ChatShape(run, self.settings.served_model_name, flags.include_server_timing)
+        if not flags.stream:
             async with watch_disconnect(request, run):
                 done = await collect(run)
             return JSONResponse(shape.completion(done), headers={"X-Session-Id": run.session_id})
         async with watch_disconnect(request, run):
             first, rest = await first_event(run)
-        chunks = chat.chat_chunks(shape, first, rest, include_usage)
+        chunks = chat.chat_chunks(shape, first, rest, flags.include_usage)
         return sse_response(run, _as_sse(chunks, run.sequences), on_error=self._count_stream_error("chat"))
 
     async def text_completions(self, request: Request) -> Response:
         body = await self._body(request)
-        stream, include_usage = self._stream_flags(body)
+        flags = stream_flags(body)
         gen_request = completions.request_for(body, self.defaults)
         run = self.runs.start(gen_request, "completions", body_names(body))
         shape = completions.CompletionShape(
-            run, self.settings.served_model_name, gen_request.prompt, bool(body.get("echo"))
+            run,
+            self.settings.served_model_name,
+            gen_request.prompt,
+            bool(body.get("echo")),
+            flags.include_server_timing,
         )
-        if not stream:
+        if not flags.stream:
             async with watch_disconnect(request, run):
                 done = await collect(run)
             return JSONResponse(shape.completion(done), headers={"X-Session-Id": run.session_id})
         async with watch_disconnect(request, run):
             first, rest = await first_event(run)
-        chunks = completions.completion_chunks(shape, first, rest, include_usage)
+        chunks = completions.completion_chunks(shape, first, rest, flags.include_usage)
         return sse_response(run, _as_sse(chunks), on_error=self._count_stream_error("completions"))
 
     async def create_response(self, request: Request) -> Response:
         body = await self._body(request)
-        stream, _ = self._stream_flags(body)
+        stream = stream_flags(body).stream
         background = body.get("background") or False
         if not isinstance(background, bool):
             raise bad_request("background must be true or false", param="background")

@@ -112,8 +112,10 @@ def request_for(body: Mapping[str, Any], defaults: Defaults) -> Any:
 class ChatShape:
     """The chat completion objects of one run (ids, model, timestamps shared by its chunks)."""
 
-    def __init__(self, run: Run, model: str) -> None:
+    def __init__(self, run: Run, model: str, server_timing: bool = False) -> None:
         self.run = run
+        #: ``stream_options.include_server_timing`` (``streaming.StreamFlags``).
+        self.server_timing = server_timing
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
@@ -140,9 +142,13 @@ class ChatShape:
             return None
         if ev.kind == "reasoning":
             delta = {"reasoning_content": ev.text, "reasoning": ev.text, "stream": ev.stream}
-            return self._chunk(delta, index=ev.sequence)
-        lps = logprobs_content(token_logprobs(ev)) if ev.logprobs else None
-        return self._chunk({"content": ev.text, "stream": ev.stream}, logprobs=lps, index=ev.sequence)
+            chunk = self._chunk(delta, index=ev.sequence)
+        else:
+            lps = logprobs_content(token_logprobs(ev)) if ev.logprobs else None
+            chunk = self._chunk({"content": ev.text, "stream": ev.stream}, logprobs=lps, index=ev.sequence)
+        if self.server_timing:
+            chunk["server_timing_ms"] = ev.timing_ms
+        return chunk
 
     def first(self, index: int = 0) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""}, index=index)

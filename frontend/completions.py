@@ -94,8 +94,10 @@ def completion_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
 
 
 class CompletionShape:
-    def __init__(self, run: Run, model: str, prompt: str, echo: bool) -> None:
+    def __init__(self, run: Run, model: str, prompt: str, echo: bool, server_timing: bool = False) -> None:
         self.run = run
+        #: ``stream_options.include_server_timing`` (``streaming.StreamFlags``).
+        self.server_timing = server_timing
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
@@ -116,20 +118,15 @@ class CompletionShape:
         """The chunk of one stream delta, ``None`` where it has none (``runner.has_chunk``)."""
         if not has_chunk(ev):
             return None
-        if ev.kind == "reasoning":
-            return self._chunk(
-                {
-                    "index": ev.sequence,
-                    "text": "",
-                    "reasoning_content": ev.text,
-                    "reasoning": ev.text,
-                    "stream": ev.stream,
-                }
-            )
         choice: dict[str, Any] = {"index": ev.sequence, "text": ev.text, "stream": ev.stream}
-        if ev.logprobs:
+        if ev.kind == "reasoning":
+            choice |= {"text": "", "reasoning_content": ev.text, "reasoning": ev.text}
+        elif ev.logprobs:
             choice["logprobs"] = completion_logprobs(token_logprobs(ev))
-        return self._chunk(choice)
+        chunk = self._chunk(choice)
+        if self.server_timing:
+            chunk["server_timing_ms"] = ev.timing_ms
+        return chunk
 
     def choice(self, done: Done, index: int) -> dict[str, Any]:
         """Choice ``index`` of a whole answer (``n`` > 1: one per sequence, ``Done.sequences``)."""

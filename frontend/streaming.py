@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -23,10 +24,44 @@ from starlette.responses import StreamingResponse
 from client.errors import MultiStreamError
 from client.events import Done, StreamDelta
 
-from .errors import APIError, from_server
+from .errors import APIError, bad_request, from_server
 from .runner import Run
 
 DONE_LINE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class StreamFlags:
+    """How a generating endpoint answers: ``stream`` and its ``stream_options``.
+
+    ``include_server_timing`` is this server's own option (chat and completions): each
+    delta chunk then carries ``server_timing_ms``, the server's ``[ms since the request
+    reached it, ms since this stream's previous response]`` (Triton's ``timing_ms``). A
+    client's own time to first token minus the first of these is what the network and every
+    hop outside the model cost that request, the front included, free of the queueing in the
+    engine that makes end-to-end TTFT swing by tens of ms under load (``bench.front_cost``).
+    """
+
+    stream: bool = False
+    include_usage: bool = False
+    include_server_timing: bool = False
+
+
+def stream_flags(body: dict[str, Any]) -> StreamFlags:
+    """The :class:`StreamFlags` of a request body; 400 naming the field when one is not a bool."""
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise bad_request("stream must be true or false", param="stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise bad_request("stream_options must be an object", param="stream_options")
+    flags = {}
+    for key in ("include_usage", "include_server_timing"):
+        value = opts.get(key) or False
+        if not isinstance(value, bool):
+            raise bad_request(f"stream_options.{key} must be true or false", param="stream_options")
+        flags[key] = value
+    return StreamFlags(stream, **flags)
 
 
 def sse(obj: Any, event: str | None = None) -> bytes:

@@ -242,6 +242,40 @@ def test_completions_raw_prompt_sync_stream_and_echo(front: Front) -> None:
     assert full.usage.prompt_tokens < chat.usage.prompt_tokens
 
 
+def test_server_timing_on_request(front: Front) -> None:
+    """``stream_options.include_server_timing`` (this server's option): every delta chunk of
+    chat and completions carries the server's ``[ms since arrival, ms since the stream's last
+    response]``, never more than the client itself waited; without it, no such field."""
+    import time
+
+    sdk = front.sdk()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6}
+    t0 = time.perf_counter()
+    chunks = []
+    for c in sdk.chat.completions.create(**body, stream=True, stream_options={"include_server_timing": True}):
+        chunks.append((time.perf_counter(), c))
+    timed = [
+        (t, c.model_extra["server_timing_ms"]) for t, c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert timed and all(set(_extra(c)) <= {"session_id", "server_timing_ms"} for _, c in chunks), chunks
+    since_arrival = [ms[0] for _, ms in timed]
+    assert since_arrival == sorted(since_arrival) and timed[0][1][0] == pytest.approx(timed[0][1][1])
+    assert all(0 <= ms[1] <= ms[0] for _, ms in timed)
+    # the server's time from arrival to a token is part of what the client waited for it
+    assert all(ms[0] <= (t - t0) * 1000 + 1 for t, ms in timed), (t0, timed)
+    plain = list(sdk.chat.completions.create(**body, stream=True))
+    assert not any("server_timing_ms" in _extra(c) for c in plain)
+    completion = sdk.completions.create(
+        model=MODEL,
+        prompt="The capital of France is",
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_server_timing": True},
+    )
+    texts = [c for c in completion if c.choices and c.choices[0].text]
+    assert texts and all(len(c.model_extra["server_timing_ms"]) == 2 for c in texts)
+
+
 def test_sampling_options_and_logprobs(front: Front) -> None:
     sdk = front.sdk()
     msgs = [{"role": "user", "content": QUESTION}]
@@ -440,6 +474,8 @@ BAD = [
     ),
     ({"messages": [{"role": "user", "content": "   "}]}, "messages"),
     ({"stream": "yes"}, "stream"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options"),
+    ({"stream_options": {"include_server_timing": 1}}, "stream_options"),
     ({"model": None}, "model"),
 ]
 
@@ -564,3 +600,7 @@ def test_bench_front_cost_runs_every_path(front: Front, triton_server) -> None:
         and min(same["grpc"]["requests"], same["front"]["requests"]) >= 1
     ), same
     assert got["ttft_added_ms_p50_same_time"] == same["front"]["ttft_ms_p50"] - same["grpc"]["ttft_ms_p50"]
+    # outside the server: each path's TTFT minus the server's own arrival-to-first-token
+    outside = {p: got[p]["outside_server_ms_p50"] for p in ("grpc", "front")}
+    assert all(v is not None and v > 0 for v in outside.values()), outside
+    assert got["ttft_added_ms_p50_outside_server"] == outside["front"] - outside["grpc"]
