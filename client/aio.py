@@ -346,8 +346,11 @@ class AsyncMultiStreamClient(ClientCore):
         tenth of the front's CPU, on the path to every first token. A cancelled generation
         closes its connection (``_AiohttpCancel``), so Triton still sees the hang-up; a
         finished one returns it to the pool. No limit on connections: each live stream holds
-        one, and Triton, not this pool, decides when the server is busy. A session belongs to
-        one event loop: a caller that runs the client under a new loop gets a new one.
+        one, and Triton, not this pool, decides when the server is busy. An idle connection is
+        closed here after 30 s, before either server end would close it (Triton kept one idle
+        for 29 s and reused it; the router's nginx waits 75 s): a request is never sent on a
+        connection the server is closing. A session belongs to one event loop: a caller that
+        runs the client under a new loop gets a new one.
         """
         import aiohttp
 
