@@ -206,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         for c, r in result["front_vs_grpc"].items():
             same = r["ttft_added_ms_p50_same_time"]
             side = f" ({same:+.1f} ms side by side with gRPC)" if same is not None else ""
+            outside = r["ttft_added_ms_p50_outside_server"]
+            outside = float("nan") if outside is None else outside
             print(
                 f"concurrency {c:>3}: front adds {r['ttft_added_ms_p50']:+.1f} ms TTFT p50{side}, "
-                f"{r['ttft_added_ms_p50_outside_server']:+.1f} ms outside the server's own time, "
+                f"{outside:+.1f} ms outside the server's own time, "
                 f"throughput {100 * r['throughput_ratio']:.1f}% of direct gRPC; the openai SDK "
                 f"adds {r['sdk_client_ttft_ms_p50']:+.1f} ms on top ({100 * r['sdk_throughput_ratio']:.1f}%)"
             )

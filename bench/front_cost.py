@@ -117,7 +117,7 @@ async def _via_front_raw(client: Any, prompt: str, max_tokens: int, extra: dict[
             choices = chunk.get("choices")
             if choices and choices[0]["delta"].get("content"):
                 times.append(time.perf_counter())
-                if server_ms is None:
+                if server_ms is None and chunk.get("server_timing_ms"):
                     server_ms = chunk["server_timing_ms"][0]
     return _sample(t0, times, server_ms)
 
@@ -131,7 +131,7 @@ async def _direct(client: Any, prompt: str, max_tokens: int, extra: dict[str, An
     async for ev in client.generate(prompt, max_tokens=max_tokens, **extra):
         if isinstance(ev, StreamDelta) and ev.kind == "output" and ev.text:
             times.append(time.perf_counter())
-            if server_ms is None:
+            if server_ms is None and ev.timing_ms:
                 server_ms = ev.timing_ms[0]
     return _sample(t0, times, server_ms)
 
@@ -256,8 +256,11 @@ def compare(
             "ttft_added_ms_p50_same_time": (
                 same["front"]["ttft_ms_p50"] - same["grpc"]["ttft_ms_p50"] if same else None
             ),
-            "ttft_added_ms_p50_outside_server": raw["outside_server_ms_p50"]
-            - direct["outside_server_ms_p50"],
+            "ttft_added_ms_p50_outside_server": (
+                raw["outside_server_ms_p50"] - direct["outside_server_ms_p50"]
+                if raw["outside_server_ms_p50"] is not None and direct["outside_server_ms_p50"] is not None
+                else None
+            ),
             "throughput_ratio": raw["output_tokens_per_s"] / direct["output_tokens_per_s"],
             "sdk_client_ttft_ms_p50": sdk["ttft_ms_p50"] - raw["ttft_ms_p50"],
             "sdk_throughput_ratio": sdk["output_tokens_per_s"] / direct["output_tokens_per_s"],

@@ -57,8 +57,10 @@ def stream_flags(body: dict[str, Any]) -> StreamFlags:
         raise bad_request("stream_options must be an object", param="stream_options")
     flags = {}
     for key in ("include_usage", "include_server_timing"):
-        value = opts.get(key) or False
-        if not isinstance(value, bool):
+        value = opts.get(key)
+        if value is None:
+            value = False
+        elif not isinstance(value, bool):
             raise bad_request(f"stream_options.{key} must be true or false", param="stream_options")
         flags[key] = value
     return StreamFlags(stream, **flags)
