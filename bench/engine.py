@@ -40,8 +40,18 @@ from backend.tokenizer import Tokenizer
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
-def _run_sessions(engine: Engine, prompt: list[int], sessions: int, streams: int, tokens: int) -> dict:
-    """Submits ``sessions`` sessions at once; returns per-token timestamps and wall time."""
+def run_sessions(
+    engine: Engine,
+    prompt: list[int],
+    sessions: int,
+    streams: int,
+    tokens: int,
+    reasoning_only: bool = False,
+) -> dict:
+    """Submits ``sessions`` sessions at once; returns per-token timestamps (one list per
+    session, all its streams) and wall time. Greedy, ``ignore_eos``. Streams: ``output``, then
+    ``reasoning/0`` ...; with ``reasoning_only``, ``reasoning/0`` ... alone (a reasoning
+    instance's load, ``bench.engines_per_process``)."""
     stamps: list[list[float]] = [[] for _ in range(sessions)]
     done = threading.Semaphore(0)
     remaining = [streams] * sessions
@@ -57,10 +67,11 @@ def _run_sessions(engine: Engine, prompt: list[int], sessions: int, streams: int
 
         return cb
 
+    first = 0 if reasoning_only else 1  # index of the first reasoning stream
     specs = [
         StreamSpec(
-            "output" if c == 0 else f"reasoning/{c - 1}",
-            kind="output" if c == 0 else "reasoning",
+            "output" if c < first else f"reasoning/{c - first}",
+            kind="output" if c < first else "reasoning",
             sampling=SamplingParams(max_tokens=tokens, ignore_eos=True),
         )
         for c in range(streams)
@@ -85,21 +96,21 @@ def _decode_rate(stamps: list[float], per_row: int = 1) -> float:
 
 
 def bench_engine(engine: Engine, prompt: list[int], tokens: int, repeats: int) -> dict:
-    _run_sessions(engine, prompt, 1, 1, 8)  # warm-up
+    run_sessions(engine, prompt, 1, 1, 8)  # warm-up
     single = max(
-        _decode_rate(_run_sessions(engine, prompt, 1, 1, tokens)["stamps"][0]) for _ in range(repeats)
+        _decode_rate(run_sessions(engine, prompt, 1, 1, tokens)["stamps"][0]) for _ in range(repeats)
     )
     by_streams, step_ms = {}, {}
     for c in (1, 2, 4, 8):
         best = 0.0
         for _ in range(repeats):
-            st = _run_sessions(engine, prompt, 1, c, tokens)["stamps"][0]
+            st = run_sessions(engine, prompt, 1, c, tokens)["stamps"][0]
             best = max(best, _decode_rate(st, per_row=c))
         by_streams[str(c)] = round(best, 2)
         step_ms[str(c)] = round(1000.0 * c / best, 3)
     batch = {}
     for n in (1, 4, 16):
-        res = _run_sessions(engine, prompt, n, 1, tokens)
+        res = run_sessions(engine, prompt, n, 1, tokens)
         # Aggregate decode rate: all tokens after each session's first, over the span in which they came.
         first = max(s[0] for s in res["stamps"])
         last = max(s[-1] for s in res["stamps"])
@@ -156,7 +167,7 @@ def _run_grids(engine: Engine, sessions: int, rows: int, channels: int = 10) -> 
 def bench_grid(engine: Engine, prompt: list[int], tokens: int, repeats: int) -> dict:
     """The paper's layout: a 10-channel row step against a one-stream step, and rows/s."""
     _run_grids(engine, 1, 8)  # warm-up
-    one = max(_decode_rate(_run_sessions(engine, prompt, 1, 1, tokens)["stamps"][0]) for _ in range(repeats))
+    one = max(_decode_rate(run_sessions(engine, prompt, 1, 1, tokens)["stamps"][0]) for _ in range(repeats))
     ten = max(_run_grids(engine, 1, tokens) for _ in range(repeats))
     rows = {str(n): round(_run_grids(engine, n, tokens), 2) for n in (1, 4, 16)}
     step = {"1": round(1000.0 / one, 3), "10": round(1000.0 / ten, 3)}

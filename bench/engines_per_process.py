@@ -58,42 +58,15 @@ def _engine(role: str) -> Any:
 
 
 def _workload(engine: Any, role: str, sessions: int, streams: int, tokens: int, prompt: list[int]) -> dict:
-    """``sessions`` sessions at once; tokens/s over the wall time and the inter-token p50."""
-    from backend.engine import SamplingParams, StreamSpec
+    """``sessions`` sessions at once (``bench.engine.run_sessions``); tokens/s over the wall
+    time and the p50 gap between a session's consecutive tokens."""
+    from bench.engine import run_sessions
 
-    stamps: list[list[float]] = [[] for _ in range(sessions)]
-    done = threading.Semaphore(0)
-    remaining = [streams] * sessions
-
-    def on_event(i: int) -> Any:
-        def cb(ev: Any) -> None:
-            if ev.token_ids:
-                stamps[i].append(time.monotonic())
-            if ev.finished:
-                remaining[i] -= 1
-                if remaining[i] == 0:
-                    done.release()
-
-        return cb
-
-    kind = "output" if role == "answer" else "reasoning"
-    t0 = time.monotonic()
-    for i in range(sessions):
-        specs = [
-            StreamSpec(
-                "output" if kind == "output" else f"reasoning/{c}",
-                kind=kind,
-                sampling=SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.0),
-            )
-            for c in range(streams)
-        ]
-        engine.submit(prompt, specs, on_event=on_event(i))
-    for _ in range(sessions):
-        done.acquire()
-    wall = time.monotonic() - t0
+    res = run_sessions(engine, prompt, sessions, streams, tokens, reasoning_only=role == "reasoning")
+    stamps = res["stamps"]
     gaps = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False)]
     return {
-        "tokens_per_s": round(sum(len(s) for s in stamps) / wall, 1),
+        "tokens_per_s": round(sum(len(s) for s in stamps) / res["wall"], 1),
         "gap_ms_p50": round(1000 * statistics.median(gaps), 2) if gaps else None,
     }
 
