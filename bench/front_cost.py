@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def _summary(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     ttft = sorted(s.ttft_s * 1000 for s in samples)
     itl = sorted(g * 1000 for s in samples for g in s.itl_s)
     tokens = sum(s.tokens for s in samples)
-    outside = [(s.ttft_s - s.server_ttft_s) * 1000 for s in samples if s.server_ttft_s == s.server_ttft_s]
+    outside = [(s.ttft_s - s.server_ttft_s) * 1000 for s in samples if not math.isnan(s.server_ttft_s)]
     return {
         "requests": len(samples),
         "ttft_ms_p50": statistics.median(ttft) if ttft else None,
